@@ -1,0 +1,184 @@
+"""Named augmentation policies, in two forms with the same semantics:
+
+* `per_image_transform(policy)`: torchvision transforms v2, for `CrackDataset` / DataLoaders;
+* `batch_augment(x, policy)`: the same random operations drawn per sample but applied to a
+  whole batch on the training device, which is what training uses, so augmentation never
+  makes the CPU the bottleneck.
+
+Both are built from one table, POLICIES. Cracks have no preferred orientation, so flips and
+90-degree rotations are label-preserving; colour jitter mimics lighting and concrete tone;
+`strong` adds a random resized crop (zoom 0.6-1 of the area).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from torchvision.ops import roi_align
+
+from crackcore.config import AUGMENT_POLICIES
+
+
+@dataclass(frozen=True)
+class Policy:
+    flip: bool = False
+    rot90: bool = False
+    brightness: float = 0.0  # factor ~ U(1-b, 1+b)
+    contrast: float = 0.0
+    saturation: float = 0.0
+    crop_scale: tuple[float, float] | None = None  # area fraction for RandomResizedCrop
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
+POLICIES: dict[str, Policy] = {
+    "none": Policy(),
+    "flip": Policy(flip=True),
+    "flip_rotate": Policy(flip=True, rot90=True),
+    "color": Policy(flip=True, brightness=0.3, contrast=0.3, saturation=0.2),
+    "strong": Policy(flip=True, rot90=True, brightness=0.4, contrast=0.4, saturation=0.3, crop_scale=(0.6, 1.0)),
+}
+assert tuple(POLICIES) == AUGMENT_POLICIES
+
+
+def get_policy(name: str) -> Policy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown augment policy {name!r}; use one of {', '.join(POLICIES)}")
+    return POLICIES[name]
+
+
+# --------------------------------------------------------------------------- per image
+
+
+class RandomRot90(T.Transform):
+    """Rotate by k*90 degrees, k uniform in 0..3 (exact, no interpolation, no borders)."""
+
+    def make_params(self, flat_inputs: list) -> dict:
+        return {"k": int(torch.randint(0, 4, ()).item())}
+
+    def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
+        return torch.rot90(inpt, params["k"], dims=(-2, -1))
+
+
+def per_image_transform(policy: str, image_size: int) -> T.Transform:
+    """Transform for one float [3,H,W] image in [0,1] (before normalisation)."""
+    p = get_policy(policy)
+    steps: list[T.Transform] = []
+    if p.crop_scale:
+        steps.append(T.RandomResizedCrop(image_size, scale=p.crop_scale, ratio=p.crop_ratio, antialias=True))
+    if p.flip:
+        steps += [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
+    if p.rot90:
+        steps.append(RandomRot90())
+    if p.brightness or p.contrast or p.saturation:
+        steps.append(T.ColorJitter(brightness=p.brightness or None, contrast=p.contrast or None,
+                                   saturation=p.saturation or None))
+    return T.Compose(steps) if steps else T.Identity()
+
+
+# --------------------------------------------------------------------------- per batch
+
+
+def sample_params(policy: str, batch: int, image_size: int, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Draw one set of random parameters per sample (on the CPU: tiny tensors)."""
+    p = get_policy(policy)
+    g = generator
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(batch, generator=g)
+
+    out: dict[str, torch.Tensor] = {}
+    if p.crop_scale:
+        area = u(*p.crop_scale) * image_size**2
+        ratio = torch.exp(u(math.log(p.crop_ratio[0]), math.log(p.crop_ratio[1])))
+        w = torch.sqrt(area * ratio).clamp(max=image_size)
+        h = torch.sqrt(area / ratio).clamp(max=image_size)
+        x0 = torch.rand(batch, generator=g) * (image_size - w)
+        y0 = torch.rand(batch, generator=g) * (image_size - h)
+        out["crop"] = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+    if p.flip:
+        out["hflip"] = torch.rand(batch, generator=g) < 0.5
+        out["vflip"] = torch.rand(batch, generator=g) < 0.5
+    if p.rot90:
+        out["rot90"] = torch.randint(0, 4, (batch,), generator=g)
+    for name in ("brightness", "contrast", "saturation"):
+        amount = getattr(p, name)
+        if amount:
+            out[name] = u(max(0.0, 1 - amount), 1 + amount)
+    if "brightness" in out or "contrast" in out or "saturation" in out:
+        out["color_order"] = torch.randperm(3, generator=g)  # ColorJitter applies in random order
+    return out
+
+
+def _grayscale(x: torch.Tensor) -> torch.Tensor:
+    # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale
+    return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+
+
+def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    f = factor.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp_(0, 1)
+
+
+def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Apply drawn parameters to float [B,3,S,S] in [0,1]; same order as per_image_transform."""
+    dev = x.device
+    params = {k: v.to(dev, non_blocking=True) for k, v in params.items()}
+    size = x.shape[-1]
+    if "crop" in params:
+        boxes = torch.cat([torch.arange(len(x), device=dev, dtype=x.dtype)[:, None], params["crop"].to(x.dtype)], 1)
+        x = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
+    if "hflip" in params:
+        x = torch.where(params["hflip"].view(-1, 1, 1, 1), x.flip(-1), x)
+        x = torch.where(params["vflip"].view(-1, 1, 1, 1), x.flip(-2), x)
+    if "rot90" in params:
+        out = x.clone()
+        for k in (1, 2, 3):
+            sel = params["rot90"] == k
+            if sel.any():
+                out[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
+        x = out
+    if "color_order" in params:
+        for op in params["color_order"].tolist():
+            if op == 0 and "brightness" in params:
+                x = _blend(x, torch.zeros_like(x), params["brightness"])
+            elif op == 1 and "contrast" in params:
+                mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
+                x = _blend(x, mean, params["contrast"])
+            elif op == 2 and "saturation" in params:
+                x = _blend(x, _grayscale(x), params["saturation"])
+    return x
+
+
+def batch_augment(x: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Augment a float [B,3,S,S] batch in [0,1] on whatever device it lives on."""
+    if policy == "none":
+        return x
+    return apply_params(x, sample_params(policy, x.shape[0], x.shape[-1], generator))
+
+
+def reference_apply(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) -> torch.Tensor:
+    """Apply sample i's parameters to one image with torchvision's per-image functionals.
+    The tests use it to show the batch form equals the per-image semantics."""
+    size = img.shape[-1]
+    if "crop" in params:
+        x0, y0, x1, y1 = params["crop"][i].tolist()
+        img = TF.resized_crop(img, top=round(y0), left=round(x0), height=round(y1 - y0), width=round(x1 - x0),
+                              size=[size, size], antialias=False)
+    if "hflip" in params and params["hflip"][i]:
+        img = TF.horizontal_flip(img)
+    if "vflip" in params and params["vflip"][i]:
+        img = TF.vertical_flip(img)
+    if "rot90" in params:
+        img = TF.rotate(img, 90.0 * int(params["rot90"][i]))
+    if "color_order" in params:
+        for op in params["color_order"].tolist():
+            if op == 0 and "brightness" in params:
+                img = TF.adjust_brightness(img, float(params["brightness"][i]))
+            elif op == 1 and "contrast" in params:
+                img = TF.adjust_contrast(img, float(params["contrast"][i]))
+            elif op == 2 and "saturation" in params:
+                img = TF.adjust_saturation(img, float(params["saturation"][i]))
+    return img

@@ -1,0 +1,189 @@
+"""Run configuration as plain data: one dataclass per kind of run, loadable from TOML,
+printed at start and saved as JSON next to every result."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+AUGMENT_POLICIES = ("none", "flip", "flip_rotate", "color", "strong")
+SPLIT_STRATEGIES = ("random", "grouped")
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range or unknown; the message names the key and the fix."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run (a trial, the final retrain, the baseline) depends on."""
+
+    # data
+    data: str | None = None  # JPEG/tensor folder with Positive/ Negative/; None = synthetic set
+    image_size: int = 64
+    subset: int | None = None  # images per class (deterministic by hash); None = all
+    split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
+    split_strategy: str = "random"  # "grouped" also keeps near-duplicates in one split
+    split_seed: int = 0
+    synthetic_per_class: int = 400  # size of the embedded synthetic set when data is None
+    # model
+    weights: str = "auto"  # "auto" | "imagenet" | "random" | path to resnet18 .pth
+    freeze_depth: int = 0  # 0 = fine-tune all, 5 = head only
+    # optimisation
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    epochs: int = 10
+    lr_schedule: str = "cosine"  # "cosine" | "constant"
+    augment_policy: str = "flip"
+    label_smoothing: float = 0.0
+    # execution
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    num_threads: int | None = None  # torch CPU threads; None = CPUs this process may use
+    amp: bool = True  # bf16/fp16 autocast on CUDA only
+    channels_last: bool = True
+    compile: bool = False  # torch.compile the model (CUDA; measured in crackcore.bench)
+
+    def __post_init__(self) -> None:
+        self.split_fractions = tuple(float(f) for f in self.split_fractions)  # TOML gives lists
+        self.validate()
+
+    def validate(self) -> None:
+        if self.augment_policy not in AUGMENT_POLICIES:
+            raise ConfigError(
+                f"augment_policy={self.augment_policy!r} is unknown; use one of {', '.join(AUGMENT_POLICIES)}"
+            )
+        if self.split_strategy not in SPLIT_STRATEGIES:
+            raise ConfigError(
+                f"split_strategy={self.split_strategy!r} is unknown; use one of {', '.join(SPLIT_STRATEGIES)}"
+            )
+        if not 0 <= self.freeze_depth <= 5:
+            raise ConfigError(f"freeze_depth={self.freeze_depth} is out of range; use 0 (all trainable) .. 5 (head only)")
+        if not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"image_size={self.image_size} is out of range; use 16..1024 (native 227)")
+        if not (self.lr > 0 and self.batch_size > 0 and self.epochs > 0):
+            raise ConfigError("lr, batch_size and epochs must be positive")
+        if len(self.split_fractions) != 3 or abs(sum(self.split_fractions) - 1) > 1e-6 or min(self.split_fractions) <= 0:
+            raise ConfigError(f"split_fractions={self.split_fractions} must be three positive numbers summing to 1")
+        if self.subset is not None and self.subset < 2:
+            raise ConfigError(f"subset={self.subset} must be at least 2 images per class")
+        if self.lr_schedule not in ("cosine", "constant"):
+            raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; use cosine or constant")
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SearchSpace:
+    lr_min: float = 1e-4
+    lr_max: float = 1e-1
+    freeze_depths: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
+    augment_policies: list[str] = field(default_factory=lambda: list(AUGMENT_POLICIES))
+    weight_decays: list[float] = field(default_factory=list)  # empty = not searched
+    batch_sizes: list[int] = field(default_factory=list)  # empty = not searched
+    # The seed notebook's setting, evaluated first so the study always beats (or matches) it.
+    start_points: list[dict[str, Any]] = field(
+        default_factory=lambda: [{"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"}]
+    )
+
+
+@dataclass
+class StudyConfig:
+    name: str = "study"
+    num_samples: int = 32
+    metric: str = "val_acc"
+    max_epochs: int = 4  # ASHA max_t
+    grace_period: int = 1
+    reduction_factor: int = 3
+    final_epochs: int = 10
+    seed: int = 0
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0  # fractional packs several trials per GPU; auto-set when GPUs exist
+    max_concurrent_trials: int | None = None  # None = as many as resources allow
+    max_failures: int = 2
+    repeat_top: int = 0  # honest evaluation: re-run the top-K configs ...
+    repeats: int = 3  # ... R times with different seeds
+    compare_splits: bool = False
+    # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
+    # budgets adapt to the device without a second experiment file.
+    cpu: dict[str, Any] = field(default_factory=dict)
+    gpu: dict[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    space: SearchSpace = field(default_factory=SearchSpace)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.train, dict):
+            self.train = _from_dict(TrainConfig, self.train, "train")
+        if isinstance(self.space, dict):
+            self.space = _from_dict(SearchSpace, self.space, "space")
+        if self.num_samples < 1:
+            raise ConfigError(f"num_samples={self.num_samples} must be >= 1")
+        if not 1 <= self.grace_period <= self.max_epochs:
+            raise ConfigError(
+                f"grace_period={self.grace_period} must be between 1 and max_epochs={self.max_epochs}"
+            )
+        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+            raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        for p in self.space.augment_policies:
+            if p not in AUGMENT_POLICIES:
+                raise ConfigError(f"space.augment_policies has unknown policy {p!r}; use {', '.join(AUGMENT_POLICIES)}")
+        for d in self.space.freeze_depths:
+            if not 0 <= d <= 5:
+                raise ConfigError(f"space.freeze_depths has {d}; use 0..5")
+        if not 0 < self.space.lr_min < self.space.lr_max:
+            raise ConfigError("space.lr_min must be > 0 and < space.lr_max")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def apply_overrides(cfg: StudyConfig, overrides: dict[str, Any]) -> StudyConfig:
+    """Return a copy with {"max_epochs": 3, "train.image_size": 64, ...} applied and re-validated."""
+    values = cfg.to_dict()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = key.split(".")
+        target = values
+        for part in parents:
+            if part not in ("train", "space") or part not in target:
+                raise ConfigError(f"unknown setting {key!r}; use a study key, train.<key> or space.<key>")
+            target = target[part]
+        if leaf not in target:
+            raise ConfigError(f"unknown setting {key!r}; known: {sorted(target)}")
+        target[leaf] = value
+    return _from_dict(StudyConfig, values, "overrides")
+
+
+def _from_dict(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} in [{where}]; known keys: {sorted(known)}")
+    return cls(**values)
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read an experiment TOML: top-level study keys, a [train] table and a [space] table."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"experiment file {path} does not exist; pass --config experiments/<name>.toml")
+    try:
+        values = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    values.pop("description", None)
+    return _from_dict(StudyConfig, values, path.name)
+
+
+def config_json(cfg: TrainConfig | StudyConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,415 @@
+"""The crack dataset: discover files, group byte-identical copies, split deterministically,
+decode once into a uint8 cache, and serve batches.
+
+Data flows one way: files -> samples table (with split) -> uint8 image array -> batches.
+The samples table is what `split.parquet` holds; nothing downstream re-derives it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image
+
+from crackcore.config import TrainConfig
+
+CLASSES = ("Negative", "Positive")  # label = index: Negative (no crack) = 0, Positive (crack) = 1
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+TENSOR_SUFFIX = ".pt"
+SPLITS = ("train", "val", "test")
+CACHE_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class DataError(Exception):
+    """The data cannot be used as given; the message names the path and the fix."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("CRACK_CACHE", Path.home() / ".cache" / "crackcore"))
+
+
+def _warn(msg: str) -> None:
+    print(f"[crackcore.data] WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- discovery
+
+
+def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """List the images of a `Positive/` + `Negative/` folder (JPEG/PNG files or saved `.pt`
+    tensors). Returns one row per file (path relative to root, label, bytes) and counts of
+    what was skipped. Raises DataError for a missing root or a missing/empty class folder."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; pass --data PATH to a folder with Positive/ and Negative/, "
+                        "or get the public dataset with: python -m crackcore.data download --to data/")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder; pass the folder that holds Positive/ and Negative/")
+    rows: list[tuple[str, int, int]] = []
+    skipped_non_image: list[str] = []
+    for label, name in enumerate(CLASSES):
+        class_dir = root / name
+        if not class_dir.is_dir():
+            raise DataError(f"class folder {class_dir} is missing; the data folder must hold Positive/ (crack) "
+                            "and Negative/ (no crack) sub-folders")
+        found = 0
+        for p in sorted(class_dir.rglob("*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() == TENSOR_SUFFIX:
+                rows.append((p.relative_to(root).as_posix(), label, p.stat().st_size))
+                found += 1
+            else:
+                skipped_non_image.append(p.relative_to(root).as_posix())
+        if found == 0:
+            raise DataError(f"class folder {class_dir} has no images (.jpg/.png/.pt); add images or fix --data")
+    if skipped_non_image:
+        _warn(f"skipped {len(skipped_non_image)} non-image file(s) under {root}, e.g. {skipped_non_image[0]}")
+    samples = pd.DataFrame(rows, columns=["path", "label", "bytes"])
+    return samples, {"skipped_non_image": len(skipped_non_image)}
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
+
+
+def add_content_hashes(root: Path, samples: pd.DataFrame) -> pd.DataFrame:
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        digests = list(pool.map(lambda rel: _file_digest(root / rel), samples["path"]))
+    return samples.assign(content_hash=digests)
+
+
+def _unit_hash(seed: int, key: str) -> float:
+    """A number in [0, 1) fixed by (seed, key): the basis of subsets and splits, so neither
+    depends on file order or on which other files exist."""
+    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "big") / 2**64
+
+
+def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
+                  group_column: str = "group") -> pd.Series:
+    """Split by a hash of (group key, seed). The group key is the content hash (or the near-
+    duplicate group), so byte-identical copies share a split, and adding files never moves an
+    existing one. The same thresholds apply to both classes, so the split is stratified in
+    expectation (exactly, up to hash noise)."""
+    u = samples[group_column].map(lambda g: _unit_hash(seed, g))
+    cut_train, cut_val = fractions[0], fractions[0] + fractions[1]
+    return pd.Series(np.where(u < cut_train, "train", np.where(u < cut_val, "val", "test")), index=samples.index)
+
+
+def select_subset(samples: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
+    """The `per_class` images per class with the smallest hash(group, seed): stable and
+    duplicates-together."""
+    ranked = samples.assign(_u=samples["group"].map(lambda g: _unit_hash(seed + 7919, g)))
+    ranked = ranked.sort_values(["label", "_u", "path"])
+    return ranked.groupby("label", group_keys=False).head(per_class).drop(columns="_u").sort_values("path")
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_file(path: Path, image_size: int) -> torch.Tensor:
+    """One file -> uint8 [3, S, S]. Grayscale/RGBA become RGB; other sizes are resized on
+    the shorter side and centre-cropped (the dataset's patches are square)."""
+    if path.suffix.lower() == TENSOR_SUFFIX:
+        img = torch.load(path, weights_only=True, map_location="cpu")
+        if not isinstance(img, torch.Tensor):
+            raise ValueError(f"holds a {type(img).__name__}, not an image tensor")
+        if img.ndim == 2:
+            img = img.unsqueeze(0)
+        if img.ndim == 3 and img.shape[0] not in (1, 3) and img.shape[-1] in (1, 3):
+            img = img.permute(2, 0, 1)  # HWC -> CHW
+        if img.ndim != 3 or img.shape[0] not in (1, 3):
+            raise ValueError(f"tensor shape {tuple(img.shape)} is not [3,H,W], [1,H,W], [H,W] or [H,W,3]")
+        if img.is_floating_point():
+            img = (img.clamp(0, 1) * 255).round()
+        img = img.to(torch.uint8)
+        if img.shape[0] == 1:
+            img = img.expand(3, -1, -1)
+    else:
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
+    if tuple(img.shape[1:]) != (image_size, image_size):
+        img = TF.resize(img, [image_size], antialias=True)
+        img = TF.center_crop(img, [image_size, image_size])
+    return img.contiguous()
+
+
+def _cache_key(samples: pd.DataFrame, image_size: int) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(f"v{CACHE_VERSION}:{image_size}:".encode())
+    for digest, rel in zip(samples["content_hash"], samples["path"]):
+        h.update(f"{digest}:{Path(rel).suffix.lower()};".encode())
+    return h.hexdigest()
+
+
+def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode every sample once into a memory-mapped uint8 [N, 3, S, S] file keyed by the
+    files' content and the size, so every later run (and every trial on the node) reads the
+    page-cached array instead of decoding JPEGs. Returns the array and {row: error} for
+    files that could not be decoded (their rows hold zeros and must be dropped)."""
+    key = _cache_key(samples, image_size)
+    folder = cache_dir() / "images"
+    array_path, meta_path = folder / f"{key}.npy", folder / f"{key}.json"
+    if array_path.exists() and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        return np.load(array_path, mmap_mode="r"), {int(k): v for k, v in meta["bad"].items()}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, image_size, image_size))
+    bad: dict[int, str] = {}
+    paths = [root / rel for rel in samples["path"]]
+
+    def work(i: int) -> None:
+        try:
+            out[i] = decode_file(paths[i], image_size).numpy()
+        except Exception as exc:  # any decoder failure = unusable file, never a crash mid-epoch
+            bad[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+
+    from tqdm.auto import tqdm
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+        list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {image_size}px",
+                  disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
+    out.flush()
+    del out
+    meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
+    meta_tmp.write_text(json.dumps({"n": len(samples), "image_size": image_size, "bad": bad}))
+    os.replace(tmp, array_path)  # array first: the meta file marks a complete cache
+    os.replace(meta_tmp, meta_path)
+    return np.load(array_path, mmap_mode="r"), bad
+
+
+# --------------------------------------------------------------------------- prepared data
+
+
+@dataclass
+class PreparedData:
+    """Samples table (one row per usable image, index = position in `images`) plus the
+    decoded uint8 images and a description of where they came from."""
+
+    samples: pd.DataFrame  # path, label, bytes, content_hash, group, split
+    images: np.ndarray  # uint8 [N, 3, S, S]
+    image_size: int
+    source: dict[str, Any] = field(default_factory=dict)
+
+    def indices(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}")
+        return np.flatnonzero(self.samples["split"].to_numpy() == split)
+
+    def split_table(self) -> pd.DataFrame:
+        """What `split.parquet` holds: one row per image, `sample` = row in `images`."""
+        t = self.samples.reset_index(drop=True)
+        return t.assign(sample=np.arange(len(t)), class_name=t["label"].map(dict(enumerate(CLASSES))))[
+            ["sample", "path", "label", "class_name", "split", "group", "content_hash", "bytes"]]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        tab = self.samples.groupby(["split", "label"]).size()
+        return {s: {CLASSES[l]: int(tab.get((s, l), 0)) for l in (0, 1)} for s in SPLITS}
+
+
+def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: int, seed: int) -> tuple[Path, str]:
+    """`data` if given, else the embedded synthetic set (generated once, cached). Returns
+    (root, kind) where kind is "real" or "synthetic"."""
+    if data:
+        root = Path(data).expanduser()
+        kind = "synthetic" if (root / "SYNTHETIC.json").exists() else "real"
+        return root, kind
+    from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
+
+    # Generated at 227 px like the real patches; the working size is applied by the decoder.
+    root = make_synthetic_dataset(default_synthetic_root(synthetic_per_class, 227, seed), synthetic_per_class, 227, seed)
+    print("=" * 78 + f"\n!! NO --data GIVEN: using the embedded SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
+          "!! Numbers from it say nothing about real concrete. Pass --data PATH (or set $CRACK_DATA).\n" + "=" * 78,
+          file=sys.stderr, flush=True)
+    return root, "synthetic"
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
+    root, kind = resolve_data_root(cfg.data, cfg.synthetic_per_class, cfg.image_size, cfg.seed)
+    samples, skipped = discover(root)
+    samples = add_content_hashes(root, samples)
+
+    # Byte-identical copies: one content hash in both classes means the label cannot be trusted.
+    labels_per_hash = samples.groupby("content_hash")["label"].nunique()
+    conflicting = set(labels_per_hash[labels_per_hash > 1].index)
+    if conflicting:
+        _warn(f"dropped {samples['content_hash'].isin(conflicting).sum()} file(s) whose identical copy sits in the "
+              "other class folder (label conflict)")
+        samples = samples[~samples["content_hash"].isin(conflicting)]
+    n_files = len(samples)
+    n_exact_dupes = n_files - samples["content_hash"].nunique()
+    if cfg.split_strategy == "grouped":
+        from crackcore.neardup import near_duplicate_groups
+
+        samples = samples.assign(group=near_duplicate_groups(root, samples))
+    else:
+        samples = samples.assign(group=samples["content_hash"])
+
+    if cfg.subset is not None:
+        samples = select_subset(samples, cfg.subset, cfg.split_seed)
+    samples = samples.reset_index(drop=True)
+
+    images, bad = load_images(root, samples, cfg.image_size, progress=progress)
+    if bad:
+        first = next(iter(bad))
+        _warn(f"skipped {len(bad)} unreadable image file(s), e.g. {samples.at[first, 'path']} ({bad[first]})")
+        keep = np.array([i not in bad for i in range(len(samples))])
+        samples = samples[keep].reset_index(drop=True)
+        images = np.ascontiguousarray(images[keep])
+    for label, name in enumerate(CLASSES):
+        if not (samples["label"] == label).any():
+            raise DataError(f"no readable {name} images left under {root / name}; every file failed to decode")
+
+    samples = samples.assign(split=assign_splits(samples, cfg.split_fractions, cfg.split_seed))
+    for split in SPLITS:
+        have = set(samples.loc[samples["split"] == split, "label"])
+        if have != {0, 1}:
+            raise DataError(f"the {split} split has no {'/'.join(CLASSES[l] for l in {0, 1} - have)} images with "
+                            f"{len(samples)} images in all; use a larger --subset or more data")
+    source = {
+        "kind": kind,
+        "root": str(root.resolve()),
+        "files_found": n_files + skipped["skipped_non_image"] + len(conflicting),
+        "images_used": len(samples),
+        "exact_duplicate_files": int(n_exact_dupes),
+        "skipped_non_image": skipped["skipped_non_image"],
+        "skipped_unreadable": len(bad),
+        "split_strategy": cfg.split_strategy,
+        "groups": int(samples["group"].nunique()),
+        "subset_per_class": cfg.subset,
+        "image_size": cfg.image_size,
+    }
+    data = PreparedData(samples=samples, images=images, image_size=cfg.image_size, source=source)
+    data.source["counts"] = data.counts()
+    if n_exact_dupes:
+        print(f"[crackcore.data] {n_exact_dupes} byte-identical duplicate file(s) found; each duplicate group is kept "
+              "inside one split", file=sys.stderr)
+    return data
+
+
+# --------------------------------------------------------------------------- serving
+
+
+def normalize(batch: torch.Tensor) -> torch.Tensor:
+    """float [B,3,H,W] in [0,1] -> ImageNet-normalised."""
+    mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
+    return (batch - mean) / std
+
+
+def as_tensor(images: np.ndarray) -> torch.Tensor:
+    """Zero-copy view of a (possibly read-only, memory-mapped or object-store) uint8 array.
+    Nothing writes through it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array" - we never write
+        return torch.from_numpy(images)
+
+
+class BatchLoader:
+    """Batches of (uint8 images, labels, sample indices) straight from the decoded array.
+    On CUDA the whole split is moved to the GPU once when it fits, so an epoch costs no
+    host work at all; otherwise batches are gathered, pinned and copied asynchronously."""
+
+    def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
+                 shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.index = torch.from_numpy(data.indices(split))
+        self.labels = torch.from_numpy(data.samples["label"].to_numpy()[self.index.numpy()])
+        self.images = as_tensor(data.images)
+        self.batch_size, self.device, self.shuffle, self.seed, self.drop_last = batch_size, device, shuffle, seed, drop_last
+        self.epoch = 0
+        self.on_device: torch.Tensor | None = None
+        if device.type == "cuda":
+            nbytes = len(self.index) * self.images[0].numel()
+            free, _ = torch.cuda.mem_get_info(device)
+            if nbytes < 0.25 * free:
+                self.on_device = self.images[self.index.numpy()].to(device)
+                self.labels = self.labels.to(device)
+
+    def __len__(self) -> int:
+        n = len(self.index)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        n = len(self.index)
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        stop = n - n % self.batch_size if self.drop_last else n
+        for start in range(0, stop, self.batch_size):
+            pos = order[start:start + self.batch_size]
+            if self.on_device is not None:
+                pos_d = pos.to(self.device, non_blocking=True)
+                yield self.on_device[pos_d], self.labels[pos_d], self.index[pos]
+                continue
+            rows = self.index[pos]
+            x = self.images[rows]
+            y = self.labels[pos]
+            if self.device.type == "cuda":
+                x, y = x.pin_memory().to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            yield x, y, rows
+
+
+class CrackDataset(torch.utils.data.Dataset):
+    """Per-image view for notebooks and standard DataLoaders: (float normalised [3,S,S],
+    label). Reads the same decoded cache and split as training, so there is one split and
+    one decoder. `augment_policy` applies the per-image form of a crackcore policy."""
+
+    def __init__(self, data: PreparedData, split: str | None = None, augment_policy: str = "none", seed: int = 0):
+        from crackcore.augment import per_image_transform
+
+        self.data = data
+        self.rows = np.arange(len(data.samples)) if split is None else data.indices(split)
+        self.transform = per_image_transform(augment_policy, data.image_size)
+        self.images = as_tensor(data.images)
+
+    @classmethod
+    def from_folder(cls, root: str | Path, split: str | None = None, image_size: int = 227,
+                    augment_policy: str = "none", split_seed: int = 0, subset: int | None = None) -> "CrackDataset":
+        cfg = TrainConfig(data=str(root), image_size=image_size, split_seed=split_seed, subset=subset)
+        return cls(prepare_data(cfg), split, augment_policy)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def sample_id(self, i: int) -> str:
+        return str(self.data.samples.at[int(self.rows[i]), "path"])
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        row = int(self.rows[i])
+        img = self.transform(self.images[row].float().div(255))
+        return normalize(img.unsqueeze(0))[0], int(self.data.samples.at[row, "label"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m crackcore.data download --to DIR` (the only sub-command)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "download":
+        print("usage: python -m crackcore.data download --to DIR [--url URL] [--sha256 HEX]", file=sys.stderr)
+        return 2
+    from crackcore.download import main as download_main
+
+    return download_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

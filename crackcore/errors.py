@@ -1,0 +1,58 @@
+"""Error analysis and the atomic writers every output file goes through.
+
+A reader never sees a half-written file: each writer writes a temp file in the same folder
+and renames it over the target (atomic on POSIX)."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+PREDICTION_COLUMNS = ["sample", "path", "true_label", "pred_label", "prob_crack"]
+
+
+def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The misclassified rows of evaluate()'s predictions, most confident mistakes first."""
+    wrong = predictions[predictions["true_label"] != predictions["pred_label"]]
+    confidence = (wrong["prob_crack"] - 0.5).abs()
+    return wrong.assign(_c=confidence).sort_values(["_c", "sample"], ascending=[False, True]).drop(columns="_c")[
+        PREDICTION_COLUMNS].reset_index(drop=True)
+
+
+def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(data: bytes, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))

@@ -1,0 +1,83 @@
+"""Binary classification metrics with honest uncertainty: every accuracy comes with its n
+and a Wilson 95 % interval; calibration as expected calibration error (ECE)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+Z95 = 1.959963984540054
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (well-behaved near 0 and 1)."""
+    if n == 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
+    """Area under the ROC curve via the Mann-Whitney U statistic (ties get average ranks)."""
+    y_true = np.asarray(y_true).astype(bool)
+    n_pos, n_neg = int(y_true.sum()), int((~y_true).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    ranks = pd.Series(np.asarray(score, dtype=float)).rank(method="average").to_numpy()
+    return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def reliability_table(y_true: np.ndarray, prob_crack: np.ndarray, bins: int = 10) -> pd.DataFrame:
+    """Confidence-binned accuracy, the data of a reliability diagram. Confidence is the
+    probability of the predicted class, so it lies in [0.5, 1]."""
+    y_true = np.asarray(y_true).astype(int)
+    prob = np.asarray(prob_crack, dtype=float)
+    pred = (prob >= 0.5).astype(int)
+    conf = np.where(pred == 1, prob, 1 - prob)
+    edges = np.linspace(0.5, 1.0, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        sel = which == b
+        n = int(sel.sum())
+        rows.append({"bin_low": edges[b], "bin_high": edges[b + 1], "n": n,
+                     "mean_confidence": float(conf[sel].mean()) if n else float("nan"),
+                     "accuracy": float((pred[sel] == y_true[sel]).mean()) if n else float("nan")})
+    return pd.DataFrame(rows)
+
+
+def expected_calibration_error(y_true: np.ndarray, prob_crack: np.ndarray, bins: int = 10) -> float:
+    """ECE = sum over bins of (n_bin / n) * |accuracy_bin - confidence_bin|."""
+    table = reliability_table(y_true, prob_crack, bins)
+    used = table[table["n"] > 0]
+    n = used["n"].sum()
+    return float((used["n"] / n * (used["accuracy"] - used["mean_confidence"]).abs()).sum()) if n else float("nan")
+
+
+def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray, prob_crack: np.ndarray) -> dict[str, Any]:
+    """Accuracy (with Wilson CI), precision/recall/F1 for the crack class, ROC-AUC, ECE."""
+    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
+    n = len(y_true)
+    correct = int((y_true == y_pred).sum())
+    tp = int(((y_pred == 1) & (y_true == 1)).sum())
+    fp = int(((y_pred == 1) & (y_true == 0)).sum())
+    fn = int(((y_pred == 0) & (y_true == 1)).sum())
+    tn = n - tp - fp - fn
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    low, high = wilson_interval(correct, n)
+    return {"accuracy": correct / n if n else float("nan"), "n": n, "errors": n - correct,
+            "ci95_low": low, "ci95_high": high, "precision": precision, "recall": recall, "f1": f1,
+            "roc_auc": roc_auc(y_true, prob_crack), "ece": expected_calibration_error(y_true, prob_crack),
+            "tp": tp, "fp": fp, "fn": fn, "tn": tn}
+
+
+def format_accuracy(acc: float, n: int, low: float, high: float) -> str:
+    """The one way the project prints an accuracy: value, n and 95 % interval."""
+    return f"{100 * acc:.2f} % (n={n}, 95 % CI {100 * low:.2f}-{100 * high:.2f} %)"

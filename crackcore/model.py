@@ -1,0 +1,156 @@
+"""ResNet-18 with a 2-class head and a freezing depth, and where its ImageNet weights come from.
+
+Weights are looked for in this order: an explicit path, `$CRACK_WEIGHTS`, the torch hub
+cache, a download from torchvision's URL. `weights="auto"` falls back to random init with a
+loud warning; `weights="imagenet"` makes a missing file an error; `weights="random"` skips
+the search. What was used (path + SHA-256, or "random") is recorded in every result.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+WEIGHTS_FILENAME = "resnet18-f37072fd.pth"
+WEIGHTS_URL = "https://download.pytorch.org/models/" + WEIGHTS_FILENAME
+WEIGHTS_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
+WEIGHTS_BYTES = 46_830_571
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # freeze_depth k freezes the first k
+
+
+class WeightsError(Exception):
+    """ImageNet weights were required but cannot be had, or a given file is wrong."""
+
+
+@dataclass
+class WeightsInfo:
+    source: str  # "path" | "env" | "hub_cache" | "download" | "random"
+    path: str | None
+    sha256: str | None
+    official: bool  # byte-identical to torchvision's resnet18-f37072fd.pth
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.source == "random":
+            return "random init (no ImageNet weights)"
+        return f"{self.path} (sha256 {self.sha256[:12]}…, {'official torchvision' if self.official else 'user file'})"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(path: Path, source: str) -> WeightsInfo:
+    if not path.is_file():
+        raise WeightsError(f"weights file {path} does not exist; pass a resnet18 .pth, or --weights random")
+    digest = sha256_file(path)
+    official = digest == WEIGHTS_SHA256
+    # torchvision names files <arch>-<first 8 hex of sha256>.pth: a mismatch means a corrupt download.
+    m = re.fullmatch(r"resnet18-([0-9a-f]{8})\.pth", path.name)
+    if m and not digest.startswith(m.group(1)):
+        raise WeightsError(f"weights file {path} is corrupt: its SHA-256 {digest[:12]}… does not match the "
+                           f"{m.group(1)} in its name; delete it and download again")
+    return WeightsInfo(source=source, path=str(path.resolve()), sha256=digest, official=official)
+
+
+def _hub_cache_file() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
+
+
+def resolve_weights(weights: str | Path | None = "auto", download: bool = True) -> WeightsInfo:
+    """Find ImageNet weights (see module doc). Never returns a file it has not hashed."""
+    spec = "auto" if weights is None else str(weights)
+    if spec == "random":
+        return WeightsInfo("random", None, None, False)
+    if spec not in ("auto", "imagenet"):
+        return _check_file(Path(spec).expanduser(), "path")
+    if os.environ.get("CRACK_WEIGHTS"):
+        return _check_file(Path(os.environ["CRACK_WEIGHTS"]).expanduser(), "env")
+    cached = _hub_cache_file()
+    if cached.is_file():
+        return _check_file(cached, "hub_cache")
+    url = os.environ.get("CRACK_WEIGHTS_URL", WEIGHTS_URL)
+    problem = "downloads are disabled"
+    if download and os.environ.get("CRACK_OFFLINE") != "1":
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            # check_hash verifies the sha256 prefix in the file name; the .partial file is renamed on success only
+            torch.hub.download_url_to_file(url, str(cached), hash_prefix=WEIGHTS_SHA256[:8] if url == WEIGHTS_URL else None,
+                                           progress=False)
+            return _check_file(cached, "download")
+        except Exception as exc:
+            problem = f"download from {url} failed ({type(exc).__name__}: {str(exc)[:80]})"
+    if spec == "imagenet":
+        raise WeightsError(f"ImageNet weights required but none found ({problem}); put {WEIGHTS_FILENAME} in "
+                           f"{cached.parent}, or set CRACK_WEIGHTS=/path/to/{WEIGHTS_FILENAME}, or pass --weights PATH")
+    print("!" * 78 + f"\n!! NO IMAGENET WEIGHTS: {problem}; no file at $CRACK_WEIGHTS or {cached}.\n"
+          "!! Training from RANDOM INIT - expect slower learning; recorded as weights=random.\n" + "!" * 78,
+          file=sys.stderr, flush=True)
+    return WeightsInfo("random", None, None, False)
+
+
+class CrackResNet(ResNet):
+    """torchvision ResNet-18 (same parameter names, so its state_dict loads into
+    `torchvision.models.resnet18(num_classes=2)`) whose first `freeze_depth` stages are frozen:
+    no gradients, and their BatchNorm layers stay in eval mode even in `train()`, so frozen
+    stages really are fixed feature extractors."""
+
+    def __init__(self, freeze_depth: int = 0, num_classes: int = 2):
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
+        if not 0 <= freeze_depth <= 5:
+            raise ValueError(f"freeze_depth={freeze_depth} is out of range 0..5")
+        self.freeze_depth = freeze_depth
+
+    def stage_modules(self) -> list[list[nn.Module]]:
+        return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [m for stage in self.stage_modules()[: self.freeze_depth] for m in stage]
+
+    def apply_freeze(self) -> None:
+        for m in self.frozen_modules():
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "CrackResNet":
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        return self
+
+
+def build_model(freeze_depth: int = 0, weights: str | Path | None = "auto",
+                weights_info: WeightsInfo | None = None) -> tuple[CrackResNet, WeightsInfo]:
+    """ResNet-18, ImageNet backbone when available, fresh 2-class `fc`, first `freeze_depth`
+    stages frozen. Pass `weights_info` to reuse an already resolved file (no second search)."""
+    info = weights_info or resolve_weights(weights)
+    model = CrackResNet(freeze_depth)
+    if info.path:
+        state = torch.load(info.path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict):
+            raise WeightsError(f"{info.path} is not a state_dict; expected torchvision's {WEIGHTS_FILENAME}")
+        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+        missing, unexpected = model.load_state_dict(backbone, strict=False)
+        if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+            raise WeightsError(f"{info.path} is not a resnet18 state_dict (missing {missing[:3]}, unexpected "
+                               f"{unexpected[:3]}); pass torchvision's {WEIGHTS_FILENAME}")
+    model.apply_freeze()
+    return model, info
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,219 @@
+"""One epoch of training, one evaluation, and `fit` that runs N epochs of both.
+
+`fit` is what a tuning trial runs (the Ray trainable only adds reporting and checkpoints via
+`on_epoch` / `resume_state`) and what the final retrain and the baseline run. No Ray here."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from crackcore.augment import batch_augment
+from crackcore.config import TrainConfig
+from crackcore.data import BatchLoader, PreparedData, normalize, prepare_data
+from crackcore.metrics import binary_metrics
+from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s"]
+
+
+def resolve_device(spec: str = "auto") -> torch.device:
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={spec} requested but CUDA is not available; use --device cpu or auto")
+    return device
+
+
+def available_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if device.type == "cuda" and enabled:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                    loader: BatchLoader, augment_policy: str, generator: torch.Generator, *,
+                    amp: bool = True, channels_last: bool = False, label_smoothing: float = 0.0) -> dict[str, float]:
+    """Train for one pass over `loader`. Augmentation runs per batch on the model's device."""
+    model.train()
+    device = loader.device
+    criterion = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    start = time.perf_counter()
+    for x_u8, y, _ in loader:
+        x = normalize(batch_augment(x_u8.float().div_(255), augment_policy, generator))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits.float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        loss_sum += loss.detach() * len(y)  # no host sync per step
+        correct += (logits.argmax(1) == y).sum()
+        seen += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    if not math.isfinite(loss_sum.item()):
+        raise FloatingPointError("training loss is not finite (learning rate too high?)")
+    return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen,
+            "seconds": seconds, "img_s": seen / seconds}
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, amp: bool = True,
+             channels_last: bool = False) -> dict[str, Any]:
+    """Loss, accuracy (Wilson CI), precision/recall/F1, ROC-AUC, ECE, and per-sample
+    `predictions` (sample = position in the evaluated split, path, true/pred label, prob_crack)."""
+    model.eval()
+    device = loader.device
+    losses, probs, labels, rows = [], [], [], []
+    start = time.perf_counter()
+    for x_u8, y, idx in loader:
+        x = normalize(x_u8.float().div_(255))
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(x).float()
+        losses.append(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        probs.append(torch.softmax(logits, 1)[:, 1])
+        labels.append(y)
+        rows.append(idx)
+    seconds = time.perf_counter() - start
+    prob = torch.cat(probs).cpu().numpy().astype(np.float64)
+    y_true = torch.cat(labels).cpu().numpy()
+    row = torch.cat(rows).numpy()
+    y_pred = (prob >= 0.5).astype(np.int64)
+    predictions = pd.DataFrame({
+        "sample": np.arange(len(row)),
+        "path": data.samples["path"].to_numpy()[row],
+        "true_label": y_true.astype(np.int64),
+        "pred_label": y_pred,
+        "prob_crack": prob,
+    })
+    metrics = binary_metrics(y_true, y_pred, prob)
+    metrics["loss"] = float(torch.stack(losses).sum().item() / max(1, len(row)))
+    metrics["seconds"] = seconds
+    metrics["img_s"] = len(row) / seconds if seconds else float("nan")
+    metrics["predictions"] = predictions
+    return metrics
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Short linear warm-up (3 % of steps), then cosine to zero over `cfg.epochs`, or constant."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = max(1, int(0.03 * total))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class FitResult:
+    model: CrackResNet
+    history: pd.DataFrame
+    weights: WeightsInfo
+    val: dict[str, Any]  # evaluate() on val after the last epoch
+    test: dict[str, Any] | None = None
+    device: str = "cpu"
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
+
+
+def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCallback | None = None,
+        resume_state: dict[str, Any] | None = None, evaluate_test: bool = False,
+        weights_info: WeightsInfo | None = None, log: Callable[[str], None] | None = print) -> FitResult:
+    """Train `cfg.epochs` epochs, evaluating on val after each. `on_epoch(row, state_fn)` is
+    called after every epoch with the history row and a function returning a checkpoint dict
+    (model, optimizer, scheduler, RNG states, history); `resume_state` is such a dict."""
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, cfg.num_threads or available_cpus()))
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if data is None:
+        data = prepare_data(cfg)
+    model, info = build_model(cfg.freeze_depth, cfg.weights, weights_info)
+    model.to(device)
+    channels_last = cfg.channels_last and device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model: nn.Module = torch.compile(model) if cfg.compile else model
+
+    train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=False)
+    val_loader = BatchLoader(data, "val", max(256, cfg.batch_size), device, shuffle=False)
+    params = trainable_parameters(model)
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                nesterov=cfg.momentum > 0)
+    scheduler = make_scheduler(optimizer, cfg, len(train_loader))
+    aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    history: list[dict[str, Any]] = []
+    start_epoch = 1
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        aug_gen.set_state(resume_state["aug_rng"])
+        torch.set_rng_state(resume_state["torch_rng"])
+        history = list(resume_state["history"])
+        start_epoch = int(resume_state["epoch"]) + 1
+
+    val: dict[str, Any] = {}
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        t_epoch = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        tr = train_one_epoch(step_model, optimizer, scheduler, train_loader, cfg.augment_policy, aug_gen,
+                             amp=cfg.amp, channels_last=channels_last, label_smoothing=cfg.label_smoothing)
+        val = evaluate(step_model, val_loader, data, amp=cfg.amp, channels_last=channels_last)
+        row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["accuracy"], "val_loss": val["loss"],
+               "val_acc": val["accuracy"], "current_lr": optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"]}
+        history.append(row)
+        if log:
+            log(f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['accuracy']:.4f}  "
+                f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} (n={val['n']})  "
+                f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s")
+        if on_epoch:
+            def state_fn(epoch: int = epoch) -> dict[str, Any]:
+                return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state(),
+                        "torch_rng": torch.get_rng_state(), "history": list(history), "epoch": epoch,
+                        "config": cfg.to_dict()}
+            on_epoch(dict(row), state_fn)
+    if not val:  # resumed after the last epoch: evaluate the restored model
+        val = evaluate(step_model, val_loader, data, amp=cfg.amp, channels_last=channels_last)
+    test = None
+    if evaluate_test:
+        test_loader = BatchLoader(data, "test", max(256, cfg.batch_size), device, shuffle=False)
+        test = evaluate(step_model, test_loader, data, amp=cfg.amp, channels_last=channels_last)
+    return FitResult(model=model, history=pd.DataFrame(history, columns=HISTORY_COLUMNS), weights=info, val=val,
+                     test=test, device=str(device), seconds=time.perf_counter() - t0)

@@ -1,0 +1,372 @@
+"""python tune/run.py --num-samples 32
+
+The tuning study, top to bottom: read the experiment file and flags into a StudyConfig,
+connect to (or start) Ray, decode the data once and ship it through the object store, run
+Optuna TPE + ASHA trials with Ray Tune, then retrain the best configuration from scratch,
+evaluate it on the held-out test split and write every output under results/<study>/.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import shlex
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from crackcore.config import (AUGMENT_POLICIES, SPLIT_STRATEGIES, ConfigError, StudyConfig, TrainConfig,
+                              apply_overrides, config_json, load_study_config)
+from crackcore.data import PreparedData, prepare_data
+from crackcore.errors import write_json, write_parquet
+from crackcore.fit import summary_lines, versions, write_run_outputs
+from crackcore.model import resolve_weights
+from crackcore.train import fit
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_EXPERIMENT = REPO / "experiments" / "study.toml"
+DOWNLOAD_DEFAULT = REPO / "data" / "concrete-crack-images"
+RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
+CONFIG_FILE = "study_config.json"
+SMOKE = {"num_samples": 4, "max_epochs": 2, "grace_period": 1, "final_epochs": 2, "train.image_size": 32,
+         "train.subset": 40, "train.synthetic_per_class": 60}
+
+
+class StudyError(Exception):
+    """The study cannot start or go on; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python tune/run.py", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, default=DEFAULT_EXPERIMENT, help="experiment TOML under experiments/")
+    p.add_argument("--num-samples", type=int, help="number of trials")
+    p.add_argument("--data", help="folder with Positive/ Negative/ (default $CRACK_DATA, then data/concrete-crack-images, "
+                   "else the synthetic set)")
+    p.add_argument("--study-name", help="results go to STORAGE/STUDY-NAME")
+    p.add_argument("--storage-path", default="results", help="local folder or URI (s3://, gs://) shared by all nodes")
+    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
+                   help="existing Ray cluster (host:port, auto, ray://...); default $RAY_ADDRESS, else a local Ray")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study with this name")
+    p.add_argument("--max-epochs", type=int)
+    p.add_argument("--grace-period", type=int)
+    p.add_argument("--final-epochs", type=int)
+    p.add_argument("--image-size", type=int)
+    p.add_argument("--subset", type=int, help="images per class, for quick runs")
+    p.add_argument("--gpus-per-trial", type=float, help="fractional packs trials per GPU, e.g. 0.25 = 4 per GPU")
+    p.add_argument("--cpus-per-trial", type=float)
+    p.add_argument("--max-concurrent-trials", type=int, help="default: as many as the resources allow")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--weights", help="auto | imagenet | random | PATH to resnet18-f37072fd.pth")
+    p.add_argument("--split-strategy", choices=SPLIT_STRATEGIES)
+    p.add_argument("--repeat-top", type=int, help="re-run the top K configs with --repeats seeds")
+    p.add_argument("--repeats", type=int)
+    p.add_argument("--compare-splits", action="store_true", default=None,
+                   help="also retrain the best config under the other split strategy")
+    p.add_argument("--smoke-test", action="store_true", help="tiny budget: 4 trials x 2 epochs at 32 px")
+    return p
+
+
+def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
+    data = a.data or os.environ.get("CRACK_DATA") or (str(DOWNLOAD_DEFAULT) if DOWNLOAD_DEFAULT.is_dir() else None)
+    return {"num_samples": a.num_samples, "name": a.study_name, "max_epochs": a.max_epochs,
+            "grace_period": a.grace_period, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
+            "cpus_per_trial": a.cpus_per_trial, "max_concurrent_trials": a.max_concurrent_trials, "seed": a.seed,
+            "repeat_top": a.repeat_top, "repeats": a.repeats, "compare_splits": a.compare_splits,
+            "train.data": data, "train.image_size": a.image_size, "train.subset": a.subset,
+            "train.weights": a.weights, "train.split_strategy": a.split_strategy,
+            "train.seed": a.seed}
+
+
+def resolve_config(a: argparse.Namespace, has_gpu: bool) -> StudyConfig:
+    """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags."""
+    cfg = load_study_config(a.config)
+    cfg = apply_overrides(cfg, cfg.gpu if has_gpu else cfg.cpu)
+    if a.smoke_test:
+        cfg = apply_overrides(cfg, {k: v for k, v in SMOKE.items() if k != "num_samples"})
+        cfg = apply_overrides(cfg, {"num_samples": min(cfg.num_samples, SMOKE["num_samples"])})
+    flags = flag_overrides(a)
+    if flags["max_epochs"] is not None and flags["grace_period"] is None:
+        flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
+    cfg = apply_overrides(cfg, flags)
+    if not has_gpu:
+        cfg = apply_overrides(cfg, {"gpus_per_trial": 0.0})
+    return cfg
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def connect_ray(address: str | None) -> dict[str, Any]:
+    import ray
+
+    if address and "://" not in address and address != "auto":
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except (OSError, ValueError) as exc:
+            raise StudyError(f"cannot reach a Ray cluster at {address} ({exc}); start one with `ray start --head "
+                             f"--port={port or 6379}` or drop --address to run locally") from None
+    try:
+        if address:
+            ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        else:
+            from crackcore.train import available_cpus
+
+            ray.init(num_cpus=available_cpus(), include_dashboard=False, logging_level="WARNING",
+                     _node_ip_address="127.0.0.1")
+    except ConnectionError as exc:
+        raise StudyError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
+                         "(ray status) or drop --address") from None
+    return ray.cluster_resources()
+
+
+def trial_slots(cfg: StudyConfig, resources: dict[str, float]) -> int:
+    slots = int(resources.get("CPU", 0) // cfg.cpus_per_trial)
+    if cfg.gpus_per_trial > 0:
+        slots = min(slots, int(resources.get("GPU", 0) // cfg.gpus_per_trial))
+    if slots < 1:
+        raise StudyError(f"one trial needs {cfg.cpus_per_trial} CPU / {cfg.gpus_per_trial} GPU but the cluster has "
+                         f"{resources.get('CPU', 0)} CPU / {resources.get('GPU', 0)} GPU; lower --cpus-per-trial")
+    return min(slots, cfg.max_concurrent_trials or slots, cfg.num_samples)
+
+
+def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
+    """(local study folder, Ray storage_path). A URI keeps Ray's folder (checkpoints, trial
+    results) on shared storage; our output files are written locally and uploaded after."""
+    if "://" in storage_path:
+        return REPO / "results" / cfg.name, f"{storage_path.rstrip('/')}/{cfg.name}"
+    study_dir = Path(storage_path).expanduser().resolve() / cfg.name
+    return study_dir, str(study_dir)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, weights: dict[str, Any],
+               resume: bool, slots: int) -> Any:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from tune.search import make_searcher
+    from tune.trainable import train_trial
+
+    base = {k: v for k, v in cfg.train.to_dict().items() if k not in ("epochs",)}
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, data_ref=[data_ref], base=base, weights=weights,
+                             max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial),
+        {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
+    experiment = f"{storage}/{RAY_DIR}"
+    if resume:
+        if not tune.Tuner.can_restore(experiment):
+            raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
+        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True).fit()
+    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
+                              reduction_factor=cfg.reduction_factor)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=make_searcher(cfg, study_dir),
+                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    max_concurrent_trials=slots),  # without it OptunaSearch runs 1 trial at a time
+        run_config=tune.RunConfig(
+            name=RAY_DIR, storage_path=storage,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # ~86 MB each
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            verbose=1),
+    )
+    return tuner.fit()
+
+
+def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """trials.parquet (one row per trial) and history.parquet (one row per trial-epoch)."""
+    space_keys = ["lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size"]
+    trials, history = [], []
+    for r in results:
+        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        params = {k: r.config[k] for k in space_keys if k in r.config}
+        if len(hist) and "epoch" in hist:
+            hist = hist.drop_duplicates("epoch", keep="last").sort_values("epoch")
+            h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
+                      "node_id", "timestamp"]].assign(trial_id=trial_id, **params)
+            history.append(h)
+        epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
+        status = "ERROR" if r.error else ("COMPLETE" if epochs >= cfg.max_epochs else "PRUNED")
+        last = hist.iloc[-1] if len(hist) else None
+        trials.append({
+            "trial_id": trial_id, **params, "status": status, "epochs": epochs,
+            "best_val_acc": float(hist["val_acc"].max()) if last is not None else np.nan,
+            "last_val_acc": float(last["val_acc"]) if last is not None else np.nan,
+            "last_val_loss": float(last["val_loss"]) if last is not None else np.nan,
+            "seconds": float(hist["seconds"].sum()) if last is not None else np.nan,
+            "start_time": float(hist["timestamp"].min() - hist["seconds"].iloc[0]) if last is not None else np.nan,
+            "end_time": float(hist["timestamp"].max()) if last is not None else np.nan,
+            "node_id": str(last["node_id"]) if last is not None else None,
+            "error": str(r.error).splitlines()[0][:300] if r.error else None,
+        })
+    trials_df = pd.DataFrame(trials).sort_values("trial_id").reset_index(drop=True)
+    history_df = pd.concat(history, ignore_index=True) if history else pd.DataFrame()
+    return trials_df, history_df
+
+
+def max_parallel(trials: pd.DataFrame) -> int:
+    """Most trials running at the same moment, from their start/end times."""
+    ok = trials.dropna(subset=["start_time", "end_time"])
+    events = sorted([(t, 1) for t in ok["start_time"]] + [(t, -1) for t in ok["end_time"]], key=lambda e: (e[0], e[1]))
+    running = best = 0
+    for _, step in events:
+        running += step
+        best = max(best, running)
+    return best
+
+
+BEST_RULE = ("highest val accuracy at the last epoch among trials that ran all max_epochs (ties: lower val loss, "
+             "then lower trial id); if none did, among all trials that reported")
+
+
+def pick_best(trials: pd.DataFrame) -> pd.Series:
+    reported = trials[trials["epochs"] > 0]
+    if reported.empty:
+        raise StudyError("every trial failed before reporting a metric; see errors in trials.parquet and Ray's logs")
+    pool = reported[reported["status"] == "COMPLETE"]
+    pool = pool if len(pool) else reported
+    return pool.sort_values(["last_val_acc", "last_val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]
+
+
+# --------------------------------------------------------------------------- final retrain
+
+
+def retrain_remote(data_ref: Any, cfg: TrainConfig, weights: dict[str, Any], num_cpus: int, num_gpus: float):
+    """Retrain on a cluster worker (the driver may have no GPU); returns crackcore's FitResult."""
+    import ray
+
+    from crackcore.model import WeightsInfo
+
+    @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
+    def _retrain(data_list: list, cfg: TrainConfig) -> Any:
+        data = ray.get(data_list[0])
+        result = fit(cfg.replace(num_threads=num_cpus), data, evaluate_test=True, weights_info=WeightsInfo(**weights),
+                     log=lambda s: print(f"[final retrain] {s}", flush=True))
+        result.model.cpu()
+        return result
+
+    return ray.get(_retrain.remote([data_ref], cfg))
+
+
+def final_resources(cfg: StudyConfig) -> tuple[int, float]:
+    import ray
+
+    biggest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
+    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return max(1, int(min(biggest_node, 8))), gpus
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    import ray
+
+    t_start = time.time()
+    a = build_parser().parse_args(argv)
+    for name in ("num_samples", "max_epochs", "final_epochs", "image_size", "subset"):
+        value = getattr(a, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    resources = connect_ray(a.address)
+    has_gpu = resources.get("GPU", 0) > 0
+    cfg = resolve_config(a, has_gpu)
+    if has_gpu and cfg.gpus_per_trial == 0:
+        cfg = apply_overrides(cfg, {"gpus_per_trial": 0.25})
+    study_dir, storage = ray_storage(cfg, a.storage_path)
+    saved = study_dir / CONFIG_FILE
+    if a.resume:
+        if not saved.is_file():
+            raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
+        import json
+
+        cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
+        print(f"resuming study {cfg.name} with its saved configuration ({saved})")
+    elif (study_dir / RAY_DIR).exists() or saved.exists():
+        raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
+                         "--study-name NEW for a new one (nothing was changed)")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    write_json(cfg.to_dict(), saved)
+    print("study config:", config_json(cfg), flush=True)
+
+    data = prepare_data(cfg.train)
+    weights = resolve_weights(cfg.train.weights)
+    print(f"data: {data.source['kind']} {data.source['root']}  {data.counts()}  "
+          f"exact duplicates: {data.source['exact_duplicate_files']}\nweights: {weights.describe()}\n"
+          f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
+          f"{len([n for n in ray.nodes() if n['Alive']])} node(s)", flush=True)
+    # a plain ndarray (not a memmap subclass) is stored out-of-band: zero-copy reads per node
+    data_ref = ray.put(dataclasses.replace(data, images=np.asarray(data.images).view(np.ndarray)))
+    slots = trial_slots(cfg, resources)
+    print(f"trials: {cfg.num_samples}, up to {slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} GPU "
+          f"each), ASHA {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
+
+    t_search = time.time()
+    results = run_search(cfg, study_dir, storage, data_ref, weights.to_dict(), a.resume, slots)
+    search_seconds = time.time() - t_search
+    trials, history = collect_trials(results, cfg)
+    write_parquet(trials, study_dir / "trials.parquet")
+    if len(history):
+        write_parquet(history, study_dir / "history.parquet")
+    finished = results.num_terminated + results.num_errors
+    if finished < cfg.num_samples:
+        print(f"study interrupted after {finished}/{cfg.num_samples} trials; continue it with: python tune/run.py "
+              f"--study-name {cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)
+        return 130
+    best = pick_best(trials)
+    params = {k: best[k] for k in ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
+              if k in best and pd.notna(best[k])}
+    params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
+    best_cfg = cfg.train.replace(**params, epochs=cfg.final_epochs)
+    write_json({"trial_id": best["trial_id"], "params": params, "rule": BEST_RULE,
+                "val_acc": float(best["last_val_acc"]), "val_loss": float(best["last_val_loss"]),
+                "train_config": best_cfg.to_dict()}, study_dir / "best_config.json")
+    print(f"\nbest trial {best['trial_id']}: {params}  val acc {best['last_val_acc']:.4f}\n"
+          f"retraining it from scratch for {cfg.final_epochs} epochs ...", flush=True)
+
+    t_final = time.time()
+    num_cpus, num_gpus = final_resources(cfg)
+    result = retrain_remote(data_ref, best_cfg, weights.to_dict(), num_cpus, num_gpus)
+    final_seconds = time.time() - t_final
+    metrics = write_run_outputs(study_dir, result, data, best_cfg, {"best_trial_id": best["trial_id"]})
+    counts = trials["status"].value_counts().to_dict()
+    write_json({
+        "name": cfg.name, "command": shlex.join([sys.executable, *sys.argv]), "argv": sys.argv,
+        "data_source": data.source, "weights": weights.to_dict(), "versions": {**versions(), "ray": ray.__version__,
+        "optuna": __import__("optuna").__version__}, "seed": cfg.seed, "final_device": result.device,
+        "cluster_resources": resources, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+        "ray_address": a.address or "local", "storage": storage, "trials": int(len(trials)),
+        "trial_status": {k: int(v) for k, v in counts.items()}, "max_parallel_trials": max_parallel(trials),
+        "trial_slots": slots, "search_seconds": search_seconds, "final_seconds": final_seconds,
+        "wall_seconds": time.time() - t_start, "best_trial_id": best["trial_id"], "best_rule": BEST_RULE,
+        "config": cfg.to_dict(), "resumed": a.resume,
+    }, study_dir / "study.json")
+    if "://" in a.storage_path:
+        import pyarrow.fs as pafs
+
+        pafs.copy_files(str(study_dir), storage + "/outputs")
+    print(f"\n=== study {cfg.name}: {len(trials)} trials {counts}, up to {max_parallel(trials)} in parallel, "
+          f"wall {time.time() - t_start:.0f}s ===")
+    print(f"best config: {params}  (data: {data.source['kind']}, weights: {weights.describe()})")
+    print("\n".join(summary_lines(metrics, study_dir)))
+    return 0
+
+
+if __name__ == "__main__":
+    from crackcore.cli import run_main
+
+    code = run_main(main, extra_errors=(StudyError,))
+    sys.exit(code)

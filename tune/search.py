@@ -1,0 +1,87 @@
+"""Optuna TPE behind Ray Tune, with the bookkeeping Ray's OptunaSearch leaves out.
+
+Ray 2.60's OptunaSearch reports intermediate values by Ray's `training_iteration` and tells
+Optuna COMPLETE for every trial that returned a metric, including trials ASHA stopped early.
+`EpochAwareOptunaSearch` reports each epoch's value at step = epoch and marks trials that
+stopped before `max_epochs` as PRUNED, so the persisted Optuna study (a JournalStorage file
+next to the results) is a faithful record for optuna.visualization and optuna-dashboard."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from ray.tune.search.optuna import OptunaSearch
+
+from crackcore.config import StudyConfig
+
+JOURNAL_NAME = "optuna_journal.log"
+
+
+def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
+    s = cfg.space
+    depths = sorted(set(s.freeze_depths))
+    space: dict[str, BaseDistribution] = {
+        "lr": FloatDistribution(s.lr_min, s.lr_max, log=True),
+        # freeze depth is ordinal: an int range lets TPE exploit its order
+        "freeze_depth": IntDistribution(depths[0], depths[-1]) if depths == list(range(depths[0], depths[-1] + 1))
+        else CategoricalDistribution(depths),
+        "augment_policy": CategoricalDistribution(list(s.augment_policies)),
+    }
+    if s.weight_decays:
+        space["weight_decay"] = CategoricalDistribution(list(s.weight_decays))
+    if s.batch_sizes:
+        space["batch_size"] = CategoricalDistribution(list(s.batch_sizes))
+    return space
+
+
+def start_points(cfg: StudyConfig, space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
+    """The seed notebook's setting(s), clipped to what the space can express."""
+    points = []
+    for p in cfg.space.start_points:
+        point = {k: v for k, v in p.items() if k in space}
+        if all(space[k]._contains(space[k].to_internal_repr(v)) for k, v in point.items()) and set(point) == set(space):
+            points.append(point)
+    return points
+
+
+def open_storage(study_dir: Path) -> JournalStorage:
+    return JournalStorage(JournalFileBackend(str(study_dir / JOURNAL_NAME)))
+
+
+class EpochAwareOptunaSearch(OptunaSearch):
+    def __init__(self, *args: Any, max_epochs: int, epoch_key: str = "epoch", **kwargs: Any):
+        self._max_epochs = max_epochs
+        self._epoch_key = epoch_key
+        super().__init__(*args, **kwargs)
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id in self._completed_trials or self.metric not in result:
+            return
+        step = int(result.get(self._epoch_key, result.get("training_iteration", 0)))
+        ot_trial = self._ot_trials[trial_id]
+        if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:  # a restored trial repeats none
+            ot_trial.report(float(result[self.metric]), step)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        stopped_early = (not error and result is not None and self.metric in result
+                         and int(result.get(self._epoch_key, self._max_epochs)) < self._max_epochs)
+        if not stopped_early or trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        # PRUNED with the last intermediate value, as Optuna's own pruners record it
+        self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+        self._completed_trials.add(trial_id)
+
+
+def make_searcher(cfg: StudyConfig, study_dir: Path) -> EpochAwareOptunaSearch:
+    space = search_space(cfg)
+    # constant_liar keeps parallel TPE from proposing the same point to trials running at once
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True,
+                                         n_startup_trials=max(4, min(10, cfg.num_samples // 3)))
+    return EpochAwareOptunaSearch(space=space, metric=cfg.metric, mode="max", points_to_evaluate=start_points(cfg, space),
+                                  sampler=sampler, study_name=cfg.name, storage=open_storage(study_dir),
+                                  max_epochs=cfg.max_epochs)
