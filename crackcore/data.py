@@ -48,23 +48,30 @@ def _warn(msg: str) -> None:
 # --------------------------------------------------------------------------- discovery
 
 
-def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """List the images of a `Positive/` + `Negative/` folder (JPEG/PNG files or saved `.pt`
-    tensors). Returns one row per file (path relative to root, label, bytes) and counts of
-    what was skipped. Raises DataError for a missing root or a missing/empty class folder."""
+def check_root(root: str | Path) -> Path:
+    """Fail fast (before any work) on a data folder that cannot be the dataset."""
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; pass --data PATH to a folder with Positive/ and Negative/, "
                         "or get the public dataset with: python -m crackcore.data download --to data/")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder; pass the folder that holds Positive/ and Negative/")
+    for name in CLASSES:
+        if not (root / name).is_dir():
+            raise DataError(f"class folder {root / name} is missing; the data folder must hold Positive/ (crack) "
+                            "and Negative/ (no crack) sub-folders")
+    return root
+
+
+def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """List the images of a `Positive/` + `Negative/` folder (JPEG/PNG files or saved `.pt`
+    tensors). Returns one row per file (path relative to root, label, bytes) and counts of
+    what was skipped. Raises DataError for a missing root or a missing/empty class folder."""
+    root = check_root(root)
     rows: list[tuple[str, int, int]] = []
     skipped_non_image: list[str] = []
     for label, name in enumerate(CLASSES):
         class_dir = root / name
-        if not class_dir.is_dir():
-            raise DataError(f"class folder {class_dir} is missing; the data folder must hold Positive/ (crack) "
-                            "and Negative/ (no crack) sub-folders")
         found = 0
         for p in sorted(class_dir.rglob("*")):
             if not p.is_file() or p.name.startswith("."):

@@ -22,7 +22,7 @@ import pandas as pd
 
 from crackcore.config import (AUGMENT_POLICIES, SPLIT_STRATEGIES, ConfigError, StudyConfig, TrainConfig,
                               apply_overrides, config_json, load_study_config)
-from crackcore.data import PreparedData, prepare_data
+from crackcore.data import check_root, prepare_data
 from crackcore.errors import write_json, write_parquet
 from crackcore.fit import summary_lines, versions, write_run_outputs
 from crackcore.model import resolve_weights
@@ -86,10 +86,9 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
             "train.seed": a.seed}
 
 
-def resolve_config(a: argparse.Namespace, has_gpu: bool) -> StudyConfig:
+def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool) -> StudyConfig:
     """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags."""
-    cfg = load_study_config(a.config)
-    cfg = apply_overrides(cfg, cfg.gpu if has_gpu else cfg.cpu)
+    cfg = apply_overrides(from_file, from_file.gpu if has_gpu else from_file.cpu)
     if a.smoke_test:
         cfg = apply_overrides(cfg, {k: v for k, v in SMOKE.items() if k != "num_samples"})
         cfg = apply_overrides(cfg, {"num_samples": min(cfg.num_samples, SMOKE["num_samples"])})
@@ -281,9 +280,12 @@ def main(argv: list[str] | None = None) -> int:
         value = getattr(a, name)
         if value is not None and value < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    from_file = load_study_config(a.config)  # bad file or data path fail before Ray starts
+    if flag_overrides(a)["train.data"]:
+        check_root(flag_overrides(a)["train.data"])  # a wrong --data fails before Ray starts
     resources = connect_ray(a.address)
     has_gpu = resources.get("GPU", 0) > 0
-    cfg = resolve_config(a, has_gpu)
+    cfg = resolve_config(a, from_file, has_gpu)
     if has_gpu and cfg.gpus_per_trial == 0:
         cfg = apply_overrides(cfg, {"gpus_per_trial": 0.25})
     study_dir, storage = ray_storage(cfg, a.storage_path)
@@ -318,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     results = run_search(cfg, study_dir, storage, data_ref, weights.to_dict(), a.resume, slots)
     search_seconds = time.time() - t_search
     trials, history = collect_trials(results, cfg)
+    finished = results.num_terminated + results.num_errors
+    if finished >= cfg.num_samples:
+        from tune.search import fail_orphaned_trials
+
+        fail_orphaned_trials(study_dir, cfg.name)
     write_parquet(trials, study_dir / "trials.parquet")
     if len(history):
         write_parquet(history, study_dir / "history.parquet")
-    finished = results.num_terminated + results.num_errors
     if finished < cfg.num_samples:
         print(f"study interrupted after {finished}/{cfg.num_samples} trials; continue it with: python tune/run.py "
               f"--study-name {cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)

@@ -59,18 +59,26 @@ class EpochAwareOptunaSearch(OptunaSearch):
         self._epoch_key = epoch_key
         super().__init__(*args, **kwargs)
 
-    def on_trial_result(self, trial_id: str, result: dict) -> None:
-        if trial_id in self._completed_trials or self.metric not in result:
+    def _report(self, trial_id: str, result: dict | None) -> None:
+        if not result or self.metric not in result:
             return
         step = int(result.get(self._epoch_key, result.get("training_iteration", 0)))
         ot_trial = self._ot_trials[trial_id]
         if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:  # a restored trial repeats none
             ot_trial.report(float(result[self.metric]), step)
 
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        if trial_id not in self._completed_trials:
+            self._report(trial_id, result)
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if trial_id in self._completed_trials:
+            return super().on_trial_complete(trial_id, result, error)
+        # Ray hands a trial's last result only to on_trial_complete, never to on_trial_result
+        self._report(trial_id, result)
         stopped_early = (not error and result is not None and self.metric in result
                          and int(result.get(self._epoch_key, self._max_epochs)) < self._max_epochs)
-        if not stopped_early or trial_id in self._completed_trials:
+        if not stopped_early:
             return super().on_trial_complete(trial_id, result, error)
         # PRUNED with the last intermediate value, as Optuna's own pruners record it
         self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
@@ -85,3 +93,15 @@ def make_searcher(cfg: StudyConfig, study_dir: Path) -> EpochAwareOptunaSearch:
     return EpochAwareOptunaSearch(space=space, metric=cfg.metric, mode="max", points_to_evaluate=start_points(cfg, space),
                                   sampler=sampler, study_name=cfg.name, storage=open_storage(study_dir),
                                   max_epochs=cfg.max_epochs)
+
+
+def fail_orphaned_trials(study_dir: Path, study_name: str) -> int:
+    """After a search every trial has ended, so an Optuna trial still RUNNING was asked by a
+    driver that was killed before its Ray trial started. Mark it FAIL (Optuna's convention
+    for abandoned trials) so the study holds no phantom work. Returns how many."""
+    study = optuna.load_study(study_name=study_name, storage=open_storage(study_dir))
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for t in orphans:
+        study._storage.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted driver; never ran")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    return len(orphans)

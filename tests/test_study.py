@@ -1,0 +1,227 @@
+"""The tuning study end to end: real Ray (local and a 2-node cluster on 127.0.0.1), real
+Optuna, real images, tiny budgets."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import torch
+
+
+from tune.search import open_storage
+
+REPO = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(REPO / "tune" / "run.py")]
+OUTPUTS = ["trials.parquet", "history.parquet", "best_config.json", "final_history.parquet", "final_metrics.json",
+           "errors.parquet", "predictions.parquet", "split.parquet", "model.pt", "study.json", "optuna_journal.log",
+           "study_config.json", "ray"]
+
+
+def run_study(*args: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([*RUN, *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def optuna_trials(study_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=name, storage=open_storage(study_dir)).trials
+
+
+# --------------------------------------------------------------------------- (a) local study
+
+
+def test_local_study_writes_every_output(tiny_study: Path) -> None:
+    for name in OUTPUTS:
+        assert (tiny_study / name).exists(), name
+    trials = pd.read_parquet(tiny_study / "trials.parquet")
+    assert len(trials) == 4
+    assert {"lr", "freeze_depth", "augment_policy", "status", "epochs", "node_id", "best_val_acc"} <= set(trials.columns)
+    assert trials["lr"].between(1e-4, 1e-1).all() and trials["freeze_depth"].between(0, 5).all()
+    assert set(trials["status"]) <= {"COMPLETE", "PRUNED"}
+    # the seed notebook's setting is evaluated first
+    assert ((trials["lr"] == 1e-3) & (trials["freeze_depth"] == 0) & (trials["augment_policy"] == "flip")).any()
+    history = pd.read_parquet(tiny_study / "history.parquet")
+    assert history.groupby("trial_id")["epoch"].max().to_dict() == trials.set_index("trial_id")["epochs"].to_dict()
+
+    predictions = pd.read_parquet(tiny_study / "predictions.parquet")
+    errors = pd.read_parquet(tiny_study / "errors.parquet")
+    wrong = predictions[predictions["true_label"] != predictions["pred_label"]]
+    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack"]
+    assert sorted(errors["sample"]) == sorted(wrong["sample"])
+    metrics = json.loads((tiny_study / "final_metrics.json").read_text())
+    assert metrics["errors"] == len(errors) and metrics["n_test"] == len(predictions)
+    assert metrics["test_accuracy"] == pytest.approx(1 - len(errors) / len(predictions))
+    split = pd.read_parquet(tiny_study / "split.parquet")
+    assert set(predictions["path"]) == set(split.loc[split["split"] == "test", "path"])
+
+    model = torch.load(tiny_study / "model.pt", weights_only=True)
+    assert model["format"] == "crackcore-model" and model["weights"]["source"] == "random"
+    best = json.loads((tiny_study / "best_config.json").read_text())
+    assert best["train_config"]["epochs"] == 2 and best["trial_id"] in set(trials["trial_id"])
+    study = json.loads((tiny_study / "study.json").read_text())
+    assert study["data_source"]["kind"] in ("real", "synthetic") and study["trials"] == 4
+    assert 1 <= study["max_parallel_trials"] <= 2
+
+
+def test_optuna_journal_records_epochs_and_pruning(tiny_study: Path) -> None:
+    trials = pd.read_parquet(tiny_study / "trials.parquet")
+    frozen = optuna_trials(tiny_study, "tiny")
+    assert len(frozen) == 4
+    by_params = {(round(t.params["lr"], 12), t.params["freeze_depth"], t.params["augment_policy"]): t for t in frozen}
+    for row in trials.itertuples():
+        t = by_params[(round(row.lr, 12), row.freeze_depth, row.augment_policy)]
+        # every epoch a trial ran is an intermediate value at step = epoch
+        assert sorted(t.intermediate_values) == list(range(1, row.epochs + 1))
+        expected = optuna.trial.TrialState.PRUNED if row.status == "PRUNED" else optuna.trial.TrialState.COMPLETE
+        assert t.state == expected
+        if row.status == "COMPLETE":
+            assert t.value == pytest.approx(row.last_val_acc)
+
+
+def test_results_loader_reads_the_study(tiny_study: Path) -> None:
+    from crackcore.results import load_study
+
+    study = load_study(tiny_study)
+    assert len(study.trials) == 4 and not study.missing
+    assert study.final_metrics["n_test"] == len(study.predictions)
+
+
+# --------------------------------------------------------------------------- (b) 2-node cluster
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def two_node_cluster():
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    port = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    common = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats"]
+    try:
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+                        "--include-dashboard=false", *common], check=True, capture_output=True, env=env, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", *common],
+                       check=True, capture_output=True, env=env, timeout=120)
+        yield f"127.0.0.1:{port}", env
+    finally:
+        subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_study_on_two_node_cluster(two_node_cluster, crack_data: Path, tmp_path: Path) -> None:
+    address, env = two_node_cluster
+    proc = run_study("--address", address, "--data", str(crack_data), "--storage-path", str(tmp_path),
+                     "--study-name", "cluster", "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2",
+                     "--final-epochs", "1", "--image-size", "32", "--subset", "40", "--cpus-per-trial", "1", env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    trials = pd.read_parquet(tmp_path / "cluster" / "trials.parquet")
+    assert len(trials) == 4 and (trials["status"] == "COMPLETE").all()
+    assert trials["node_id"].nunique() == 2, "trials should have run on both nodes"
+    study = json.loads((tmp_path / "cluster" / "study.json").read_text())
+    assert study["nodes"] == 2 and study["ray_address"] == address
+
+
+# --------------------------------------------------------------------------- (c) resume
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Path, tmp_path: Path) -> None:
+    args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "resume",
+            "--num-samples", "5", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "1",
+            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1"]
+    study_dir = tmp_path / "resume"
+    driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    finished: list[optuna.trial.FrozenTrial] = []
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not finished:
+            time.sleep(1)
+            if (study_dir / "optuna_journal.log").exists():
+                finished = [t for t in optuna_trials(study_dir, "resume") if t.state.is_finished()]
+        assert finished, "no trial finished within 300 s"
+        time.sleep(2)  # let Ray snapshot the experiment state after that trial
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
+        driver.wait()
+    assert not (study_dir / "final_metrics.json").exists()
+    done_before = {t.number: dict(t.intermediate_values) for t in optuna_trials(study_dir, "resume")
+                   if t.state.is_finished()}
+
+    proc = run_study(*args, "--resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    assert len(trials) == 5
+    after = optuna_trials(study_dir, "resume")
+    assert all(t.state.is_finished() for t in after)
+    ran = [t for t in after if "orphaned" not in t.user_attrs]  # asked by the killed driver, never started
+    assert len(ran) == 5 and all(t.state != optuna.trial.TrialState.FAIL for t in ran)
+    for number, values in done_before.items():  # finished trials were not run again
+        assert dict(after[number].intermediate_values) == values
+    history = pd.read_parquet(study_dir / "history.parquet")
+    assert not history.duplicated(["trial_id", "epoch"]).any()
+    assert (study_dir / "final_metrics.json").exists() and (study_dir / "model.pt").exists()
+    assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
+
+
+# --------------------------------------------------------------------------- (d) fault injection
+
+
+@pytest.mark.slow
+def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: Path) -> None:
+    faults = tmp_path / "faults"
+    proc = run_study("--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "faulty",
+                     "--num-samples", "2", "--max-epochs", "3", "--grace-period", "3", "--final-epochs", "1",
+                     "--image-size", "32", "--subset", "40",
+                     env={"CRACK_FAULT_EPOCH": "2", "CRACK_FAULT_DIR": str(faults)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert len(list(faults.glob("*.failed"))) == 2, "each trial should have failed once"
+    trials = pd.read_parquet(tmp_path / "faulty" / "trials.parquet")
+    assert (trials["status"] == "COMPLETE").all() and (trials["epochs"] == 3).all()
+    history = pd.read_parquet(tmp_path / "faulty" / "history.parquet")
+    # resumed from the epoch-1 checkpoint: each epoch once, none repeated or skipped
+    assert sorted(history.groupby("trial_id")["epoch"].apply(list).map(sorted).map(tuple).unique()) == [(1, 2, 3)]
+
+
+# --------------------------------------------------------------------------- (e) bad input
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-samples", "0"], "--num-samples must be >= 1"),
+    (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
+    (["--data", "/nonexistent/crack-data"], "data folder /nonexistent/crack-data does not exist"),
+    (["--config", "/nonexistent.toml"], "experiment file /nonexistent.toml does not exist"),
+])
+def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
+    proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
+    assert proc.returncode == 1
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not any(tmp_path.iterdir()), "nothing may be written on bad input"
+
+
+def test_unknown_flag_is_a_usage_error() -> None:
+    proc = run_study("--num-trials", "3", timeout=60)
+    assert proc.returncode == 2 and "unrecognized arguments: --num-trials" in proc.stderr
+
+
+def test_existing_study_is_not_overwritten_and_resume_needs_a_study(tiny_study: Path, tmp_path: Path) -> None:
+    before = (tiny_study / "trials.parquet").read_bytes()
+    proc = run_study("--smoke-test", "--storage-path", str(tiny_study.parent), "--study-name", "tiny", timeout=180)
+    assert proc.returncode == 1 and "already exists" in proc.stderr and "--resume" in proc.stderr
+    assert (tiny_study / "trials.parquet").read_bytes() == before
+    proc = run_study("--smoke-test", "--storage-path", str(tmp_path), "--study-name", "never-ran", "--resume", timeout=180)
+    assert proc.returncode == 1 and "no study to resume" in proc.stderr
