@@ -225,3 +225,27 @@ def test_existing_study_is_not_overwritten_and_resume_needs_a_study(tiny_study: 
     assert (tiny_study / "trials.parquet").read_bytes() == before
     proc = run_study("--smoke-test", "--storage-path", str(tmp_path), "--study-name", "never-ran", "--resume", timeout=180)
     assert proc.returncode == 1 and "no study to resume" in proc.stderr
+
+
+# --------------------------------------------------------------------------- honest evaluation
+
+
+@pytest.mark.slow
+def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> None:
+    proc = run_study("--smoke-test", "--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "rep",
+                     "--repeat-top", "2", "--repeats", "2", "--compare-splits")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    study_dir = tmp_path / "rep"
+    repeats = pd.read_parquet(study_dir / "repeats.parquet")
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    top = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
+    assert set(repeats["trial_id"]) == set(top["trial_id"].head(2))
+    assert (repeats.groupby("trial_id")["seed"].nunique() == 2).all() and repeats["seed"].is_unique
+    assert repeats["val_acc"].between(0, 1).all()
+    best = json.loads((study_dir / "best_config.json").read_text())
+    means = repeats.groupby("trial_id")["val_acc"].mean()
+    assert means[best["trial_id"]] == means.max() and "seeds" in best["rule"]
+    comparison = json.loads((study_dir / "final_metrics.json").read_text())["split_comparison"]
+    assert set(comparison) == {"random", "grouped"}
+    for side in comparison.values():
+        assert 0 <= side["ci95_low"] <= side["test_accuracy"] <= side["ci95_high"] <= 1 and side["n_test"] > 0

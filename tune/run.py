@@ -25,6 +25,7 @@ from crackcore.config import (AUGMENT_POLICIES, SPLIT_STRATEGIES, ConfigError, S
 from crackcore.data import check_root, prepare_data
 from crackcore.errors import write_json, write_parquet
 from crackcore.fit import summary_lines, versions, write_run_outputs
+from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import resolve_weights
 from crackcore.train import fit
 
@@ -243,21 +244,81 @@ def pick_best(trials: pd.DataFrame) -> pd.Series:
 # --------------------------------------------------------------------------- final retrain
 
 
-def retrain_remote(data_ref: Any, cfg: TrainConfig, weights: dict[str, Any], num_cpus: int, num_gpus: float):
-    """Retrain on a cluster worker (the driver may have no GPU); returns crackcore's FitResult."""
+def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], num_cpus: float, num_gpus: float,
+               evaluate_test: bool, label: str) -> list[Any]:
+    """Run crackcore.fit for each config as a Ray task, in parallel as resources allow (the
+    driver may have no GPU). Returns FitResults; models only when the test split is evaluated."""
     import ray
 
     from crackcore.model import WeightsInfo
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
-    def _retrain(data_list: list, cfg: TrainConfig) -> Any:
+    def _fit(data_list: list, cfg: TrainConfig) -> Any:
         data = ray.get(data_list[0])
-        result = fit(cfg.replace(num_threads=num_cpus), data, evaluate_test=True, weights_info=WeightsInfo(**weights),
-                     log=lambda s: print(f"[final retrain] {s}", flush=True))
-        result.model.cpu()
+        result = fit(cfg.replace(num_threads=max(1, int(num_cpus))), data, evaluate_test=evaluate_test,
+                     weights_info=WeightsInfo(**weights), log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
+        result.model = result.model.cpu() if evaluate_test else None
         return result
 
-    return ray.get(_retrain.remote([data_ref], cfg))
+    return ray.get([_fit.remote([data_ref], cfg) for cfg in cfgs])
+
+
+SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
+
+
+def trial_params(row: pd.Series) -> dict[str, Any]:
+    params = {k: row[k] for k in SEARCH_KEYS if k in row and pd.notna(row[k])}
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
+
+
+def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: dict[str, Any]) -> pd.DataFrame:
+    """Re-run the top-K configs R times with fresh seeds (same split) for max_epochs. One
+    seed cannot rank trials that differ by a few errors in a thousand."""
+    done = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
+    top = done.head(cfg.repeat_top)
+    cfgs, rows = [], []
+    for rank, row in enumerate(top.itertuples(index=False), start=1):
+        params = trial_params(pd.Series(row._asdict()))
+        for r in range(cfg.repeats):
+            seed = cfg.seed + 1000 * rank + r + 1
+            cfgs.append(cfg.train.replace(**params, epochs=cfg.max_epochs, seed=seed))
+            rows.append({"config_rank": rank, "trial_id": row.trial_id, "seed": seed, **params})
+    results = fit_remote(data_ref, cfgs, weights, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat")
+    for row, res in zip(rows, results):
+        row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"])
+    return pd.DataFrame(rows)
+
+
+def rank_repeats(repeats: pd.DataFrame) -> pd.DataFrame:
+    """Mean val accuracy per config with a 95 % t-interval over seeds, best first."""
+    from scipy.stats import t
+
+    g = repeats.groupby(["config_rank", "trial_id"], sort=False)
+    ranked = g.agg(mean_val_acc=("val_acc", "mean"), sd_val_acc=("val_acc", "std"), repeats=("val_acc", "size"),
+                   mean_val_loss=("val_loss", "mean")).reset_index()
+    half = t.ppf(0.975, (ranked["repeats"] - 1).clip(lower=1)) * ranked["sd_val_acc"].fillna(0) / ranked["repeats"] ** 0.5
+    ranked = ranked.assign(ci95_low=ranked["mean_val_acc"] - half, ci95_high=ranked["mean_val_acc"] + half)
+    return ranked.sort_values(["mean_val_acc", "mean_val_loss"], ascending=[False, True]).reset_index(drop=True)
+
+
+def split_summary(test: dict[str, Any], data: Any) -> dict[str, Any]:
+    return {"test_accuracy": test["accuracy"], "n_test": test["n"], "ci95_low": test["ci95_low"],
+            "ci95_high": test["ci95_high"], "errors": test["errors"], "groups": data.source["groups"],
+            "exact_duplicate_files": data.source["exact_duplicate_files"]}
+
+
+def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[str, Any], num_cpus: int,
+                   num_gpus: float) -> dict[str, Any]:
+    """Retrain the best config under the other split strategy: how much did duplicates flatter it?"""
+    import ray
+
+    other = "grouped" if best_cfg.split_strategy == "random" else "random"
+    other_cfg = best_cfg.replace(split_strategy=other)
+    other_data = prepare_data(other_cfg)
+    print(f"\n--compare-splits: retraining under the {other} split ({other_data.source['groups']} groups) ...", flush=True)
+    ref = ray.put(dataclasses.replace(other_data, images=np.asarray(other_data.images).view(np.ndarray)))
+    [other_result] = fit_remote(ref, [other_cfg], weights, num_cpus, num_gpus, True, f"{other} split")
+    return {best_cfg.split_strategy: split_summary(result.test, data), other: split_summary(other_result.test, other_data)}
 
 
 def final_resources(cfg: StudyConfig) -> tuple[int, float]:
@@ -333,21 +394,35 @@ def main(argv: list[str] | None = None) -> int:
               f"--study-name {cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)
         return 130
     best = pick_best(trials)
-    params = {k: best[k] for k in ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
-              if k in best and pd.notna(best[k])}
-    params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
+    rule = BEST_RULE
+    if cfg.repeat_top > 0 and cfg.repeats > 0:
+        print(f"\nrepeating the top {cfg.repeat_top} configs with {cfg.repeats} seeds each ...", flush=True)
+        repeats = repeat_top(cfg, trials, data_ref, weights.to_dict())
+        ranked = rank_repeats(repeats)
+        write_parquet(repeats.merge(ranked[["trial_id", "mean_val_acc", "ci95_low", "ci95_high"]], on="trial_id"),
+                      study_dir / "repeats.parquet")
+        print(ranked.to_string(index=False), flush=True)
+        best = trials[trials["trial_id"] == ranked.iloc[0]["trial_id"]].iloc[0]
+        rule = (f"highest mean val accuracy over {cfg.repeats} seeds among the top {cfg.repeat_top} trials "
+                "(repeats.parquet); ties: lower mean val loss")
+    params = trial_params(best)
     best_cfg = cfg.train.replace(**params, epochs=cfg.final_epochs)
-    write_json({"trial_id": best["trial_id"], "params": params, "rule": BEST_RULE,
+    write_json({"trial_id": best["trial_id"], "params": params, "rule": rule,
                 "val_acc": float(best["last_val_acc"]), "val_loss": float(best["last_val_loss"]),
                 "train_config": best_cfg.to_dict()}, study_dir / "best_config.json")
-    print(f"\nbest trial {best['trial_id']}: {params}  val acc {best['last_val_acc']:.4f}\n"
+    n_val = len(data.indices("val"))
+    val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)
+    print(f"\nbest trial {best['trial_id']}: {params}  val acc {format_accuracy(best['last_val_acc'], n_val, *val_ci)}\n"
           f"retraining it from scratch for {cfg.final_epochs} epochs ...", flush=True)
 
     t_final = time.time()
     num_cpus, num_gpus = final_resources(cfg)
-    result = retrain_remote(data_ref, best_cfg, weights.to_dict(), num_cpus, num_gpus)
+    [result] = fit_remote(data_ref, [best_cfg], weights.to_dict(), num_cpus, num_gpus, True, "final retrain")
     final_seconds = time.time() - t_final
-    metrics = write_run_outputs(study_dir, result, data, best_cfg, {"best_trial_id": best["trial_id"]})
+    extra: dict[str, Any] = {"best_trial_id": best["trial_id"]}
+    if cfg.compare_splits:
+        extra["split_comparison"] = compare_splits(best_cfg, data, result, weights.to_dict(), num_cpus, num_gpus)
+    metrics = write_run_outputs(study_dir, result, data, best_cfg, extra)
     counts = trials["status"].value_counts().to_dict()
     write_json({
         "name": cfg.name, "command": shlex.join([sys.executable, *sys.argv]), "argv": sys.argv,
@@ -357,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         "ray_address": a.address or "local", "storage": storage, "trials": int(len(trials)),
         "trial_status": {k: int(v) for k, v in counts.items()}, "max_parallel_trials": max_parallel(trials),
         "trial_slots": slots, "search_seconds": search_seconds, "final_seconds": final_seconds,
-        "wall_seconds": time.time() - t_start, "best_trial_id": best["trial_id"], "best_rule": BEST_RULE,
+        "wall_seconds": time.time() - t_start, "best_trial_id": best["trial_id"], "best_rule": rule,
         "config": cfg.to_dict(), "resumed": a.resume,
     }, study_dir / "study.json")
     if "://" in a.storage_path:
