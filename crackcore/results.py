@@ -1,0 +1,98 @@
+"""The one reader of study files: `load_study(path)` returns everything a study wrote as
+DataFrames and dicts, for the report, notebooks and tests.
+
+    from crackcore.results import load_study
+    s = load_study("results/study")
+    s.trials.sort_values("best_val_acc", ascending=False).head()   # best trials
+    s.history.pivot(index="epoch", columns="trial_id", values="val_acc")  # learning curves
+    s.final_metrics["test_accuracy"], s.errors.head()               # final model and its mistakes
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+TABLES = {"trials": "trials.parquet", "history": "history.parquet", "final_history": "final_history.parquet",
+          "errors": "errors.parquet", "predictions": "predictions.parquet", "split": "split.parquet",
+          "repeats": "repeats.parquet"}
+DOCUMENTS = {"study": "study.json", "config": "study_config.json", "best_config": "best_config.json",
+             "final_metrics": "final_metrics.json"}
+OPTIONAL = {"repeats.parquet"}  # only with --repeat-top
+JOURNAL = "optuna_journal.log"
+
+
+class StudyFilesError(Exception):
+    """The folder is not a study (or not readable as one)."""
+
+
+@dataclass
+class Study:
+    path: Path
+    study: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    best_config: dict[str, Any] = field(default_factory=dict)
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+    history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    final_history: pd.DataFrame = field(default_factory=pd.DataFrame)
+    errors: pd.DataFrame = field(default_factory=pd.DataFrame)
+    predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
+    split: pd.DataFrame = field(default_factory=pd.DataFrame)
+    repeats: pd.DataFrame = field(default_factory=pd.DataFrame)
+    missing: list[str] = field(default_factory=list)
+
+    @property
+    def journal_path(self) -> Path:
+        return self.path / JOURNAL
+
+    @property
+    def name(self) -> str:
+        return self.config.get("name", self.path.name)
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / "model.pt"
+
+
+def load_study(path: str | Path) -> Study:
+    """Read a study folder. Files a study has not written yet (an interrupted search, a
+    missing retrain) are listed in `missing` and left empty; a folder that is not a study
+    at all raises StudyFilesError."""
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise StudyFilesError(f"{path} does not exist; pass results/<study-name>")
+    if not (path / DOCUMENTS["config"]).is_file() and not (path / TABLES["trials"]).is_file():
+        raise StudyFilesError(f"{path} is not a study folder (no study_config.json / trials.parquet); "
+                              "pass results/<study-name>")
+    study = Study(path=path)
+    for attr, name in DOCUMENTS.items():
+        f = path / name
+        if f.is_file():
+            setattr(study, attr, json.loads(f.read_text()))
+        else:
+            study.missing.append(name)
+    for attr, name in TABLES.items():
+        f = path / name
+        if f.is_file():
+            setattr(study, attr, pd.read_parquet(f))
+        elif name not in OPTIONAL:
+            study.missing.append(name)
+    if not study.model_path.is_file():
+        study.missing.append("model.pt")
+    return study
+
+
+def load_optuna_study(study: Study) -> Any:
+    """The persisted Optuna study (for optuna.visualization / importance), or None."""
+    if not study.journal_path.is_file():
+        return None
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    storage = JournalStorage(JournalFileBackend(str(study.journal_path)))
+    return optuna.load_study(study_name=study.name, storage=storage)
