@@ -86,13 +86,18 @@ def load_study(path: str | Path) -> Study:
     return study
 
 
+def open_journal(study_dir: str | Path) -> Any:
+    """The Optuna JournalStorage of a study folder (written by the search, read by reports)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(Path(study_dir) / JOURNAL)))
+
+
 def load_optuna_study(study: Study) -> Any:
     """The persisted Optuna study (for optuna.visualization / importance), or None."""
     if not study.journal_path.is_file():
         return None
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
-    storage = JournalStorage(JournalFileBackend(str(study.journal_path)))
-    return optuna.load_study(study_name=study.name, storage=storage)
+    return optuna.load_study(study_name=study.name, storage=open_journal(study.path))

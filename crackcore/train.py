@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -204,10 +205,11 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                 f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s")
         if on_epoch:
             def state_fn(epoch: int = epoch) -> dict[str, Any]:
-                return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                # a snapshot, not live references: the caller may keep it while training goes on
+                return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "aug_rng": aug_gen.get_state(),
                         "torch_rng": torch.get_rng_state(), "history": list(history), "epoch": epoch,
-                        "config": cfg.to_dict()}
+                        "config": cfg.to_dict()})
             on_epoch(dict(row), state_fn)
     if not val:  # resumed after the last epoch: evaluate the restored model
         val = evaluate(step_model, val_loader, data, amp=cfg.amp, channels_last=channels_last)

@@ -12,15 +12,10 @@ from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
-
-JOURNAL_NAME = "optuna_journal.log"
-
 
 def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
     s = cfg.space
@@ -49,8 +44,10 @@ def start_points(cfg: StudyConfig, space: dict[str, BaseDistribution]) -> list[d
     return points
 
 
-def open_storage(study_dir: Path) -> JournalStorage:
-    return JournalStorage(JournalFileBackend(str(study_dir / JOURNAL_NAME)))
+def open_storage(study_dir: Path):
+    from crackcore.results import open_journal
+
+    return open_journal(study_dir)
 
 
 class EpochAwareOptunaSearch(OptunaSearch):

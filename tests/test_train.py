@@ -1,0 +1,116 @@
+"""Training, evaluation, error analysis and the baseline CLI on real images."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from crackcore.config import ConfigError, TrainConfig, apply_overrides, load_study_config
+from crackcore.data import prepare_data
+from crackcore.errors import errors_from_predictions, write_json, write_parquet
+from crackcore.metrics import expected_calibration_error, reliability_table, roc_auc, wilson_interval
+from crackcore.train import fit
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_ACC = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr"]
+
+
+@pytest.fixture(scope="module")
+def small_cfg(crack_data: Path) -> TrainConfig:
+    return TrainConfig(data=str(crack_data), image_size=32, subset=150, epochs=2, lr=0.05, batch_size=32,
+                    weights="random", augment_policy="flip")
+
+
+def test_fine_tuning_beats_chance_and_is_reproducible(small_cfg: TrainConfig) -> None:
+    data = prepare_data(small_cfg)
+    a = fit(small_cfg, data, log=None)
+    b = fit(small_cfg, data, log=None)
+    pd.testing.assert_frame_equal(a.history[LOSS_ACC], b.history[LOSS_ACC])
+    assert a.val["accuracy"] >= 0.75, a.history
+    preds = a.val["predictions"]
+    assert list(preds["sample"]) == list(range(len(data.indices("val"))))
+    assert preds["prob_crack"].between(0, 1).all()
+
+
+def test_resume_from_epoch_checkpoint_continues_identically(small_cfg: TrainConfig) -> None:
+    data = prepare_data(small_cfg)
+    states = {}
+    full = fit(small_cfg, data, log=None, on_epoch=lambda row, state_fn: states.setdefault(row["epoch"], state_fn()))
+    resumed = fit(small_cfg, data, log=None, resume_state=states[1])
+    pd.testing.assert_frame_equal(full.history[LOSS_ACC], resumed.history[LOSS_ACC])
+
+
+def test_errors_hold_exactly_the_misclassified_rows() -> None:
+    preds = pd.DataFrame({"sample": range(6), "path": [f"p{i}" for i in range(6)], "true_label": [0, 1, 1, 0, 1, 0],
+                          "pred_label": [0, 0, 1, 1, 1, 0], "prob_crack": [0.1, 0.2, 0.9, 0.95, 0.6, 0.3]})
+    errors = errors_from_predictions(preds)
+    assert list(errors["sample"]) == [3, 1]  # most confident mistake first
+    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack"]
+
+
+def test_atomic_writers_keep_the_old_file_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "m.json"
+    write_json({"a": 1}, target)
+    table = tmp_path / "m.parquet"
+    write_parquet(pd.DataFrame({"x": [1, 2]}), table)
+    with pytest.raises(Exception):  # a column pyarrow cannot store: the write fails midway
+        write_parquet(pd.DataFrame({"x": [object(), object()]}), table)
+    assert list(pd.read_parquet(table)["x"]) == [1, 2]
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.parquet"]  # no temp files left
+
+
+def test_baseline_cli_writes_consistent_outputs(crack_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "baseline"
+    proc = subprocess.run([sys.executable, "-m", "crackcore.fit", "--data", str(crack_data), "--subset", "40",
+                           "--epochs", "1", "--image-size", "32", "--weights", "random", "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("final_history.parquet", "final_metrics.json", "errors.parquet", "predictions.parquet",
+                 "split.parquet", "model.pt", "config.json"):
+        assert (out / name).exists(), name
+    preds = pd.read_parquet(out / "predictions.parquet")
+    errors = pd.read_parquet(out / "errors.parquet")
+    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack"]
+    wrong = preds[preds["true_label"] != preds["pred_label"]]
+    assert sorted(errors["sample"]) == sorted(wrong["sample"])
+    m = json.loads((out / "final_metrics.json").read_text())
+    assert m["n_test"] == len(preds) and m["errors"] == len(errors)
+    assert m["test_accuracy"] == pytest.approx((preds["true_label"] == preds["pred_label"]).mean())
+    tp = ((preds["pred_label"] == 1) & (preds["true_label"] == 1)).sum()
+    assert m["recall"] == pytest.approx(tp / (preds["true_label"] == 1).sum())
+    assert m["ci95_low"] <= m["test_accuracy"] <= m["ci95_high"]
+    assert m["weights"]["source"] == "random"
+    assert "95 % CI" in proc.stdout and "misclassified test images" in proc.stdout
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert model["image_size"] == 32 and model["config"]["subset"] == 40
+
+
+def test_metrics_against_hand_computed_values() -> None:
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.27753), abs=1e-4)
+    assert wilson_interval(10, 10) == pytest.approx((0.72247, 1.0), abs=1e-4)
+    assert wilson_interval(50, 100) == pytest.approx((0.40383, 0.59617), abs=1e-4)
+    assert roc_auc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8]) == pytest.approx(0.75)
+    assert roc_auc([0, 1, 0, 1], [0.5, 0.5, 0.2, 0.9]) == pytest.approx(0.875)  # a tie counts one half
+    # ECE by hand: predicted-class confidences 0.9 x4 (3 right) and 0.6 x2 (1 right)
+    y = [1, 1, 1, 0, 0, 1]
+    p = [0.9, 0.9, 0.9, 0.9, 0.4, 0.4]  # last two predict 0 with confidence 0.6
+    table = reliability_table(y, p)
+    assert table["n"].sum() == 6
+    assert expected_calibration_error(y, p) == pytest.approx(4 / 6 * abs(0.75 - 0.9) + 2 / 6 * abs(0.5 - 0.6))
+
+
+def test_config_files_and_bad_values() -> None:
+    cfg = load_study_config(REPO / "experiments" / "study.toml")
+    assert cfg.num_samples == 32 and cfg.train.image_size == 227
+    assert apply_overrides(cfg, cfg.cpu).train.image_size == 64
+    with pytest.raises(ConfigError, match="unknown setting 'train.colour'"):
+        apply_overrides(cfg, {"train.colour": 1})
+    for bad in ({"freeze_depth": 7}, {"augment_policy": "mixup"}, {"split_fractions": (0.5, 0.2, 0.2)}):
+        with pytest.raises(ConfigError):
+            TrainConfig(**bad)
