@@ -15,7 +15,8 @@ import torch
 from crackcore.config import AUGMENT_POLICIES, SPLIT_STRATEGIES, TrainConfig, config_json
 from crackcore.data import CLASSES, IMAGENET_MEAN, IMAGENET_STD, PreparedData, prepare_data
 from crackcore.errors import errors_from_predictions, save_torch, write_json, write_parquet
-from crackcore.metrics import format_accuracy, reliability_table
+from crackcore.calibration import apply_temperature, fit_temperature
+from crackcore.metrics import expected_calibration_error, format_accuracy, reliability_table
 from crackcore.train import FitResult, fit
 
 MODEL_FORMAT = "crackcore-model"
@@ -47,6 +48,10 @@ def write_run_outputs(out: Path, result: FitResult, data: PreparedData, cfg: Tra
     test = result.test
     predictions = test["predictions"]
     errors = errors_from_predictions(predictions)
+    # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
+    val_preds = result.val["predictions"]
+    temperature = fit_temperature(val_preds["true_label"], val_preds["prob_crack"])
+    calibrated = apply_temperature(predictions["prob_crack"], temperature)
     metrics = {
         "test_accuracy": test["accuracy"], "n_test": test["n"], "errors": len(errors),
         "ci95_low": test["ci95_low"], "ci95_high": test["ci95_high"], "precision": test["precision"],
@@ -54,6 +59,9 @@ def write_run_outputs(out: Path, result: FitResult, data: PreparedData, cfg: Tra
         "test_loss": test["loss"], "confusion": {"tp": test["tp"], "fp": test["fp"], "fn": test["fn"], "tn": test["tn"]},
         "val_accuracy": result.val["accuracy"], "n_val": result.val["n"], "val_loss": result.val["loss"],
         "reliability": reliability_table(predictions["true_label"], predictions["prob_crack"]).to_dict("records"),
+        "temperature": temperature,
+        "ece_calibrated": expected_calibration_error(predictions["true_label"], calibrated),
+        "reliability_calibrated": reliability_table(predictions["true_label"], calibrated).to_dict("records"),
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
         "weights": result.weights.to_dict(), "device": result.device, "train_seconds": result.seconds,
         "epochs": len(result.history), "image_size": cfg.image_size,
@@ -64,7 +72,7 @@ def write_run_outputs(out: Path, result: FitResult, data: PreparedData, cfg: Tra
     write_parquet(predictions, out / "predictions.parquet")
     write_parquet(errors, out / "errors.parquet")
     write_parquet(data.split_table(), out / "split.parquet")
-    save_torch(model_payload(result, cfg), out / "model.pt")
+    save_torch({**model_payload(result, cfg), "temperature": temperature}, out / "model.pt")
     write_json(cfg.to_dict(), out / "config.json")
     write_json(metrics, out / "final_metrics.json")
     return metrics
@@ -73,7 +81,8 @@ def write_run_outputs(out: Path, result: FitResult, data: PreparedData, cfg: Tra
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     return [f"test accuracy {format_accuracy(metrics['test_accuracy'], metrics['n_test'], metrics['ci95_low'], metrics['ci95_high'])}",
             f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
-            f"ROC-AUC {metrics['roc_auc']:.4f}  ECE {metrics['ece']:.4f}",
+            f"ROC-AUC {metrics['roc_auc']:.4f}  ECE {metrics['ece']:.4f} (temperature {metrics['temperature']:.2f} "
+            f"fitted on val: ECE {metrics['ece_calibrated']:.4f})",
             f"misclassified test images: {metrics['errors']} -> {out / 'errors.parquet'}",
             f"outputs: {out}/ (model.pt, final_metrics.json, final_history.parquet, predictions.parquet, split.parquet)"]
 

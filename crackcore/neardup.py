@@ -1,0 +1,130 @@
+"""Near-duplicate groups, so a "grouped" split keeps re-saved copies of a crop together.
+
+The public dataset stores some crops more than once with slightly different JPEG encoding
+(mean pixel difference about 2/255). Two signatures per image, computed once per file
+content and cached:
+
+* a 64-bit perceptual hash (pHash, from the `imagehash` package: the DCT of a 32x32 grey
+  thumbnail, robust to re-compression and small brightness shifts) finds candidate pairs;
+* a 32x32 grey thumbnail with its mean removed confirms them: the mean absolute difference
+  of two re-saves is tiny, while two different patches of concrete differ clearly.
+
+pHash alone is not enough on this low-contrast texture. Measured on the shared sample
+(6,000 images, all truly distinct) and on 300 planted re-saves (JPEG quality 50-95,
+brightness +-5 %):
+  pHash distance   distinct nearest neighbours: min 4, 1st pct 8, median 16
+                   planted re-saves: median 0, 95th pct 4, max 6
+  thumbnail MAD    distinct pairs with pHash <= 10: min 4.21, 1st pct 6.8 (grey levels)
+                   planted re-saves: 99th pct 1.32, max 1.66
+so a pair is a near-duplicate when pHash distance <= 10 AND zero-mean thumbnail MAD <= 3.0.
+Groups are connected components of that relation (union-find); byte-identical files are
+always in one group. Candidates come from a chunked all-pairs XOR + popcount in numpy:
+about 1.6e9 pair checks for 40,000 images, a few seconds.
+"""
+from __future__ import annotations
+
+import io
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+MAX_PHASH_DISTANCE = 10
+MAX_THUMB_MAD = 3.0  # grey levels (0-255), after removing each thumbnail's mean
+THUMB = 32
+CACHE_FILE = "signatures.parquet"
+
+
+def _signature(path: Path) -> tuple[int, bytes]:
+    import imagehash
+    from PIL import Image
+
+    if path.suffix.lower() == ".pt":
+        from crackcore.data import decode_file
+
+        img = Image.fromarray(decode_file(path, 227).permute(1, 2, 0).numpy())
+    else:
+        img = Image.open(path)
+        img.load()
+    gray = img.convert("L")
+    phash = int(str(imagehash.phash(gray)), 16)
+    thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
+    return phash, thumb.tobytes()
+
+
+def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
+    """pHash + thumbnail per unique content hash, cached under $CRACK_CACHE/phash."""
+    from crackcore.data import cache_dir
+    from crackcore.errors import write_parquet
+
+    cache_path = cache_dir() / "phash" / CACHE_FILE
+    cached = pd.read_parquet(cache_path) if cache_path.is_file() else pd.DataFrame(
+        {"content_hash": pd.Series(dtype=str), "phash": pd.Series(dtype="int64"), "thumb": pd.Series(dtype=object)})
+    first = samples.drop_duplicates("content_hash")
+    todo = first[~first["content_hash"].isin(set(cached["content_hash"]))]
+    if len(todo):
+        from tqdm.auto import tqdm
+
+        paths = [root / p for p in todo["path"]]
+        with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+            sigs = list(tqdm(pool.map(_signature, paths), total=len(paths), desc="near-duplicate signatures",
+                             disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
+        new = pd.DataFrame({"content_hash": todo["content_hash"].to_numpy(),
+                            "phash": np.array([s[0] for s in sigs], dtype=np.uint64).view(np.int64),
+                            "thumb": [s[1] for s in sigs]})
+        cached = pd.concat([cached, new], ignore_index=True)
+        write_parquet(cached, cache_path)
+    return cached.set_index("content_hash").loc[first["content_hash"]].reset_index()
+
+
+def _find(parent: np.ndarray, i: int) -> int:
+    while parent[i] != i:
+        parent[i] = parent[parent[i]]
+        i = parent[i]
+    return i
+
+
+def near_duplicate_groups(root: Path, samples: pd.DataFrame, max_distance: int = MAX_PHASH_DISTANCE,
+                          max_mad: float = MAX_THUMB_MAD, progress: bool = True) -> pd.Series:
+    """Group key per sample (index-aligned): the smallest content hash in its group."""
+    sig = signatures(Path(root), samples, progress)
+    hashes = sig["phash"].to_numpy().view(np.uint64)
+    thumbs = np.frombuffer(b"".join(sig["thumb"]), dtype=np.uint8).reshape(len(sig), -1).astype(np.float32)
+    thumbs -= thumbs.mean(axis=1, keepdims=True)
+    n = len(hashes)
+    parent = np.arange(n)
+    chunk = 512
+    for start in range(0, n, chunk):
+        d = np.bitwise_count(hashes[start:start + chunk, None] ^ hashes[None, :])
+        rows, cols = np.nonzero(d <= max_distance)
+        rows = rows + start
+        keep = rows < cols
+        rows, cols = rows[keep], cols[keep]
+        if len(rows) == 0:
+            continue
+        mad = np.abs(thumbs[rows] - thumbs[cols]).mean(axis=1)
+        for a, b in zip(rows[mad <= max_mad], cols[mad <= max_mad]):
+            ra, rb = _find(parent, a), _find(parent, b)
+            if ra != rb:
+                parent[max(ra, rb)] = min(ra, rb)
+    roots = np.array([_find(parent, i) for i in range(n)])
+    content = sig["content_hash"].to_numpy()
+    key_of_root = pd.Series(content).groupby(roots).min()
+    group_of_content = dict(zip(content, key_of_root.loc[roots].to_numpy()))
+    return samples["content_hash"].map(group_of_content)
+
+
+def group_report(samples: pd.DataFrame, top: int = 5) -> dict[str, Any]:
+    """Counts of a samples table with a `group` column, for printing and study.json."""
+    sizes = samples.groupby("group").size().sort_values(ascending=False)
+    multi = sizes[sizes > 1]
+    labels = samples.groupby("group")["label"].nunique()
+    return {"images": int(len(samples)), "groups": int(len(sizes)), "singletons": int((sizes == 1).sum()),
+            "multi_image_groups": int(len(multi)), "images_in_multi_groups": int(multi.sum()),
+            "cross_class_groups": int((labels > 1).sum()),
+            "largest_groups": [{"group": g, "size": int(s), "paths": samples.loc[samples["group"] == g, "path"].head(5).tolist()}
+                               for g, s in multi.head(top).items()]}
