@@ -1,0 +1,95 @@
+"""The download command against a local HTTP server on 127.0.0.1 serving real images."""
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import shutil
+import socket
+import tarfile
+import threading
+import zipfile
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from crackcore.data import main as data_main
+from crackcore.download import FINAL_NAME
+
+NESTED = "Concrete Crack Images for Classification"
+
+
+@pytest.fixture(scope="module")
+def served(crack_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A folder served over HTTP with a good zip, a tar.gz, a traversal zip and a zip without classes."""
+    site = tmp_path_factory.mktemp("site")
+    files = {f"{NESTED}/{c}/{p.name}": p.read_bytes() for c in ("Positive", "Negative")
+             for p in sorted((crack_data / c).iterdir())[:5]}
+    with zipfile.ZipFile(site / "crack.zip", "w") as zf:
+        for name, data in files.items():
+            zf.writestr(name, data)
+    with tarfile.open(site / "crack.tar.gz", "w:gz") as tf:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    with zipfile.ZipFile(site / "evil.zip", "w") as zf:
+        zf.writestr("../../escaped.jpg", b"x")
+    with zipfile.ZipFile(site / "noclasses.zip", "w") as zf:
+        zf.writestr("images/a.jpg", next(iter(files.values())))
+    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(site))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", site
+    server.shutdown()
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_download_verifies_and_extracts(served, tmp_path: Path, capsys) -> None:
+    url, site = served
+    assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip", "--sha256", sha(site / "crack.zip")]) == 0
+    final = tmp_path / FINAL_NAME
+    assert capsys.readouterr().out.strip().splitlines()[-1] == str(final)
+    assert len(list((final / "Positive").iterdir())) == 5 and len(list((final / "Negative").iterdir())) == 5
+    assert '"verified": true' in (final / "SOURCE.json").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == [FINAL_NAME]  # no temp files left
+
+
+def test_wrong_checksum_keeps_nothing(served, tmp_path: Path, capsys) -> None:
+    url, _ = served
+    assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip", "--sha256", "0" * 64]) == 1
+    assert "SHA-256 mismatch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("archive, message", [("evil.zip", "outside the target folder"),
+                                              ("noclasses.zip", "no folder with both Positive/ and Negative/")])
+def test_bad_archives_are_refused(served, tmp_path: Path, capsys, archive: str, message: str) -> None:
+    url, _ = served
+    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", f"{url}/{archive}"]) == 1
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "d" / FINAL_NAME).exists() and not (tmp_path / "escaped.jpg").exists()
+
+
+def test_unreachable_url_fails_fast(tmp_path: Path, capsys) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends
+    assert data_main(["download", "--to", str(tmp_path), "--url", f"http://127.0.0.1:{port}/x.zip"]) == 1
+    assert "could not download" in capsys.readouterr().err
+
+
+def test_local_tar_gz_and_idempotence(served, tmp_path: Path, capsys) -> None:
+    _, site = served
+    local = tmp_path / "copy.tar.gz"
+    shutil.copy(site / "crack.tar.gz", local)
+    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 0
+    assert "not verified" in capsys.readouterr().err
+    marker = tmp_path / "d" / FINAL_NAME / "SOURCE.json"
+    before = marker.stat().st_mtime_ns
+    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 0
+    assert marker.stat().st_mtime_ns == before
