@@ -1,0 +1,271 @@
+"""`python -m crackcore.predict --model results/<study>/model.pt INPUT... --out OUT`
+
+Apply a trained model to new images. Patch-sized images (both sides <= 1.5 tiles, or smaller
+than one tile) are classified whole, with the same decoder as training: OUT.parquet, and
+accuracy/precision/recall with 95 % CIs when the inputs sit in Positive/ Negative/ folders.
+Larger photos (the dataset's patches came from 4032x3024 photos) are tiled with 227-px
+windows (the last row/column shifted to end at the border, so every pixel is covered and
+no tile is padded): OUT_tiles.parquet, OUT_photos.parquet and a heat-map PNG per photo in
+OUT_heatmaps/. Image size, normalisation and temperature come from model.pt.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torchvision.transforms.v2.functional as TF
+from torchvision.io import ImageReadMode, decode_image
+
+from crackcore.data import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file
+from crackcore.errors import write_bytes, write_parquet
+from crackcore.fit import MODEL_FORMAT
+from crackcore.metrics import format_accuracy, wilson_interval
+from crackcore.model import CrackResNet
+from crackcore.train import resolve_device
+
+TILE = 227
+PATCH_MAX_SIDE = 1.5  # in tiles: an image whose sides are all below this is a patch, not a photo
+HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
+
+
+class ModelFileError(Exception):
+    pass
+
+
+def load_model(path: str | Path, device: torch.device | None = None) -> tuple[CrackResNet, dict[str, Any]]:
+    path = Path(path)
+    hint = "pass the model.pt a study or python -m crackcore.fit wrote"
+    if not path.is_file():
+        raise ModelFileError(f"model file {path} does not exist; {hint}")
+    try:
+        meta = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelFileError(f"{path} is not a crackcore model (cannot be read: {str(exc).splitlines()[0][:80]}); "
+                             f"{hint}") from None
+    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
+        raise ModelFileError(f"{path} is not a crackcore model (no '{MODEL_FORMAT}' format tag); {hint}")
+    model = CrackResNet(freeze_depth=0)
+    model.load_state_dict(meta["state_dict"])
+    device = device or resolve_device("auto")
+    model.to(device).eval()
+    meta = {k: v for k, v in meta.items() if k != "state_dict"}
+    meta["device"] = device
+    return model, meta
+
+
+@torch.inference_mode()
+def classify(model: CrackResNet, meta: dict[str, Any], batch_u8: torch.Tensor) -> np.ndarray:
+    """uint8 [B,3,S,S] at the model's image size -> prob_crack (temperature-scaled if saved)."""
+    device = meta["device"]
+    mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
+    std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
+    x = (batch_u8.to(device).float() / 255 - mean) / std
+    logits = model(x).float()
+    margin = (logits[:, 1] - logits[:, 0]) / float(meta.get("temperature") or 1.0)
+    return torch.sigmoid(margin).cpu().numpy().astype(np.float64)
+
+
+def image_size_of(path: Path) -> tuple[int, int]:
+    if path.suffix.lower() == TENSOR_SUFFIX:
+        return (0, 0)  # saved tensors are patches
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.size
+
+
+def true_label(path: Path) -> int | None:
+    for part in reversed(path.parts[:-1]):
+        if part in CLASSES:
+            return CLASSES.index(part)
+    return None
+
+
+def predict_patches(model: CrackResNet, meta: dict[str, Any], paths: list[Path], batch_size: int = 128,
+                    progress: bool = True) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+    from tqdm.auto import tqdm
+
+    rows, failed = [], []
+    for start in tqdm(range(0, len(paths), batch_size), desc="patches", disable=not progress or len(paths) <= batch_size,
+                      file=sys.stderr):
+        imgs, ok = [], []
+        for p in paths[start:start + batch_size]:
+            try:
+                imgs.append(decode_file(p, meta["image_size"]))
+                ok.append(p)
+            except Exception as exc:
+                failed.append((p, str(exc).splitlines()[0][:120]))
+        if ok:
+            prob = classify(model, meta, torch.stack(imgs))
+            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= 0.5), "true_label": true_label(p)}
+                     for p, q in zip(ok, prob)]
+    df = pd.DataFrame(rows, columns=["path", "prob_crack", "pred_label", "true_label"])
+    return df.astype({"true_label": "Int64"}), failed
+
+
+def window_starts(length: int, tile: int, stride: int) -> list[int]:
+    starts = list(range(0, max(1, length - tile + 1), stride))
+    if starts[-1] + tile < length:
+        starts.append(length - tile)  # the edge window ends exactly at the border
+    return starts
+
+
+def predict_photo(model: CrackResNet, meta: dict[str, Any], path: Path, tile: int = TILE, stride: int = TILE,
+                  batch_size: int = 128) -> tuple[pd.DataFrame, torch.Tensor]:
+    """Per-tile probabilities of one photo, and the decoded photo (uint8 [3,H,W])."""
+    photo = decode_image(str(path), mode=ImageReadMode.RGB)
+    _, h, w = photo.shape
+    boxes = [(x, y) for y in window_starts(h, tile, stride) for x in window_starts(w, tile, stride)]
+    probs = []
+    for start in range(0, len(boxes), batch_size):
+        crops = [photo[:, y:y + tile, x:x + tile] for x, y in boxes[start:start + batch_size]]
+        batch = TF.resize(torch.stack(crops), [meta["image_size"]] * 2, antialias=True)
+        probs.append(classify(model, meta, batch))
+    tiles = pd.DataFrame([{"photo": str(path), "x": x, "y": y, "w": tile, "h": tile} for x, y in boxes])
+    return tiles.assign(prob_crack=np.concatenate(probs)), photo
+
+
+def photo_summary(tiles: pd.DataFrame, height: int, width: int) -> dict[str, Any]:
+    covered = np.zeros((height, width), dtype=bool)
+    for t in tiles[tiles["prob_crack"] >= 0.5].itertuples():
+        covered[t.y:t.y + t.h, t.x:t.x + t.w] = True
+    return {"photo": tiles["photo"].iloc[0], "width": width, "height": height, "tiles": len(tiles),
+            "crack_tiles": int((tiles["prob_crack"] >= 0.5).sum()), "crack_area_fraction": float(covered.mean()),
+            "max_prob_crack": float(tiles["prob_crack"].max())}
+
+
+def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame) -> bytes:
+    """The photo with crack tiles (prob >= 0.5) tinted red by probability, and a colour bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    _, h, w = photo.shape
+    scale = min(1.0, HEATMAP_MAX_SIDE / max(h, w))
+    small = TF.resize(photo, [max(1, int(h * scale)), max(1, int(w * scale))], antialias=True)
+    heat = np.zeros(small.shape[1:], dtype=np.float32)
+    for t in tiles.itertuples():  # overlapping tiles: a pixel shows its most confident tile
+        y0, y1, x0, x1 = (int(v * scale) for v in (t.y, t.y + t.h, t.x, t.x + t.w))
+        heat[y0:y1, x0:x1] = np.maximum(heat[y0:y1, x0:x1], t.prob_crack)
+    fig, ax = plt.subplots(figsize=(10, 10 * small.shape[1] / small.shape[2] + 0.5), dpi=100)
+    ax.imshow(small.permute(1, 2, 0).numpy())
+    overlay = np.ma.masked_less(heat, 0.5)
+    im = ax.imshow(overlay, cmap="Reds", vmin=0.5, vmax=1.0, alpha=0.55, interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="crack probability (tiles >= 0.5)")
+    ax.set_title(f"{Path(tiles['photo'].iloc[0]).name}: {int((tiles['prob_crack'] >= 0.5).sum())} of {len(tiles)} "
+                 f"tiles flagged as crack")
+    ax.axis("off")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
+    files, problems = [], []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {TENSOR_SUFFIX})
+            if not found:
+                problems.append(f"{p} holds no images")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            problems.append(f"{p} does not exist")
+    return files, problems
+
+
+def print_labelled_metrics(df: pd.DataFrame) -> None:
+    labelled = df.dropna(subset=["true_label"])
+    if labelled.empty:
+        return
+    y, pred = labelled["true_label"].astype(int).to_numpy(), labelled["pred_label"].to_numpy()
+    correct, n = int((y == pred).sum()), len(y)
+    tp = int(((pred == 1) & (y == 1)).sum())
+    flagged, actual = int((pred == 1).sum()), int((y == 1).sum())
+    print(f"labelled images: accuracy {format_accuracy(correct / n, n, *wilson_interval(correct, n))}")
+    for name, k, m in (("precision", tp, flagged), ("recall", tp, actual)):
+        if m:
+            print(f"  {name} {format_accuracy(k / m, m, *wilson_interval(k, m))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m crackcore.predict", description=__doc__.split("\n\n")[1])
+    p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--out", required=True, type=Path, help="output prefix: OUT.parquet, OUT_tiles.parquet, ...")
+    p.add_argument("--tile", type=int, default=TILE)
+    p.add_argument("--stride", type=int, help="window step in px (default: the tile size)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    stride = a.stride or a.tile
+    if a.tile < 16 or not 0 < stride <= a.tile:
+        raise ModelFileError(f"--stride must be in 1..--tile ({a.tile}) and --tile >= 16; got stride {stride}")
+    model, meta = load_model(a.model, resolve_device(a.device))
+    files, problems = collect_inputs(a.inputs)
+    for problem in problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if not files:
+        raise FileNotFoundError("no images found in the inputs; pass image files or folders of .jpg/.png")
+    patches, photos, failed = [], [], []
+    for f in files:
+        try:
+            w, h = image_size_of(f)
+        except Exception as exc:
+            failed.append((f, str(exc).splitlines()[0][:120]))
+            continue
+        is_photo = w >= a.tile and h >= a.tile and max(w, h) > PATCH_MAX_SIDE * a.tile
+        (photos if is_photo else patches).append(f)
+    print(f"model {a.model} ({meta['image_size']} px, temperature {meta.get('temperature') or 1.0:.2f}, "
+          f"{meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
+    processed = 0
+    if patches:
+        df, bad = predict_patches(model, meta, patches, a.batch_size)
+        failed += bad
+        write_parquet(df, a.out.with_name(a.out.name + ".parquet"))
+        processed += len(df)
+        print(f"patches: {int(df['pred_label'].sum())} crack, {int((df['pred_label'] == 0).sum())} no crack "
+              f"-> {a.out}.parquet")
+        print_labelled_metrics(df)
+    if photos:
+        from tqdm.auto import tqdm
+
+        all_tiles, summaries = [], []
+        heat_dir = a.out.with_name(a.out.name + "_heatmaps")
+        for f in tqdm(photos, desc="photos", disable=len(photos) < 3, file=sys.stderr):
+            try:
+                tiles, photo = predict_photo(model, meta, f, a.tile, stride, a.batch_size)
+            except Exception as exc:
+                failed.append((f, str(exc).splitlines()[0][:120]))
+                continue
+            all_tiles.append(tiles)
+            summaries.append(photo_summary(tiles, photo.shape[1], photo.shape[2]))
+            write_bytes(heatmap_png(photo, tiles), heat_dir / f"{f.stem}_heatmap.png")
+        if all_tiles:
+            summary = pd.DataFrame(summaries)
+            write_parquet(pd.concat(all_tiles, ignore_index=True), a.out.with_name(a.out.name + "_tiles.parquet"))
+            write_parquet(summary, a.out.with_name(a.out.name + "_photos.parquet"))
+            processed += len(summary)
+            print(summary[["photo", "tiles", "crack_tiles", "crack_area_fraction", "max_prob_crack"]].to_string(index=False))
+            print(f"photos -> {a.out}_tiles.parquet, {a.out}_photos.parquet, heat maps in {heat_dir}/")
+    for f, why in failed:
+        print(f"skipped unreadable image {f}: {why}", file=sys.stderr)
+    if failed:
+        print(f"{len(failed)} file(s) skipped, {processed} processed", file=sys.stderr)
+    return 0 if processed else 1
+
+
+if __name__ == "__main__":
+    from crackcore.cli import run_main
+
+    sys.exit(run_main(main, extra_errors=(ModelFileError,)))
