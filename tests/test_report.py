@@ -1,0 +1,84 @@
+"""The study report on a real tiny study, and on its edge cases."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from tune.report import main
+
+REPO = Path(__file__).resolve().parents[1]
+FIGURES = {"learning_curves.png", "lr_vs_val_acc.png", "val_acc_by_setting.png", "importance.png",
+           "final_history.png", "confusion_roc.png"}
+
+
+@pytest.fixture
+def study(tiny_study: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_study, copy, ignore=shutil.ignore_patterns("ray"))
+    return copy
+
+
+def test_report_figures_and_numbers(study: Path, capsys) -> None:
+    assert main([str(study), "--max-errors", "4"]) == 0
+    report = study / "report"
+    md = (report / "report.md").read_text()
+    pngs = {p.name for p in report.glob("*.png")}
+    errors = pd.read_parquet(study / "errors.parquet")
+    assert FIGURES <= pngs
+    for name in pngs:
+        with Image.open(report / name) as im:
+            assert im.size[0] > 300 and im.size[1] > 200, name
+        assert f"]({name})" in md and f'src="{name}"' in (report / "index.html").read_text()
+    m = json.loads((study / "final_metrics.json").read_text())
+    assert f"{100 * m['test_accuracy']:.2f} % (n={m['n_test']}" in md
+    assert f"misclassified test images: {m['errors']}" in md and m["errors"] == len(errors)
+    if len(errors):
+        assert f"Showing {min(4, len(errors))} of {len(errors)}" in md
+    assert "report.md" in capsys.readouterr().out
+
+
+def test_rerun_replaces_the_report_whole(study: Path) -> None:
+    assert main([str(study)]) == 0
+    (study / "report" / "stale.txt").write_text("old")
+    assert main([str(study)]) == 0
+    assert not (study / "report" / "stale.txt").exists()
+    assert [p.name for p in study.iterdir() if p.name.startswith(".report")] == []
+
+
+def test_edge_cases_synthetic_one_trial_zero_errors(study: Path) -> None:
+    meta = json.loads((study / "study.json").read_text())
+    meta["data_source"]["kind"] = "synthetic"
+    (study / "study.json").write_text(json.dumps(meta))
+    trials = pd.read_parquet(study / "trials.parquet").head(1)
+    trials.to_parquet(study / "trials.parquet")
+    history = pd.read_parquet(study / "history.parquet")
+    history[history["trial_id"].isin(trials["trial_id"])].to_parquet(study / "history.parquet")
+    pd.read_parquet(study / "errors.parquet").head(0).to_parquet(study / "errors.parquet")
+    assert main([str(study)]) == 0
+    md = (study / "report" / "report.md").read_text()
+    assert "SYNTHETIC DATA" in md and "No misclassified samples" in md
+    assert not (study / "report" / "errors_grid.png").exists()
+
+
+def test_incomplete_study_reports_what_exists(study: Path, capsys) -> None:
+    for name in ("final_metrics.json", "final_history.parquet", "errors.parquet", "predictions.parquet", "model.pt"):
+        (study / name).unlink()
+    assert main([str(study)]) == 0
+    err = capsys.readouterr().err
+    assert "missing from the study folder" in err and "final_metrics.json" in err
+    assert (study / "report" / "learning_curves.png").exists()
+    assert "Incomplete study" in (study / "report" / "report.md").read_text()
+
+
+def test_not_a_study_is_a_clear_error(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "tune/report.py", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 1
+    assert re.match(r"error: .* is not a study folder", proc.stderr.strip().splitlines()[-1])

@@ -1,0 +1,340 @@
+"""python tune/report.py results/<study-name>
+
+Turns a finished (or partly finished) study into report/report.md, report/index.html and PNG
+figures. Reads the study only through crackcore.results.load_study. The report is built in a
+temp folder and swapped in, so a re-run replaces it whole or not at all.
+"""
+from __future__ import annotations
+
+import argparse
+import html
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from crackcore.metrics import format_accuracy, wilson_interval  # noqa: E402
+from crackcore.results import Study, StudyFilesError, load_optuna_study, load_study  # noqa: E402
+
+MAX_ERRORS_SHOWN = 36
+STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
+                "ERROR": dict(ls=":", alpha=0.6, color="red")}
+MARKERS = {"none": "o", "flip": "s", "flip_rotate": "^", "color": "D", "strong": "P"}
+
+
+def _save(fig: plt.Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fig_learning_curves(s: Study, path: Path) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    status = s.trials.set_index("trial_id")["status"].to_dict()
+    colours = plt.cm.viridis(np.linspace(0, 0.9, max(1, s.history["trial_id"].nunique())))
+    for colour, (tid, h) in zip(colours, s.history.groupby("trial_id")):
+        style = {"color": colour, **STATUS_STYLE.get(status.get(tid, "COMPLETE"), {})}
+        for ax, col in zip(axes, ("val_acc", "val_loss")):
+            ax.plot(h["epoch"], h[col], marker=".", **style)
+    for ax, label in zip(axes, ("validation accuracy (fraction)", "validation loss (cross-entropy)")):
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    handles = [plt.Line2D([], [], color="C0" if k == "COMPLETE" else v.get("color"), ls=v["ls"], label=k.lower())
+               for k, v in STATUS_STYLE.items() if k in set(status.values())]
+    axes[0].legend(handles=handles, title="trial status")
+    fig.suptitle("Learning curves of every trial (dashed grey: stopped early by ASHA)")
+    _save(fig, path)
+    return "Each line is one trial; solid lines ran every epoch, dashed grey ones were stopped early by ASHA."
+
+
+def fig_lr_vs_acc(s: Study, path: Path) -> str:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    t = s.trials.dropna(subset=["best_val_acc"])
+    norm = plt.Normalize(0, 5)
+    for policy, g in t.groupby("augment_policy"):
+        sc = ax.scatter(g["lr"], g["best_val_acc"], c=g["freeze_depth"], cmap="plasma", norm=norm, s=60,
+                        marker=MARKERS.get(policy, "o"), edgecolor="k", label=policy)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("best validation accuracy (fraction)")
+    ax.set_title("Learning rate vs best validation accuracy")
+    ax.legend(title="augmentation", fontsize=8)
+    fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=ax, label="freeze depth (0 = all trainable)")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+    return "Each point is a trial; colour is the freezing depth and the marker the augmentation policy."
+
+
+def fig_by_category(s: Study, path: Path) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    t = s.trials.dropna(subset=["best_val_acc"])
+    for ax, col, title in zip(axes, ("freeze_depth", "augment_policy"), ("freeze depth", "augmentation policy")):
+        groups = sorted(t[col].unique(), key=str)
+        ax.boxplot([t.loc[t[col] == g, "best_val_acc"] for g in groups], tick_labels=[str(g) for g in groups])
+        for i, g in enumerate(groups, start=1):
+            y = t.loc[t[col] == g, "best_val_acc"]
+            ax.scatter(np.full(len(y), i) + np.random.default_rng(i).uniform(-0.12, 0.12, len(y)), y, s=18, alpha=0.7)
+        ax.set_xlabel(title)
+        ax.set_title(f"best validation accuracy by {title}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].set_ylabel("best validation accuracy (fraction)")
+    _save(fig, path)
+    return "Boxes summarise the trials of each setting; dots are the trials themselves."
+
+
+def fig_importance(s: Study, path: Path) -> str:
+    import optuna
+
+    study = load_optuna_study(s)
+    if study is None:
+        raise ValueError("no Optuna journal in the study folder")
+    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
+    if len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) < 2:
+        raise ValueError("fewer than 2 completed trials")
+    importance = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = list(importance)[::-1]
+    ax.barh(names, [importance[n] for n in names], color="C2")
+    ax.set_xlabel("importance (fANOVA share of val-accuracy variance)")
+    ax.set_title("Hyperparameter importance (completed trials)")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return "Longer bars: that setting explains more of the differences in validation accuracy between completed trials."
+
+
+def fig_final_history(s: Study, path: Path) -> str:
+    h = s.final_history
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, (tr, va, label) in zip(axes, (("train_loss", "val_loss", "loss (cross-entropy)"),
+                                          ("train_acc", "val_acc", "accuracy (fraction)"))):
+        ax.plot(h["epoch"], h[tr], marker="o", label="train")
+        ax.plot(h["epoch"], h[va], marker="o", label="validation")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle("Final retrain of the best configuration")
+    _save(fig, path)
+    return "Train and validation curves of the retrained best configuration; a widening gap would mean over-fitting."
+
+
+def fig_confusion_roc(s: Study, path: Path) -> str:
+    p = s.predictions
+    y, pred, prob = p["true_label"].to_numpy(), p["pred_label"].to_numpy(), p["prob_crack"].to_numpy()
+    cm = np.array([[((y == t) & (pred == q)).sum() for q in (0, 1)] for t in (0, 1)])
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
+    a1.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        a1.text(j, i, f"{v}\n({100 * v / max(1, cm[i].sum()):.1f} % of row)", ha="center", va="center",
+                color="white" if v > cm.max() / 2 else "black")
+    a1.set_xticks([0, 1], ["no crack", "crack"])
+    a1.set_yticks([0, 1], ["no crack", "crack"])
+    a1.set_xlabel("predicted")
+    a1.set_ylabel("true")
+    a1.set_title(f"Confusion matrix (test, n={len(p)})")
+    order = np.argsort(-prob)
+    tpr = np.concatenate([[0], np.cumsum(y[order] == 1) / max(1, (y == 1).sum())])
+    fpr = np.concatenate([[0], np.cumsum(y[order] == 0) / max(1, (y == 0).sum())])
+    a2.plot(fpr, tpr, label=f"ROC-AUC {s.final_metrics.get('roc_auc', float('nan')):.4f}")
+    a2.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
+    a2.set_xlabel("false positive rate")
+    a2.set_ylabel("true positive rate (recall)")
+    a2.set_title("ROC curve (test split)")
+    a2.legend(loc="lower right")
+    a2.grid(alpha=0.3)
+    _save(fig, path)
+    return "Left: counts of test images by true and predicted class. Right: the trade-off of recall against false alarms."
+
+
+def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
+    errors = s.errors.head(cap)
+    root = Path(s.study.get("data_source", {}).get("root", ""))
+    cols = min(6, len(errors))
+    rows = -(-len(errors) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    names = {0: "no crack", 1: "crack"}
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, e in zip(axes.flat, errors.itertuples()):
+        try:
+            from PIL import Image
+
+            ax.imshow(Image.open(root / e.path).convert("RGB"))
+        except OSError:
+            ax.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", transform=ax.transAxes)
+        ax.set_title(f"true {names[e.true_label]}\npred {names[e.pred_label]}, p={e.prob_crack:.2f}", fontsize=8)
+    fig.suptitle(f"Misclassified test images: {len(errors)} of {len(s.errors)} shown (most confident first)")
+    _save(fig, path)
+    return "The final model's mistakes on the test split, most confident first.", len(errors)
+
+
+def _table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
+                     ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
+
+def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list[str], list[str]]:
+    """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
+    md, notes, figures = [f"# Study report: {s.name}", ""], [], []
+    src, weights = s.study.get("data_source", {}), s.study.get("weights", {})
+    if src.get("kind") == "synthetic":
+        md += ["> **SYNTHETIC DATA.** This study ran on the embedded synthetic crack set; its numbers say nothing "
+               "about real concrete. Run it with `--data PATH`.", ""]
+    if s.missing:
+        notes.append("missing from the study folder: " + ", ".join(s.missing))
+        md += [f"> Incomplete study: missing {', '.join(s.missing)}. Sections that need them are left out.", ""]
+    status = s.trials["status"].value_counts().to_dict() if len(s.trials) else {}
+    md += ["## Summary", "",
+           f"- data: {src.get('kind', '?')} at `{src.get('root', '?')}`, split counts {src.get('counts', '?')}, "
+           f"{src.get('exact_duplicate_files', '?')} byte-identical duplicates, split strategy "
+           f"{src.get('split_strategy', '?')}",
+           f"- weights: {'random init (no ImageNet weights)' if weights.get('source') == 'random' else weights.get('path')}",
+           f"- device of the final retrain: {s.study.get('final_device', '?')}; cluster {s.study.get('cluster_resources', '?')}",
+           f"- trials: {len(s.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in status.items())}); "
+           f"up to {s.study.get('max_parallel_trials', '?')} in parallel",
+           f"- wall time: {s.study.get('wall_seconds', float('nan')):.0f} s (search {s.study.get('search_seconds', float('nan')):.0f} s, "
+           f"final retrain {s.study.get('final_seconds', float('nan')):.0f} s)", ""]
+    if len(s.trials):
+        top = s.trials.sort_values(["best_val_acc"], ascending=False).head(10)
+        cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "status", "epochs", "best_val_acc",
+                            "last_val_loss", "seconds") if c in top]
+        md += ["## Top 10 trials", "", _table(top[cols]), ""]
+    if s.best_config:
+        md += ["## Best configuration", "", f"- trial `{s.best_config.get('trial_id')}`: `{s.best_config.get('params')}`",
+               f"- rule: {s.best_config.get('rule')}", ""]
+    m = s.final_metrics
+    if m:
+        md += ["## Final model on the held-out test split", "",
+               f"- test accuracy {format_accuracy(m['test_accuracy'], m['n_test'], m['ci95_low'], m['ci95_high'])}",
+               f"- precision {m['precision']:.4f}, recall {m['recall']:.4f}, F1 {m['f1']:.4f}, ROC-AUC {m['roc_auc']:.4f}",
+               f"- expected calibration error {m['ece']:.4f}" + (f"; after temperature scaling (T = {m['temperature']:.2f}, "
+               f"fitted on val) {m['ece_calibrated']:.4f}" if "temperature" in m else ""),
+               f"- misclassified test images: {m['errors']} ([errors.parquet](../errors.parquet))", ""]
+        if "split_comparison" in m:
+            rows = [{"split strategy": k, "test accuracy": format_accuracy(v["test_accuracy"], v["n_test"], v["ci95_low"],
+                                                                          v["ci95_high"]), "groups": v.get("groups")}
+                    for k, v in m["split_comparison"].items()]
+            md += ["### Random vs near-duplicate-grouped split", "", _table(pd.DataFrame(rows)), ""]
+    if len(s.repeats):
+        r = s.repeats.groupby("trial_id").agg(mean_val_acc=("val_acc", "mean"), ci95_low=("ci95_low", "first"),
+                                              ci95_high=("ci95_high", "first"), seeds=("seed", "nunique"))
+        md += ["### Seed repeats of the top configurations", "", _table(r.sort_values("mean_val_acc", ascending=False)
+                                                                        .reset_index()), ""]
+
+    plans: list[tuple[str, str, Callable[[Path], Any], bool]] = [
+        ("learning_curves.png", "Learning curves", lambda p: fig_learning_curves(s, p), len(s.history) > 0),
+        ("lr_vs_val_acc.png", "Learning rate vs accuracy", lambda p: fig_lr_vs_acc(s, p), len(s.trials) > 0),
+        ("val_acc_by_setting.png", "Accuracy by freeze depth and augmentation", lambda p: fig_by_category(s, p), len(s.trials) > 0),
+        ("importance.png", "Hyperparameter importance", lambda p: fig_importance(s, p), len(s.trials) > 0),
+        ("final_history.png", "Final retrain", lambda p: fig_final_history(s, p), len(s.final_history) > 0),
+        ("confusion_roc.png", "Confusion matrix and ROC", lambda p: fig_confusion_roc(s, p), len(s.predictions) > 0),
+    ]
+    md += ["## Figures", ""]
+    for name, title, draw, possible in plans:
+        if not possible:
+            continue
+        try:
+            sentence = draw(out / name)
+            figures.append(name)
+            md += [f"### {title}", "", f"![{title}]({name})", "", sentence, ""]
+        except Exception as exc:  # a figure that cannot be drawn is explained, not fatal
+            md += [f"### {title}", "", f"Not drawn: {exc}.", ""]
+    if "errors.parquet" not in s.missing:
+        md += ["### Misclassified test images", ""]
+        if s.errors.empty:
+            md += ["No misclassified samples: the final model got every test image right.", ""]
+        else:
+            sentence, shown = fig_error_grid(s, out / "errors_grid.png", cap)
+            figures.append("errors_grid.png")
+            md += [f"![Misclassified test images](errors_grid.png)", "",
+                   f"{sentence} Showing {shown} of {len(s.errors)}.", ""]
+    (out / "report.md").write_text("\n".join(md))
+    return md, notes
+
+
+def markdown_to_html(md: list[str], title: str) -> str:
+    """Enough Markdown for our own report: headings, lists, tables, images, quotes, links."""
+    import re
+
+    body, in_table, in_list = [], False, False
+    inline = lambda t: re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>',
+                              re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", html.escape(t))))
+    for line in md + [""]:
+        if in_table and not line.startswith("|"):
+            body.append("</table>")
+            in_table = False
+        if in_list and not line.startswith("- "):
+            body.append("</ul>")
+            in_list = False
+        if m := re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line):
+            body.append(f'<p><img src="{m.group(2)}" alt="{html.escape(m.group(1))}"></p>')
+        elif line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
+        elif line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if set("".join(cells)) <= set("-"):
+                continue
+            tag = "th" if not in_table else "td"
+            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
+            in_table = True
+        elif line.startswith("- "):
+            body.append(("<ul>" if not in_list else "") + f"<li>{inline(line[2:])}</li>")
+            in_list = True
+        elif line.startswith("> "):
+            body.append(f"<blockquote>{inline(line[2:])}</blockquote>")
+        elif line.strip():
+            body.append(f"<p>{inline(line)}</p>")
+    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}img{max-width:100%}"
+           "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+           "blockquote{background:#fff3cd;padding:8px;border-left:4px solid #e0a800}")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>{''.join(body)}</body></html>"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python tune/report.py", description="Figures and a readable report of a study.")
+    p.add_argument("study", type=Path, help="results/<study-name>")
+    p.add_argument("--max-errors", type=int, default=MAX_ERRORS_SHOWN, help="misclassified images shown in the grid")
+    a = p.parse_args(argv)
+    s = load_study(a.study)
+    target = a.study / "report"
+    tmp = Path(tempfile.mkdtemp(dir=a.study, prefix=".report-"))
+    try:
+        md, notes = build_report(s, tmp, a.max_errors)
+        (tmp / "index.html").write_text(markdown_to_html(md, f"Study report: {s.name}"))
+        old = a.study / f".report-old-{os.getpid()}"
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"report: {target / 'report.md'}\nhtml:   {target / 'index.html'}\nfigures: "
+          + ", ".join(sorted(p.name for p in target.glob("*.png"))))
+    return 0
+
+
+if __name__ == "__main__":
+    from crackcore.cli import run_main
+
+    sys.exit(run_main(main, extra_errors=(StudyFilesError,)))
