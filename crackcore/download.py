@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -20,6 +19,8 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
+
+from crackcore.model import sha256_file
 
 # Özgenel (2019), Mendeley Data V2, doi:10.17632/5y9wdsg2zt.2, CC BY 4.0 (a .rar of ~235 MB).
 OFFICIAL_URL = ("https://data.mendeley.com/public-files/datasets/5y9wdsg2zt/files/"
@@ -35,14 +36,6 @@ LICENSE = "CC BY 4.0"
 
 class DownloadError(Exception):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fetch(url: str, dest: Path) -> None:
