@@ -260,10 +260,16 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
         samples = samples[~samples["content_hash"].isin(conflicting)]
     n_files = len(samples)
     n_exact_dupes = n_files - samples["content_hash"].nunique()
+    near_duplicates = None
     if cfg.split_strategy == "grouped":
-        from crackcore.neardup import near_duplicate_groups
+        from crackcore.neardup import group_report, near_duplicate_groups
 
-        samples = samples.assign(group=near_duplicate_groups(root, samples))
+        samples = samples.assign(group=near_duplicate_groups(root, samples, progress=progress))
+        near_duplicates = group_report(samples)
+        print(f"[crackcore.data] near-duplicate groups: {near_duplicates['groups']} groups for "
+              f"{near_duplicates['images']} images, {near_duplicates['multi_image_groups']} with several images "
+              f"({near_duplicates['images_in_multi_groups']} images), largest "
+              f"{[g['size'] for g in near_duplicates['largest_groups']]}", file=sys.stderr)
     else:
         samples = samples.assign(group=samples["content_hash"])
 
@@ -299,6 +305,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
         "split_strategy": cfg.split_strategy,
         "groups": int(samples["group"].nunique()),
         "subset_per_class": cfg.subset,
+        "near_duplicates": near_duplicates,
         "image_size": cfg.image_size,
     }
     data = PreparedData(samples=samples, images=images, image_size=cfg.image_size, source=source)

@@ -20,7 +20,7 @@ from torch import nn
 from crackcore.augment import batch_augment
 from crackcore.config import TrainConfig
 from crackcore.data import BatchLoader, PreparedData, normalize, prepare_data
-from crackcore.metrics import binary_metrics
+from crackcore.metrics import binary_metrics, format_accuracy
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s"]
@@ -201,7 +201,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
         history.append(row)
         if log:
             log(f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['accuracy']:.4f}  "
-                f"val loss {val['loss']:.4f} acc {val['accuracy']:.4f} (n={val['n']})  "
+                f"val loss {val['loss']:.4f} acc {format_accuracy(val['accuracy'], val['n'], val['ci95_low'], val['ci95_high'])}  "
                 f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s")
         if on_epoch:
             def state_fn(epoch: int = epoch) -> dict[str, Any]:
