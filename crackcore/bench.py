@@ -125,7 +125,8 @@ def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: t
     return seen / (time.perf_counter() - start)
 
 
-def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_trial: float) -> list[dict[str, Any]]:
+def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_trial: float, subset: int,
+                image_size: int) -> list[dict[str, Any]]:
     """trials/hour of one fixed small study per packing level (GPUs per trial)."""
     run_py = Path(__file__).resolve().parents[1] / "tune" / "run.py"
     rows = []
@@ -134,7 +135,7 @@ def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_tr
             cmd = [sys.executable, str(run_py), "--storage-path", storage, "--study-name", "bench",
                    "--num-samples", "4" if quick else "8", "--max-epochs", "2", "--grace-period", "2",
                    "--final-epochs", "1", "--cpus-per-trial", str(cpus_per_trial), "--seed", "0"]
-            cmd += ["--image-size", "32", "--subset", "60"] if quick else []
+            cmd += ["--image-size", str(32 if quick else image_size), "--subset", str(60 if quick else subset)]
             cmd += ["--data", data] if data else []
             if gpus:
                 cmd += ["--gpus-per-trial", str(gpus)]
@@ -168,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--study", action="store_true", help="also measure trials/hour of a small study")
     p.add_argument("--packing", default="", help="GPUs per trial to compare, e.g. 1,0.5,0.25 (GPU only)")
+    p.add_argument("--study-subset", type=int, default=300, help="images per class in the --study runs")
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI; measures nothing meaningful")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
@@ -203,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     if a.study:
         packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
-        out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1)
+        out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1, subset=a.study_subset,
+                                   image_size=size)
     width = max(len(k) for k in out)
     for k, v in out.items():
         print(f"{k:<{width}}  {v}")

@@ -30,7 +30,7 @@ def fit_temperature(y_true: np.ndarray, prob_crack: np.ndarray) -> float:
         return loss
 
     opt.step(closure)
-    return float(log_t.exp().clamp(0.05, 20.0))
+    return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
 def apply_temperature(prob_crack: np.ndarray, temperature: float) -> np.ndarray:
