@@ -227,6 +227,19 @@ def test_existing_study_is_not_overwritten_and_resume_needs_a_study(tiny_study: 
     assert proc.returncode == 1 and "no study to resume" in proc.stderr
 
 
+def test_default_named_rerun_gets_a_new_name(tmp_path: Path, crack_data: Path) -> None:
+    storage = tmp_path / "results"
+    (storage / "smoke").mkdir(parents=True)
+    (storage / "smoke" / "study_config.json").write_text("{}")  # an earlier default-named study
+    (tmp_path / "smoke.toml").write_text('name = "smoke"\n')
+    proc = run_study("--smoke-test", "--config", str(tmp_path / "smoke.toml"), "--storage-path", str(storage),
+                     "--data", str(crack_data), "--num-samples", "1", "--final-epochs", "1", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "this run is study 'smoke-2'" in proc.stdout
+    assert (storage / "smoke" / "study_config.json").read_text() == "{}"
+    assert (storage / "smoke-2" / "final_metrics.json").exists()
+
+
 # --------------------------------------------------------------------------- honest evaluation
 
 

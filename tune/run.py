@@ -350,6 +350,14 @@ def main(argv: list[str] | None = None) -> int:
     if has_gpu and cfg.gpus_per_trial == 0:
         cfg = apply_overrides(cfg, {"gpus_per_trial": 0.25})
     study_dir, storage = ray_storage(cfg, a.storage_path)
+    if not a.resume and not a.study_name and (study_dir / CONFIG_FILE).exists():
+        # a default-named re-run (e.g. a second `make study`) gets the next free name, never an overwrite
+        base, n = cfg.name, 2
+        while (study_dir / CONFIG_FILE).exists():
+            cfg = apply_overrides(cfg, {"name": f"{base}-{n}"})
+            study_dir, storage = ray_storage(cfg, a.storage_path)
+            n += 1
+        print(f"{base!r} already exists; this run is study {cfg.name!r} ({study_dir})", flush=True)
     saved = study_dir / CONFIG_FILE
     if a.resume:
         if not saved.is_file():
