@@ -19,7 +19,7 @@ def _logit(prob: np.ndarray) -> torch.Tensor:
 def fit_temperature(y_true: np.ndarray, prob_crack: np.ndarray) -> float:
     """T minimising the negative log-likelihood of y_true under sigmoid(logit(p) / T)."""
     z = _logit(prob_crack)
-    y = torch.as_tensor(np.asarray(y_true), dtype=torch.float64)
+    y = torch.tensor(np.asarray(y_true, dtype=np.float64))  # a copy: the input may be a read-only view
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 
