@@ -128,3 +128,12 @@ def group_report(samples: pd.DataFrame, top: int = 5) -> dict[str, Any]:
             "cross_class_groups": int((labels > 1).sum()),
             "largest_groups": [{"group": g, "size": int(s), "paths": samples.loc[samples["group"] == g, "path"].head(5).tolist()}
                                for g, s in multi.head(top).items()]}
+
+
+def near_duplicate_leaks(samples: pd.DataFrame, near_groups: pd.Series) -> int:
+    """How many test images of a split (a samples table with `path`, `group`, `split`) have a
+    near-duplicate in train, by the near-duplicate groups `near_groups` (indexed by path): what
+    a random split leaks. Images `near_groups` does not know count as their own group."""
+    group = samples["path"].map(near_groups).fillna(samples["group"])
+    in_train = set(group[samples["split"] == "train"])
+    return int(((samples["split"] == "test") & group.isin(in_train)).sum())

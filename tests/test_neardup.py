@@ -53,15 +53,23 @@ def test_groups_hold_each_family_and_nothing_else(planted) -> None:
 
 def test_grouped_split_keeps_families_together_random_does_not(planted) -> None:
     root, families = planted
-    straddled = False
+    straddled, leaked = False, 0
     for seed in range(12):
         grouped = prepare_data(TrainConfig(data=str(root), image_size=32, split_strategy="grouped", split_seed=seed))
         split = grouped.samples.set_index("path")["split"]
         assert all(split.loc[sorted(f)].nunique() == 1 for f in families.values())
+        near_groups = grouped.samples.set_index("path")["group"]
+        assert nd.near_duplicate_leaks(grouped.samples, near_groups) == 0
         rnd = prepare_data(TrainConfig(data=str(root), image_size=32, split_strategy="random", split_seed=seed))
         rsplit = rnd.samples.set_index("path")["split"]
         straddled |= any(rsplit.loc[sorted(f)].nunique() > 1 for f in families.values())
+        # by hand: random-split test images whose family also has a member in train
+        by_hand = sum(1 for f in families.values() for p in f
+                      if rsplit[p] == "test" and any(rsplit[q] == "train" for q in f))
+        assert nd.near_duplicate_leaks(rnd.samples, near_groups) == by_hand
+        leaked += by_hand
     assert straddled, "a random split should put some re-saved copies in different splits"
+    assert leaked > 0, "some random-split test image should have a near-duplicate in train"
 
 
 def test_signatures_are_cached(planted, monkeypatch) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -82,3 +83,20 @@ def test_not_a_study_is_a_clear_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "tune/report.py", str(tmp_path)], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 1
     assert re.match(r"error: .* is not a study folder", proc.stderr.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("leaked", [0, 7])
+def test_split_comparison_shows_both_strategies_and_the_leak(study: Path, leaked: int) -> None:
+    m = json.loads((study / "final_metrics.json").read_text())
+    side = {"test_accuracy": 0.95, "n_test": 200, "ci95_low": 0.91, "ci95_high": 0.97, "errors": 10, "groups": 900}
+    m["split_comparison"] = {"random": {**side, "test_images_with_near_duplicate_in_train": leaked},
+                             "grouped": {**side, "test_accuracy": 0.9, "test_images_with_near_duplicate_in_train": 0}}
+    (study / "final_metrics.json").write_text(json.dumps(m))
+    assert main([str(study)]) == 0
+    md = (study / "report" / "report.md").read_text()
+    assert re.search(rf"\| random \| 95\.00 % \(n=200, 95 % CI 91\.00-97\.00 %\) \| 900 \| {leaked} \|", md)
+    assert "| grouped | 90.00 % (n=200" in md
+    assert ("cannot differ by leakage" in md) == (leaked == 0)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (study / "report").stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700

@@ -262,3 +262,4 @@ def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> 
     assert set(comparison) == {"random", "grouped"}
     for side in comparison.values():
         assert 0 <= side["ci95_low"] <= side["test_accuracy"] <= side["ci95_high"] <= 1 and side["n_test"] > 0
+    assert comparison["grouped"]["test_images_with_near_duplicate_in_train"] == 0  # grouped never leaks

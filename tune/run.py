@@ -301,10 +301,13 @@ def rank_repeats(repeats: pd.DataFrame) -> pd.DataFrame:
     return ranked.sort_values(["mean_val_acc", "mean_val_loss"], ascending=[False, True]).reset_index(drop=True)
 
 
-def split_summary(test: dict[str, Any], data: Any) -> dict[str, Any]:
+def split_summary(test: dict[str, Any], data: Any, near_groups: pd.Series) -> dict[str, Any]:
+    from crackcore.neardup import near_duplicate_leaks
+
     return {"test_accuracy": test["accuracy"], "n_test": test["n"], "ci95_low": test["ci95_low"],
             "ci95_high": test["ci95_high"], "errors": test["errors"], "groups": data.source["groups"],
-            "exact_duplicate_files": data.source["exact_duplicate_files"]}
+            "exact_duplicate_files": data.source["exact_duplicate_files"],
+            "test_images_with_near_duplicate_in_train": near_duplicate_leaks(data.samples, near_groups)}
 
 
 def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[str, Any], num_cpus: int,
@@ -318,7 +321,9 @@ def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[
     print(f"\n--compare-splits: retraining under the {other} split ({other_data.source['groups']} groups) ...", flush=True)
     ref = ray.put(dataclasses.replace(other_data, images=np.asarray(other_data.images).view(np.ndarray)))
     [other_result] = fit_remote(ref, [other_cfg], weights, num_cpus, num_gpus, True, f"{other} split")
-    return {best_cfg.split_strategy: split_summary(result.test, data), other: split_summary(other_result.test, other_data)}
+    near_groups = (other_data if other == "grouped" else data).samples.set_index("path")["group"]
+    return {best_cfg.split_strategy: split_summary(result.test, data, near_groups),
+            other: split_summary(other_result.test, other_data, near_groups)}
 
 
 def final_resources(cfg: StudyConfig) -> tuple[int, float]:
