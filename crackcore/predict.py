@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -230,21 +231,25 @@ def main(argv: list[str] | None = None) -> int:
           f"{meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
     processed = 0
     if patches:
+        start = time.perf_counter()
         df, bad = predict_patches(model, meta, patches, a.batch_size)
+        seconds = time.perf_counter() - start
         failed += bad
         write_parquet(df, a.out.with_name(a.out.name + ".parquet"))
         processed += len(df)
         print(f"patches: {int(df['pred_label'].sum())} crack, {int((df['pred_label'] == 0).sum())} no crack "
-              f"-> {a.out}.parquet")
+              f"({len(df) / seconds:.0f} patches/s, decoding included) -> {a.out}.parquet")
         print_labelled_metrics(df)
     if photos:
         from tqdm.auto import tqdm
 
-        all_tiles, summaries = [], []
+        all_tiles, summaries, tile_seconds = [], [], 0.0
         heat_dir = a.out.with_name(a.out.name + "_heatmaps")
         for f in tqdm(photos, desc="photos", disable=len(photos) < 3, file=sys.stderr):
             try:
+                start = time.perf_counter()
                 tiles, photo = predict_photo(model, meta, f, a.tile, stride, a.batch_size)
+                tile_seconds += time.perf_counter() - start
             except Exception as exc:
                 failed.append((f, str(exc).splitlines()[0][:120]))
                 continue
@@ -257,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
             write_parquet(summary, a.out.with_name(a.out.name + "_photos.parquet"))
             processed += len(summary)
             print(summary[["photo", "tiles", "crack_tiles", "crack_area_fraction", "max_prob_crack"]].to_string(index=False))
+            n_tiles = int(summary["tiles"].sum())
+            print(f"{n_tiles} tiles in {tile_seconds:.2f} s ({n_tiles / tile_seconds:.0f} tiles/s, decoding included, "
+                  "heat maps not)")
             print(f"photos -> {a.out}_tiles.parquet, {a.out}_photos.parquet, heat maps in {heat_dir}/")
     for f, why in failed:
         print(f"skipped unreadable image {f}: {why}", file=sys.stderr)
