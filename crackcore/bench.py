@@ -6,6 +6,7 @@ Measured in one run on the current device, same model, batch size and image size
                  batch gather -> augmentation per batch on the device -> step
   pil_baseline   the usual torchvision ImageFolder + PIL + per-image transforms DataLoader
   eval           crackcore's evaluate() over the val split
+  loader_only    each data path alone, no model: how fast a model it could keep fed
 and, with --study, trials/hour of a fixed small tuning study (tune/run.py in a subprocess, one
 row per packing level). Prints a table and one JSON line (also written with --json-out).
 """
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from crackcore.config import TrainConfig
+from crackcore.augment import batch_augment
 from crackcore.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, normalize, prepare_data
 from crackcore.model import build_model, trainable_parameters
 from crackcore.train import _autocast, available_cpus, evaluate, resolve_device, train_one_epoch, make_scheduler
@@ -85,7 +87,8 @@ def bench_pipeline(cfg: TrainConfig, data, device: torch.device) -> tuple[float,
     return result["img_s"], val["img_s"]
 
 
-def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: torch.device, workers: int) -> float:
+def pil_loader(cfg: TrainConfig, root: Path, paths: list[str], device: torch.device,
+               workers: int) -> torch.utils.data.DataLoader:
     """ImageFolder-style loading: PIL decode + per-image transforms in DataLoader workers."""
     from PIL import Image
     from torchvision import transforms as T
@@ -101,17 +104,31 @@ def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: t
             with Image.open(root / paths[i]) as im:
                 return tf(im.convert("RGB")), int(paths[i].startswith("Positive"))
 
-    loader = torch.utils.data.DataLoader(Files(), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
-                                         pin_memory=device.type == "cuda", drop_last=True,
-                                         persistent_workers=False)
+    return torch.utils.data.DataLoader(Files(), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
+                                       pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False)
+
+
+def _timed_epoch(batches, device: torch.device, step) -> float:
+    """Images/s over one pass, the first batch (worker start-up, caches) not counted."""
+    seen, start = 0, None
+    for i, (x, y) in enumerate(batches):
+        if i == 1:
+            _sync(device)
+            start, seen = time.perf_counter(), 0
+        step(x, y)
+        seen += len(y)
+    _sync(device)
+    return seen / (time.perf_counter() - start)
+
+
+def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: torch.device, workers: int) -> float:
+    """Training steps fed by the PIL DataLoader."""
+    loader = pil_loader(cfg, root, paths, device, workers)
     _, model, opt, _, channels_last = _model_and_opt(cfg, device, len(loader))
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    seen, start = 0, None
-    for i, (x, y) in enumerate(loader):
-        if i == 1:  # skip the first batch: worker start-up
-            _sync(device)
-            start, seen = time.perf_counter(), 0
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -120,9 +137,23 @@ def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: t
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        seen += len(y)
-    _sync(device)
-    return seen / (time.perf_counter() - start)
+
+    return _timed_epoch(loader, device, step)
+
+
+def bench_loaders_only(cfg: TrainConfig, data, root: Path, paths: list[str], device: torch.device,
+                       workers: int) -> tuple[float, float]:
+    """Images/s each data path delivers to the device with no model at all: crackcore's
+    (cache -> gather -> augment + normalise on the device) and the PIL DataLoader's. Where the
+    model is slower than both (a 2-core CPU), end-to-end figures cannot tell them apart; this
+    says how fast a model each could keep fed (a GPU)."""
+    loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
+    gen = torch.Generator().manual_seed(0)
+    ours = _timed_epoch(((x, y) for x, y, _ in loader), device,
+                        lambda x, y: normalize(batch_augment(x.float().div_(255), cfg.augment_policy, gen)))
+    pil = _timed_epoch(pil_loader(cfg, root, paths, device, workers), device,
+                       lambda x, y: (x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
+    return ours, pil
 
 
 def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_trial: float, subset: int,
@@ -192,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     train_paths = data.samples.loc[data.samples["split"] == "train", "path"].tolist()
     workers = a.workers if a.workers is not None else (0 if a.quick else available_cpus())
     pil = bench_pil_baseline(cfg, Path(data.source["root"]), train_paths, device, workers)
+    loader_only, pil_loader_only = bench_loaders_only(cfg, data, Path(data.source["root"]), train_paths, device, workers)
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({available_cpus()} threads)",
         "image_size": size, "batch_size": cfg.batch_size, "augment_policy": a.augment_policy, "train_images": n_train,
@@ -200,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         "model_only_img_s": round(model_only, 1), "pipeline_img_s": round(pipeline, 1),
         "pipeline_over_model_only": round(pipeline / model_only, 3),
         "pil_baseline_img_s": round(pil, 1), "pil_workers": workers,
-        "speedup_over_pil_baseline": round(pipeline / pil, 2), "eval_img_s": round(eval_img_s, 1),
+        "speedup_over_pil_baseline": round(pipeline / pil, 2),
+        "loader_only_img_s": round(loader_only, 1), "pil_loader_only_img_s": round(pil_loader_only, 1),
+        "loader_speedup_over_pil": round(loader_only / pil_loader_only, 1), "eval_img_s": round(eval_img_s, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1), "quick": a.quick,
     }
     if a.study:

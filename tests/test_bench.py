@@ -8,7 +8,8 @@ from pathlib import Path
 from crackcore.bench import main
 
 KEYS = {"device", "model_only_img_s", "pipeline_img_s", "pipeline_over_model_only", "pil_baseline_img_s",
-        "speedup_over_pil_baseline", "eval_img_s", "peak_memory_mb"}
+        "speedup_over_pil_baseline", "eval_img_s", "peak_memory_mb", "loader_only_img_s", "pil_loader_only_img_s",
+        "loader_speedup_over_pil"}
 
 
 def test_quick_bench_prints_json_line(crack_data: Path, tmp_path: Path, capsys) -> None:
