@@ -17,9 +17,13 @@ def _logit(prob: np.ndarray) -> torch.Tensor:
 
 
 def fit_temperature(y_true: np.ndarray, prob_crack: np.ndarray) -> float:
-    """T minimising the negative log-likelihood of y_true under sigmoid(logit(p) / T)."""
+    """T minimising the negative log-likelihood of y_true under sigmoid(logit(p) / T). With no
+    misclassified sample the likelihood keeps rising as T -> 0 (ever more confident), so there
+    is nothing to fit: T = 1, the model's probabilities unchanged."""
     z = _logit(prob_crack)
     y = torch.tensor(np.asarray(y_true, dtype=np.float64))  # a copy: the input may be a read-only view
+    if bool(((z >= 0) == (y == 1)).all()):
+        return 1.0
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
 

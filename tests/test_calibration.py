@@ -18,3 +18,10 @@ def test_recovers_known_temperature_and_improves_ece() -> None:
     fixed = apply_temperature(overconfident, t)
     assert expected_calibration_error(y, fixed) < expected_calibration_error(y, overconfident) / 3
     assert ((fixed >= 0.5) == (overconfident >= 0.5)).all()  # predictions unchanged
+
+
+def test_no_misclassified_sample_leaves_the_model_unchanged() -> None:
+    y = np.array([0, 0, 1, 1, 1])
+    prob = np.array([0.2, 0.4, 0.6, 0.9, 0.99])  # all right: the NLL has no minimum, T would run to 0
+    assert fit_temperature(y, prob) == 1.0
+    assert fit_temperature(y, np.array([0.2, 0.6, 0.6, 0.9, 0.99])) != 1.0  # one error: a real fit
