@@ -165,6 +165,10 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
                              max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     experiment = f"{storage}/{RAY_DIR}"
+    # num_to_keep=1 (checkpoints are ~86 MB) forces an experiment-state snapshot after every
+    # checkpoint, so --resume knows which one was kept; Ray warns about that frequency on
+    # every short epoch. Its separate warning for a snapshot that is actually slow stays on.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
