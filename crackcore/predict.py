@@ -47,7 +47,7 @@ def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Cr
     try:
         meta = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelFileError(f"{path} is not a crackcore model (cannot be read: {str(exc).splitlines()[0][:80]}); "
+        raise ModelFileError(f"{path} is not a crackcore model (torch.load failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
                              f"{hint}") from None
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a crackcore model (no '{MODEL_FORMAT}' format tag); {hint}")
