@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from crackcore.config import TrainConfig
-from crackcore.augment import batch_augment
 from crackcore.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, normalize, prepare_data
 from crackcore.model import build_model, trainable_parameters
-from crackcore.train import _autocast, available_cpus, evaluate, resolve_device, train_one_epoch, make_scheduler
+from crackcore.train import (_autocast, available_cpus, evaluate, make_scheduler, model_inputs, resolve_device,
+                             train_one_epoch)
 
 
 def _sync(device: torch.device) -> None:
@@ -150,7 +150,7 @@ def bench_loaders_only(cfg: TrainConfig, data, root: Path, paths: list[str], dev
     loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
     gen = torch.Generator().manual_seed(0)
     ours = _timed_epoch(((x, y) for x, y, _ in loader), device,
-                        lambda x, y: normalize(batch_augment(x.float().div_(255), cfg.augment_policy, gen)))
+                        lambda x, y: model_inputs(x, cfg.augment_policy, gen))
     pil = _timed_epoch(pil_loader(cfg, root, paths, device, workers), device,
                        lambda x, y: (x.to(device, non_blocking=True), y.to(device, non_blocking=True)))
     return ours, pil

@@ -46,6 +46,12 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
+def model_inputs(x_u8: torch.Tensor, augment_policy: str = "none",
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """uint8 [B,3,S,S] batch -> augmented, ImageNet-normalised float, on the batch's device."""
+    return normalize(batch_augment(x_u8.float().div_(255), augment_policy, generator))
+
+
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     loader: BatchLoader, augment_policy: str, generator: torch.Generator, *,
                     amp: bool = True, channels_last: bool = False, label_smoothing: float = 0.0) -> dict[str, float]:
@@ -58,7 +64,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     seen = 0
     start = time.perf_counter()
     for x_u8, y, _ in loader:
-        x = normalize(batch_augment(x_u8.float().div_(255), augment_policy, generator))
+        x = model_inputs(x_u8, augment_policy, generator)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
@@ -90,7 +96,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, amp: 
     losses, probs, labels, rows = [], [], [], []
     start = time.perf_counter()
     for x_u8, y, idx in loader:
-        x = normalize(x_u8.float().div_(255))
+        x = model_inputs(x_u8)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
