@@ -29,8 +29,8 @@ from torch import nn
 from crackcore.config import TrainConfig
 from crackcore.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, normalize, prepare_data
 from crackcore.model import build_model, trainable_parameters
-from crackcore.train import (_autocast, available_cpus, evaluate, make_scheduler, model_inputs, resolve_device,
-                             train_one_epoch)
+from crackcore.train import (autocast_dtype, available_cpus, evaluate, make_scheduler, model_inputs, precision_name,
+                             resolve_device, train_one_epoch, training_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -41,12 +41,16 @@ def _sync(device: torch.device) -> None:
 def _model_and_opt(cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
     model, _ = build_model(cfg.freeze_depth, "random")
     model.to(device)
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = cfg.channels_last
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     step_model = torch.compile(model) if cfg.compile else model
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.01, momentum=0.9)
     return model, step_model, opt, make_scheduler(opt, cfg, steps_per_epoch), channels_last
+
+
+def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    return autocast_dtype(device) if cfg.amp else None
 
 
 def bench_model_only(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
@@ -58,15 +62,13 @@ def bench_model_only(cfg: TrainConfig, device: torch.device, steps: int, warmup:
     y = torch.randint(0, 2, (cfg.batch_size,), device=device)
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    dtype = _dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     for i in range(warmup + steps):
         if i == warmup:
             _sync(device)
             start = time.perf_counter()
-        with _autocast(device, cfg.amp):
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        training_step(model, opt, x, y, loss_fn, dtype, scaler)
     _sync(device)
     return steps * cfg.batch_size / (time.perf_counter() - start)
 
@@ -77,12 +79,13 @@ def bench_pipeline(cfg: TrainConfig, data, device: torch.device) -> tuple[float,
     loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
     sched = make_scheduler(opt, cfg.replace(epochs=2), len(loader))
     gen = torch.Generator().manual_seed(0)
+    scaler = torch.amp.GradScaler(device.type, enabled=_dtype(cfg, device) == torch.float16)
     result = {}
     for epoch in (1, 2):
         loader.set_epoch(epoch)
         result = train_one_epoch(step_model, opt, sched, loader, cfg.augment_policy, gen, amp=cfg.amp,
-                                 channels_last=channels_last)
-    val = evaluate(step_model, BatchLoader(data, "val", 256, device, shuffle=False), data, amp=cfg.amp,
+                                 channels_last=channels_last, scaler=scaler)
+    val = evaluate(step_model, BatchLoader(data, "val", 256, device, shuffle=False), data,
                    channels_last=channels_last)
     return result["img_s"], val["img_s"]
 
@@ -127,16 +130,14 @@ def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: t
     _, model, opt, _, channels_last = _model_and_opt(cfg, device, len(loader))
     model.train()
     loss_fn = nn.CrossEntropyLoss()
+    dtype = _dtype(cfg, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device, cfg.amp):
-            loss = loss_fn(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        training_step(model, opt, x, y, loss_fn, dtype, scaler)
 
     return _timed_epoch(loader, device, step)
 
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({available_cpus()} threads)",
         "image_size": size, "batch_size": cfg.batch_size, "augment_policy": a.augment_policy, "train_images": n_train,
-        "data_kind": data.source["kind"], "amp": cfg.amp and device.type == "cuda", "compile": a.compile,
+        "data_kind": data.source["kind"], "train_precision": precision_name(_dtype(cfg, device)), "channels_last": cfg.channels_last, "compile": a.compile,
         "prepare_seconds": round(prepare_s, 2),
         "model_only_img_s": round(model_only, 1), "pipeline_img_s": round(pipeline, 1),
         "pipeline_over_model_only": round(pipeline / model_only, 3),

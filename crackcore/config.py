@@ -45,8 +45,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     num_threads: int | None = None  # torch CPU threads; None = CPUs this process may use
-    amp: bool = True  # bf16/fp16 autocast on CUDA only
-    channels_last: bool = True
+    amp: bool = True  # train under autocast where the device runs it natively (train.autocast_dtype)
+    channels_last: bool = True  # faster on CUDA and on oneDNN CPUs alike
     compile: bool = False  # torch.compile the model (CUDA; measured in crackcore.bench)
 
     def __post_init__(self) -> None:

@@ -319,11 +319,12 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
 # --------------------------------------------------------------------------- serving
 
 
-def normalize(batch: torch.Tensor) -> torch.Tensor:
-    """float [B,3,H,W] in [0,1] -> ImageNet-normalised."""
+def normalize(batch: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """float [B,3,H,W] in [0,1] -> ImageNet-normalised (in place when the caller owns `batch`:
+    no new batch-sized buffers on the hot path)."""
     mean = torch.tensor(IMAGENET_MEAN, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=batch.device, dtype=batch.dtype).view(1, 3, 1, 1)
-    return (batch - mean) / std
+    return batch.sub_(mean).div_(std) if inplace else (batch - mean) / std
 
 
 def as_tensor(images: np.ndarray) -> torch.Tensor:

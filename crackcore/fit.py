@@ -63,7 +63,8 @@ def write_run_outputs(out: Path, result: FitResult, data: PreparedData, cfg: Tra
         "ece_calibrated": expected_calibration_error(predictions["true_label"], calibrated),
         "reliability_calibrated": reliability_table(predictions["true_label"], calibrated).to_dict("records"),
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
-        "weights": result.weights.to_dict(), "device": result.device, "train_seconds": result.seconds,
+        "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,
+        "train_seconds": result.seconds,
         "epochs": len(result.history), "image_size": cfg.image_size,
     }
     metrics.update(extra_metrics or {})
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     result = fit(cfg, data, evaluate_test=True)
     metrics = write_run_outputs(a.out, result, data, cfg, {"wall_seconds": time.time() - t0, "versions": versions(),
                                                             "data_source": data.source, "command": sys.argv})
-    print(f"\nweights: {result.weights.describe()}  device: {result.device}  wall {time.time() - t0:.0f}s")
+    print(f"\nweights: {result.weights.describe()}  device: {result.device} ({result.precision})  wall {time.time() - t0:.0f}s")
     print("\n".join(summary_lines(metrics, a.out)))
     return 0
 

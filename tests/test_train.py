@@ -14,7 +14,7 @@ from crackcore.config import ConfigError, TrainConfig, apply_overrides, load_stu
 from crackcore.data import prepare_data
 from crackcore.errors import errors_from_predictions, write_json, write_parquet
 from crackcore.metrics import expected_calibration_error, reliability_table, roc_auc, wilson_interval
-from crackcore.train import fit
+from crackcore.train import autocast_dtype, fit, precision_name, training_step
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_ACC = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr"]
@@ -22,7 +22,7 @@ LOSS_ACC = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_
 
 @pytest.fixture(scope="module")
 def small_cfg(crack_data: Path) -> TrainConfig:
-    return TrainConfig(data=str(crack_data), image_size=32, subset=150, epochs=2, lr=0.05, batch_size=32,
+    return TrainConfig(data=str(crack_data), image_size=32, subset=150, epochs=3, lr=0.01, batch_size=32,
                     weights="random", augment_policy="flip")
 
 
@@ -43,6 +43,30 @@ def test_resume_from_epoch_checkpoint_continues_identically(small_cfg: TrainConf
     full = fit(small_cfg, data, log=None, on_epoch=lambda row, state_fn: states.setdefault(row["epoch"], state_fn()))
     resumed = fit(small_cfg, data, log=None, resume_state=states[1])
     pd.testing.assert_frame_equal(full.history[LOSS_ACC], resumed.history[LOSS_ACC])
+
+
+def test_amp_off_trains_in_float32_and_says_so(small_cfg: TrainConfig) -> None:
+    data = prepare_data(small_cfg)
+    result = fit(small_cfg.replace(amp=False, epochs=1), data, log=None)
+    assert result.precision == "float32" and result.val["accuracy"] > 0
+
+
+def test_float16_steps_go_through_the_grad_scaler() -> None:
+    # fp16 (GPUs without bf16) needs loss scaling; the step must unscale before updating, so the
+    # update equals the float32 one rather than init_scale times it
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16,))
+    models = [torch.nn.Linear(8, 2) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    start = models[0].weight.detach().clone()
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in models]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    logits, loss = training_step(models[0], opts[0], x, y, torch.nn.CrossEntropyLoss(), torch.float16, scaler)
+    training_step(models[1], opts[1], x, y, torch.nn.CrossEntropyLoss(), None, None)
+    assert logits.dtype == torch.float16 and torch.isfinite(loss)
+    step_fp16, step_fp32 = models[0].weight - start, models[1].weight - start
+    assert step_fp32.abs().max() > 1e-3
+    assert torch.allclose(step_fp16, step_fp32, rtol=0.02, atol=1e-4)
 
 
 def test_errors_hold_exactly_the_misclassified_rows() -> None:
@@ -86,6 +110,7 @@ def test_baseline_cli_writes_consistent_outputs(crack_data: Path, tmp_path: Path
     assert m["recall"] == pytest.approx(tp / (preds["true_label"] == 1).sum())
     assert m["ci95_low"] <= m["test_accuracy"] <= m["ci95_high"]
     assert m["weights"]["source"] == "random"
+    assert m["train_precision"] == precision_name(autocast_dtype(torch.device("cpu")))
     assert "95 % CI" in proc.stdout and "misclassified test images" in proc.stdout
     model = torch.load(out / "model.pt", weights_only=True)
     assert model["image_size"] == 32 and model["config"]["subset"] == 40

@@ -445,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "name": cfg.name, "command": shlex.join([sys.executable, *sys.argv]), "argv": sys.argv,
         "data_source": data.source, "weights": weights.to_dict(), "versions": {**versions(), "ray": ray.__version__,
         "optuna": __import__("optuna").__version__}, "seed": cfg.seed, "final_device": result.device,
+        "final_train_precision": result.precision,
         "cluster_resources": resources, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
         "ray_address": a.address or "local", "storage": storage, "trials": int(len(trials)),
         "trial_status": {k: int(v) for k, v in counts.items()}, "max_parallel_trials": max_parallel(trials),
