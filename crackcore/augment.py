@@ -108,7 +108,8 @@ def sample_params(policy: str, batch: int, image_size: int, generator: torch.Gen
         if amount:
             out[name] = u(max(0.0, 1 - amount), 1 + amount)
     if "brightness" in out or "contrast" in out or "saturation" in out:
-        out["color_order"] = torch.randperm(3, generator=g)  # ColorJitter applies in random order
+        # ColorJitter applies its operations in an order drawn per image: one permutation per row
+        out["color_order"] = torch.argsort(torch.rand(batch, 3, generator=g), dim=1)
     return out
 
 
@@ -117,46 +118,96 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return (0.2989 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+def _blend(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's _blend, factor * x + (1 - factor) * other, as one lerp (other=None: black)."""
     f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * other).clamp_(0, 1)
+    out = x * f if other is None else torch.lerp(other.expand_as(x), x, f)
+    return out.clamp_(0, 1)
+
+
+def _by_group(x: torch.Tensor, codes: torch.Tensor, fn) -> torch.Tensor:
+    """Apply fn(part, rows, code) to the samples of each distinct `codes` row. `codes` lives on
+    the CPU (no device sync to group); each group is gathered and scattered back once."""
+    groups, inverse = torch.unique(codes, dim=0, return_inverse=True)
+    if len(groups) == 1:
+        return fn(x, None, groups[0])
+    out = None
+    for j, code in enumerate(groups):
+        rows = torch.nonzero(inverse == j).squeeze(1).to(x.device, non_blocking=True)
+        part = fn(x.index_select(0, rows), rows, code)
+        out = torch.empty((len(x), *part.shape[1:]), dtype=part.dtype, device=x.device) if out is None else out
+        out.index_copy_(0, rows, part)
+    return out
+
+
+def _dihedral(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Flips then rot90: each sample gets one of the 8 symmetries of the square; exact for any dtype."""
+    zeros = torch.zeros(len(x), dtype=torch.long)
+    code = (params.get("hflip", zeros).long() + 2 * params.get("vflip", zeros).long()
+            + 4 * params.get("rot90", zeros).long())
+    if not code.any():
+        return x
+
+    def move(part: torch.Tensor, rows: torch.Tensor | None, c: torch.Tensor) -> torch.Tensor:
+        c = int(c)
+        flips = [d for d, on in ((-1, c & 1), (-2, c & 2)) if on]
+        if flips:
+            part = part.flip(flips)
+        return torch.rot90(part, c >> 2, dims=(-2, -1)) if c >> 2 else part
+
+    return _by_group(x, code, move)
+
+
+def _color(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Brightness, contrast, saturation blends in each sample's own order (as ColorJitter)."""
+    if "color_order" not in params:
+        return x
+    factors = {k: params[k].to(x.device, non_blocking=True) for k in ("brightness", "contrast", "saturation") if k in params}
+
+    def jitter(part: torch.Tensor, rows: torch.Tensor | None, order: torch.Tensor) -> torch.Tensor:
+        f = factors if rows is None else {k: v.index_select(0, rows) for k, v in factors.items()}
+        for op in order.tolist():
+            if op == 0 and "brightness" in f:
+                part = _blend(part, None, f["brightness"])
+            elif op == 1 and "contrast" in f:
+                mean = _grayscale(part).mean(dim=(-3, -2, -1), keepdim=True)
+                part = _blend(part, mean, f["contrast"])
+            elif op == 2 and "saturation" in f:
+                part = _blend(part, _grayscale(part), f["saturation"])
+        return part
+
+    return _by_group(x, params["color_order"], jitter)
 
 
 def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Apply drawn parameters to float [B,3,S,S] in [0,1]; same order as per_image_transform."""
-    dev = x.device
-    params = {k: v.to(dev, non_blocking=True) for k, v in params.items()}
-    size = x.shape[-1]
+    """Apply drawn parameters to a [B,3,S,S] batch, in the order of per_image_transform: crop,
+    flips, rot90, colour. Takes float in [0,1], or uint8 (returned as float in [0,1]): without
+    a crop the flips and rotations then move uint8 pixels, a quarter of the bytes, before the
+    conversion, which is exact because they only move pixels."""
+    moved = False
+    if x.dtype == torch.uint8:
+        if "crop" not in params:
+            x, moved = _dihedral(x, params), True
+        x = x.float().div_(255)
     if "crop" in params:
-        boxes = torch.cat([torch.arange(len(x), device=dev, dtype=x.dtype)[:, None], params["crop"].to(x.dtype)], 1)
-        x = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=2, aligned=True)
-    if "hflip" in params:
-        x = torch.where(params["hflip"].view(-1, 1, 1, 1), x.flip(-1), x)
-        x = torch.where(params["vflip"].view(-1, 1, 1, 1), x.flip(-2), x)
-    if "rot90" in params:
-        out = x.clone()
-        for k in (1, 2, 3):
-            sel = params["rot90"] == k
-            if sel.any():
-                out[sel] = torch.rot90(x[sel], k, dims=(-2, -1))
-        x = out
-    if "color_order" in params:
-        for op in params["color_order"].tolist():
-            if op == 0 and "brightness" in params:
-                x = _blend(x, torch.zeros_like(x), params["brightness"])
-            elif op == 1 and "contrast" in params:
-                mean = _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-                x = _blend(x, mean, params["contrast"])
-            elif op == 2 and "saturation" in params:
-                x = _blend(x, _grayscale(x), params["saturation"])
-    return x
+        # One bilinear sample at each output pixel's centre: a crop box is never larger than the
+        # output, so this is resized_crop's bilinear upsampling (more samples per bin would blur,
+        # and cost 3x on a CPU)
+        size = x.shape[-1]
+        boxes = torch.cat([torch.arange(len(x), dtype=x.dtype)[:, None], params["crop"].to(x.dtype)], 1)
+        x = roi_align(x, boxes.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
+                      sampling_ratio=1, aligned=True)
+    if not moved:
+        x = _dihedral(x, params)
+    return _color(x, params)
 
 
 def batch_augment(x: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Augment a float [B,3,S,S] batch in [0,1] on whatever device it lives on."""
-    if policy == "none":
-        return x
-    return apply_params(x, sample_params(policy, x.shape[0], x.shape[-1], generator))
+    """Augment a [B,3,S,S] batch (uint8, or float in [0,1]) on whatever device it lives on;
+    returns float in [0,1]."""
+    get_policy(policy)
+    params = sample_params(policy, x.shape[0], x.shape[-1], generator) if policy != "none" else {}
+    return apply_params(x, params)
 
 
 def reference_apply(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) -> torch.Tensor:
@@ -174,7 +225,7 @@ def reference_apply(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) 
     if "rot90" in params:
         img = TF.rotate(img, 90.0 * int(params["rot90"][i]))
     if "color_order" in params:
-        for op in params["color_order"].tolist():
+        for op in params["color_order"][i].tolist():
             if op == 0 and "brightness" in params:
                 img = TF.adjust_brightness(img, float(params["brightness"][i]))
             elif op == 1 and "contrast" in params:

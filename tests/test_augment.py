@@ -31,15 +31,33 @@ def test_batch_form_equals_torchvision_per_image(policy: str, batch: torch.Tenso
         assert torch.allclose(out[i], reference_apply(batch[i], params, i), atol=1e-5), i
 
 
-def test_strong_crop_matches_resized_crop_closely(batch: torch.Tensor) -> None:
+@pytest.mark.parametrize("policy", AUGMENT_POLICIES)
+def test_uint8_batches_give_the_float_result_and_stay_untouched(policy: str) -> None:
+    # training feeds uint8 straight from the cache; flips/rotations then move bytes before the
+    # float conversion, which must not change a single value
+    x_u8 = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(6))
+    before = x_u8.clone()
+    from_u8 = batch_augment(x_u8, policy, torch.Generator().manual_seed(7))
+    from_float = batch_augment(x_u8.float() / 255, policy, torch.Generator().manual_seed(7))
+    assert from_u8.dtype == torch.float32 and torch.equal(from_u8, from_float)
+    assert torch.equal(x_u8, before)
+
+
+def test_strong_crop_is_resized_crops_bilinear_upsampling(batch: torch.Tensor) -> None:
     params = sample_params("strong", len(batch), 32, torch.Generator().manual_seed(3))
     # resized_crop takes whole-pixel boxes, roi_align sub-pixel ones: give both the same whole-pixel
-    # box; bilinear sampling still differs slightly, so compare on smooth images
-    params["crop"] = params["crop"].round()
-    smooth = torch.nn.functional.interpolate(batch[:, :, ::4, ::4], size=32, mode="bilinear", align_corners=False)
-    out = apply_params(smooth, params)
+    # box. Inside, every pixel is the same bilinear sample; on the outermost ring roi_align reads
+    # the pixels just outside the box where resized_crop repeats the box's edge.
+    crop = {"crop": params["crop"].round()}
+    out = apply_params(batch, crop)
     for i in range(len(batch)):
-        assert (out[i] - reference_apply(smooth[i], params, i)).abs().mean() < 0.01
+        ref = reference_apply(batch[i], crop, i)
+        assert torch.allclose(out[i, :, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-5), i
+        assert (out[i] - ref).abs().mean() < 0.01, i
+    # and the whole policy (crop, flips, rotation, colour) stays close to the per-image form
+    params["crop"] = crop["crop"]
+    full = apply_params(batch, params)
+    assert sum((full[i] - reference_apply(batch[i], params, i)).abs().mean() for i in range(len(batch))) / len(batch) < 0.01
 
 
 def test_random_parameters_have_the_intended_distribution() -> None:
@@ -50,6 +68,11 @@ def test_random_parameters_have_the_intended_distribution() -> None:
     c = sample_params("color", 20000, 32, torch.Generator().manual_seed(5))
     b = POLICIES["color"].brightness
     assert c["brightness"].min() >= 1 - b and c["brightness"].max() <= 1 + b
+    # ColorJitter draws its order per image: every sample has its own uniform permutation
+    orders = c["color_order"]
+    assert orders.shape == (20000, 3) and torch.equal(orders.sort(1).values, torch.arange(3).expand(20000, 3))
+    _, counts = torch.unique(orders, dim=0, return_counts=True)
+    assert len(counts) == 6 and (counts.float() / 20000 - 1 / 6).abs().max() < 0.02
 
 
 def test_none_is_identity_and_unknown_policy_is_an_error(batch: torch.Tensor) -> None:
