@@ -102,8 +102,12 @@ def fig_importance(s: Study, path: Path) -> str:
     if study is None:
         raise ValueError("no Optuna journal in the study folder")
     finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    if len([t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]) < 2:
+    completed = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    if len(completed) < 2:
         raise ValueError("fewer than 2 completed trials")
+    if len({t.value for t in completed}) == 1:  # fANOVA has no variance to attribute
+        raise ValueError(f"all {len(completed)} completed trials reached the same validation accuracy "
+                         f"({completed[0].value:.4f}), so no setting explains a difference")
     importance = optuna.importance.get_param_importances(
         study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -260,7 +264,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             figures.append(name)
             md += [f"### {title}", "", f"![{title}]({name})", "", sentence, ""]
         except Exception as exc:  # a figure that cannot be drawn is explained, not fatal
-            md += [f"### {title}", "", f"Not drawn: {exc}.", ""]
+            md += [f"### {title}", "", f"Not drawn: {str(exc).rstrip('.')}.", ""]
     if "errors.parquet" not in s.missing:
         md += ["### Misclassified test images", ""]
         if s.errors.empty:
