@@ -7,21 +7,25 @@ Measured in one run on the current device, same model, batch size and image size
   pil_baseline   the usual torchvision ImageFolder + PIL + per-image transforms DataLoader
   eval           crackcore's evaluate() over the val split
   loader_only    each data path alone, no model: how fast a model it could keep fed
+model_only, pipeline and pil_baseline run in --rounds interleaved rounds and report their best;
+every round's figure is in the JSON line (`round_img_s`).
 and, with --study, trials/hour of a fixed small tuning study (tune/run.py in a subprocess, one
 row per packing level). Prints a table and one JSON line (also written with --json-out).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -53,8 +57,9 @@ def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     return autocast_dtype(device) if cfg.amp else None
 
 
-def bench_model_only(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> float:
-    """Images/s of forward+backward+step on one fixed batch already on the device."""
+def model_only_bench(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> Callable[[], float]:
+    """A round = `steps` forward+backward+step on one fixed batch already on the device (the
+    ceiling any data path can reach); returns img/s."""
     _, model, opt, _, channels_last = _model_and_opt(cfg, device, steps)
     x = normalize(torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device))
     if channels_last:
@@ -64,40 +69,54 @@ def bench_model_only(cfg: TrainConfig, device: torch.device, steps: int, warmup:
     loss_fn = nn.CrossEntropyLoss()
     dtype = _dtype(cfg, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    for i in range(warmup + steps):
-        if i == warmup:
-            _sync(device)
-            start = time.perf_counter()
+
+    def run() -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            training_step(model, opt, x, y, loss_fn, dtype, scaler)
+        _sync(device)
+        return steps * cfg.batch_size / (time.perf_counter() - start)
+
+    for _ in range(warmup):
         training_step(model, opt, x, y, loss_fn, dtype, scaler)
-    _sync(device)
-    return steps * cfg.batch_size / (time.perf_counter() - start)
+    return run
 
 
-def bench_pipeline(cfg: TrainConfig, data, device: torch.device) -> tuple[float, float]:
-    """crackcore's real training epoch and evaluation; the first epoch warms up."""
+def pipeline_bench(cfg: TrainConfig, data, device: torch.device, rounds: int) -> tuple[Callable[[], float], Callable[[], float]]:
+    """A round = one of crackcore's real training epochs (after one warm-up epoch); also returns
+    a function timing evaluate() over the val split. Both return img/s."""
     model, step_model, opt, _, channels_last = _model_and_opt(cfg, device, 1)
     loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
-    sched = make_scheduler(opt, cfg.replace(epochs=2), len(loader))
+    sched = make_scheduler(opt, cfg.replace(epochs=rounds + 1), len(loader))
     gen = torch.Generator().manual_seed(0)
     scaler = torch.amp.GradScaler(device.type, enabled=_dtype(cfg, device) == torch.float16)
-    result = {}
-    for epoch in (1, 2):
-        loader.set_epoch(epoch)
-        result = train_one_epoch(step_model, opt, sched, loader, cfg.augment_policy, gen, amp=cfg.amp,
-                                 channels_last=channels_last, scaler=scaler)
-    val = evaluate(step_model, BatchLoader(data, "val", 256, device, shuffle=False), data,
-                   channels_last=channels_last)
-    return result["img_s"], val["img_s"]
+    epochs = itertools.count(1)
+
+    def run() -> float:
+        loader.set_epoch(next(epochs))
+        return train_one_epoch(step_model, opt, sched, loader, cfg.augment_policy, gen, amp=cfg.amp,
+                               channels_last=channels_last, scaler=scaler)["img_s"]
+
+    def run_eval() -> float:
+        return evaluate(step_model, BatchLoader(data, "val", 256, device, shuffle=False), data,
+                        channels_last=channels_last)["img_s"]
+
+    run()
+    return run, run_eval
 
 
 def pil_loader(cfg: TrainConfig, root: Path, paths: list[str], device: torch.device,
                workers: int) -> torch.utils.data.DataLoader:
-    """ImageFolder-style loading: PIL decode + per-image transforms in DataLoader workers."""
+    """ImageFolder-style loading: PIL decode + per-image transforms in DataLoader workers, with
+    the per-image form of the same augmentation policy."""
     from PIL import Image
     from torchvision import transforms as T
 
-    tf = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.RandomHorizontalFlip(),
-                    T.RandomVerticalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    from crackcore.augment import per_image_transform
+
+    tf = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.ToTensor(),
+                    per_image_transform(cfg.augment_policy, cfg.image_size), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
     class Files(torch.utils.data.Dataset):
         def __len__(self) -> int:
@@ -124,8 +143,10 @@ def _timed_epoch(batches, device: torch.device, step) -> float:
     return seen / (time.perf_counter() - start)
 
 
-def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: torch.device, workers: int) -> float:
-    """Training steps fed by the PIL DataLoader."""
+def pil_baseline_bench(cfg: TrainConfig, root: Path, paths: list[str], device: torch.device,
+                       workers: int) -> Callable[[], float]:
+    """A round = one training epoch fed by the PIL DataLoader (fresh workers, as each epoch of a
+    trial has; their start-up batch not counted); returns img/s."""
     loader = pil_loader(cfg, root, paths, device, workers)
     _, model, opt, _, channels_last = _model_and_opt(cfg, device, len(loader))
     model.train()
@@ -139,7 +160,7 @@ def bench_pil_baseline(cfg: TrainConfig, root: Path, paths: list[str], device: t
             x = x.contiguous(memory_format=torch.channels_last)
         training_step(model, opt, x, y, loss_fn, dtype, scaler)
 
-    return _timed_epoch(loader, device, step)
+    return lambda: _timed_epoch(loader, device, step)
 
 
 def bench_loaders_only(cfg: TrainConfig, data, root: Path, paths: list[str], device: torch.device,
@@ -181,6 +202,61 @@ def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_tr
     return rows
 
 
+def replicate_dataset(source: str | Path, count: int, root: Path | None = None) -> Path:
+    """A Positive/ Negative/ folder of `count` JPEGs made from `source` for timing at full scale
+    (the 40,000-image study) where only a sample is at hand: the originals, then the seven other
+    flips/rotations of each image re-encoded (quality 95), so no two files share bytes and each is
+    decoded on its own. They are near-duplicates of each other, so accuracies measured on it
+    mean nothing. Built next to `root` and renamed into place; an existing matching one is reused."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from crackcore.data import CLASSES, DataError, cache_dir, discover
+
+    src = Path(source)
+    samples, _ = discover(src)
+    if count > 8 * len(samples):
+        raise DataError(f"cannot replicate {len(samples)} images to {count}: at most 8 variants each "
+                        f"({8 * len(samples)}); lower --replicate or use a larger source")
+    meta = {"source": str(src.resolve()), "source_files": len(samples), "source_bytes": int(samples["bytes"].sum()),
+            "count": count, "variants": "original, then 7 flips/rotations re-encoded as JPEG q95"}
+    root = root or cache_dir() / f"replicated-{src.resolve().name}-{count}"
+    if (root / "REPLICATED.json").is_file() and json.loads((root / "REPLICATED.json").read_text()) == meta:
+        return root
+    if root.exists():
+        raise DataError(f"{root} exists but is not this replica; remove it")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
+           Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
+           Image.Transpose.TRANSVERSE]
+    # classes interleaved, so a partial last round of variants keeps the class balance
+    rows = samples.assign(rank=samples.groupby("label").cumcount()).sort_values(["rank", "label"]).to_dict("records")
+
+    def write(k: int) -> None:
+        row, variant = rows[k % len(rows)], k // len(rows)
+        name = Path(row["path"])
+        dest = tmp / CLASSES[row["label"]] / f"{name.stem}-v{variant}{name.suffix if variant == 0 else '.jpg'}"
+        if variant == 0:
+            shutil.copyfile(src / row["path"], dest)
+        else:
+            with Image.open(src / row["path"]) as im:
+                im.convert("RGB").transpose(ops[variant]).save(dest, quality=95)
+
+    try:
+        for name in CLASSES:
+            (tmp / name).mkdir()
+        with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+            list(pool.map(write, range(count)))
+        (tmp / "REPLICATED.json").write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -195,16 +271,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--subset", type=int, help="images per class (default all)")
     p.add_argument("--augment-policy", default="flip_rotate")
     p.add_argument("--device", default="auto")
-    p.add_argument("--steps", type=int, default=30, help="model-only timed steps")
+    p.add_argument("--steps", type=int, default=30, help="model-only timed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of model-only, pipeline and PIL "
+                   "baseline; each figure is its best round")
     p.add_argument("--workers", type=int, default=None, help="PIL baseline DataLoader workers (default: CPUs)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (all measurements)")
     p.add_argument("--no-amp", action="store_true")
     p.add_argument("--study", action="store_true", help="also measure trials/hour of a small study")
     p.add_argument("--packing", default="", help="GPUs per trial to compare, e.g. 1,0.5,0.25 (GPU only)")
     p.add_argument("--study-subset", type=int, default=300, help="images per class in the --study runs")
+    p.add_argument("--replicate", type=int, metavar="N",
+                   help="bench on --data replicated to N images by flips/rotations (e.g. the sample to the "
+                        "full set's 40000; timing only), and print its folder for tune/run.py --data")
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI; measures nothing meaningful")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
+    if a.replicate:
+        if not a.data:
+            p.error("--replicate needs --data (the folder to replicate)")
+        t0 = time.perf_counter()
+        a.data = str(replicate_dataset(a.data, a.replicate))
+        print(f"replicated to {a.replicate} images in {time.perf_counter() - t0:.0f}s: {a.data} "
+              "(near-duplicates of each other: for timing, not accuracy)", file=sys.stderr)
     device = resolve_device(a.device)
     size = a.image_size or (32 if a.quick else (227 if device.type == "cuda" else 64))
     subset = a.subset or (40 if a.quick else None)
@@ -219,16 +307,25 @@ def main(argv: list[str] | None = None) -> int:
     prepare_s = time.perf_counter() - t0
     n_train = len(data.indices("train"))
 
-    model_only = bench_model_only(cfg, device, steps, warmup=1 if a.quick else 5)
-    pipeline, eval_img_s = bench_pipeline(cfg, data, device)
     train_paths = data.samples.loc[data.samples["split"] == "train", "path"].tolist()
     workers = a.workers if a.workers is not None else (0 if a.quick else available_cpus())
-    pil = bench_pil_baseline(cfg, Path(data.source["root"]), train_paths, device, workers)
+    rounds = 1 if a.quick else a.rounds
+    benches = {"model_only": model_only_bench(cfg, device, steps, warmup=1 if a.quick else 5)}
+    benches["pipeline"], run_eval = pipeline_bench(cfg, data, device, rounds)
+    benches["pil_baseline"] = pil_baseline_bench(cfg, Path(data.source["root"]), train_paths, device, workers)
+    # interleaved rounds, best of each: on a shared machine the slower rounds measure the
+    # neighbours (timeit's rule), and interleaving exposes all three to the same conditions
+    round_img_s: dict[str, list[float]] = {name: [] for name in benches}
+    for _ in range(rounds):
+        for name, run in benches.items():
+            round_img_s[name].append(run())
+    model_only, pipeline, pil = (max(round_img_s[k]) for k in ("model_only", "pipeline", "pil_baseline"))
+    eval_img_s = run_eval()
     loader_only, pil_loader_only = bench_loaders_only(cfg, data, Path(data.source["root"]), train_paths, device, workers)
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({available_cpus()} threads)",
         "image_size": size, "batch_size": cfg.batch_size, "augment_policy": a.augment_policy, "train_images": n_train,
-        "data_kind": data.source["kind"], "train_precision": precision_name(_dtype(cfg, device)), "channels_last": cfg.channels_last, "compile": a.compile,
+        "data_kind": data.source["kind"] + (f" replicated to {a.replicate}" if a.replicate else ""), "train_precision": precision_name(_dtype(cfg, device)), "channels_last": cfg.channels_last, "compile": a.compile,
         "prepare_seconds": round(prepare_s, 2),
         "model_only_img_s": round(model_only, 1), "pipeline_img_s": round(pipeline, 1),
         "pipeline_over_model_only": round(pipeline / model_only, 3),
@@ -236,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
         "speedup_over_pil_baseline": round(pipeline / pil, 2),
         "loader_only_img_s": round(loader_only, 1), "pil_loader_only_img_s": round(pil_loader_only, 1),
         "loader_speedup_over_pil": round(loader_only / pil_loader_only, 1), "eval_img_s": round(eval_img_s, 1),
-        "peak_memory_mb": round(peak_memory_mb(device), 1), "quick": a.quick,
+        "peak_memory_mb": round(peak_memory_mb(device), 1), "rounds": rounds,
+        "round_img_s": {k: [round(v, 1) for v in vs] for k, vs in round_img_s.items()}, "quick": a.quick,
     }
     if a.study:
         packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
