@@ -64,6 +64,8 @@ def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abs
 def model_inputs(x_u8: torch.Tensor, augment_policy: str = "none",
                  generator: torch.Generator | None = None) -> torch.Tensor:
     """uint8 [B,3,S,S] batch -> augmented, ImageNet-normalised float, on the batch's device."""
+    if x_u8.dtype != torch.uint8:  # a float batch could come back unchanged and be normalised in place
+        raise TypeError(f"model_inputs takes the uint8 batches of BatchLoader, not {x_u8.dtype}")
     x = batch_augment(x_u8, augment_policy, generator)  # a new float tensor: ours to modify
     return normalize(x, inplace=True)
 

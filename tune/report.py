@@ -33,7 +33,8 @@ MARKERS = {"none": "o", "flip": "s", "flip_rotate": "^", "color": "D", "strong":
 
 
 def _save(fig: plt.Figure, path: Path) -> None:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
@@ -170,7 +171,9 @@ def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
     root = Path(s.study.get("data_source", {}).get("root", ""))
     cols = min(6, len(errors))
     rows = -(-len(errors) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.5 * rows), squeeze=False)
+    # at least two columns' width, so the title fits above a grid of one or two images
+    fig, axes = plt.subplots(rows, cols, figsize=(max(2.2 * cols, 4.4), 2.5 * rows + 0.3), squeeze=False,
+                             layout="constrained")  # makes room for the suptitle, unlike tight_layout
     names = {0: "no crack", 1: "crack"}
     for ax in axes.flat:
         ax.axis("off")
@@ -182,7 +185,7 @@ def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
         except OSError:
             ax.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"true {names[e.true_label]}\npred {names[e.pred_label]}, p={e.prob_crack:.2f}", fontsize=8)
-    fig.suptitle(f"Misclassified test images: {len(errors)} of {len(s.errors)} shown (most confident first)")
+    fig.suptitle(f"Misclassified test images\n{len(errors)} of {len(s.errors)} shown, most confident first", fontsize=10)
     _save(fig, path)
     return "The final model's mistakes on the test split, most confident first.", len(errors)
 
