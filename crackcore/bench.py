@@ -33,8 +33,8 @@ from torch import nn
 from crackcore.config import TrainConfig
 from crackcore.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, normalize, prepare_data
 from crackcore.model import build_model, trainable_parameters
-from crackcore.train import (autocast_dtype, available_cpus, evaluate, make_scheduler, model_inputs, precision_name,
-                             resolve_device, train_one_epoch, training_step)
+from crackcore.train import (available_cpus, evaluate, make_scheduler, model_inputs, precision_name, resolve_device,
+                             train_one_epoch, training_precision, training_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -53,10 +53,6 @@ def _model_and_opt(cfg: TrainConfig, device: torch.device, steps_per_epoch: int)
     return model, step_model, opt, make_scheduler(opt, cfg, steps_per_epoch), channels_last
 
 
-def _dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
-    return autocast_dtype(device) if cfg.amp else None
-
-
 def model_only_bench(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> Callable[[], float]:
     """A round = `steps` forward+backward+step on one fixed batch already on the device (the
     ceiling any data path can reach); returns img/s."""
@@ -67,8 +63,7 @@ def model_only_bench(cfg: TrainConfig, device: torch.device, steps: int, warmup:
     y = torch.randint(0, 2, (cfg.batch_size,), device=device)
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    dtype = _dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype, scaler = training_precision(device, cfg.amp)
 
     def run() -> float:
         _sync(device)
@@ -90,7 +85,7 @@ def pipeline_bench(cfg: TrainConfig, data, device: torch.device, rounds: int) ->
     loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
     sched = make_scheduler(opt, cfg.replace(epochs=rounds + 1), len(loader))
     gen = torch.Generator().manual_seed(0)
-    scaler = torch.amp.GradScaler(device.type, enabled=_dtype(cfg, device) == torch.float16)
+    _, scaler = training_precision(device, cfg.amp)
     epochs = itertools.count(1)
 
     def run() -> float:
@@ -151,8 +146,7 @@ def pil_baseline_bench(cfg: TrainConfig, root: Path, paths: list[str], device: t
     _, model, opt, _, channels_last = _model_and_opt(cfg, device, len(loader))
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    dtype = _dtype(cfg, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    dtype, scaler = training_precision(device, cfg.amp)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -213,6 +207,7 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
     from PIL import Image
 
     from crackcore.data import CLASSES, DataError, cache_dir, discover
+    from crackcore.errors import build_folder
 
     src = Path(source)
     samples, _ = discover(src)
@@ -221,40 +216,30 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
                         f"({8 * len(samples)}); lower --replicate or use a larger source")
     meta = {"source": str(src.resolve()), "source_files": len(samples), "source_bytes": int(samples["bytes"].sum()),
             "count": count, "variants": "original, then 7 flips/rotations re-encoded as JPEG q95"}
-    root = root or cache_dir() / f"replicated-{src.resolve().name}-{count}"
-    if (root / "REPLICATED.json").is_file() and json.loads((root / "REPLICATED.json").read_text()) == meta:
-        return root
-    if root.exists():
-        raise DataError(f"{root} exists but is not this replica; remove it")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
     ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
            Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
            Image.Transpose.TRANSVERSE]
     # classes interleaved, so a partial last round of variants keeps the class balance
     rows = samples.assign(rank=samples.groupby("label").cumcount()).sort_values(["rank", "label"]).to_dict("records")
 
-    def write(k: int) -> None:
-        row, variant = rows[k % len(rows)], k // len(rows)
-        name = Path(row["path"])
-        dest = tmp / CLASSES[row["label"]] / f"{name.stem}-v{variant}{name.suffix if variant == 0 else '.jpg'}"
-        if variant == 0:
-            shutil.copyfile(src / row["path"], dest)
-        else:
-            with Image.open(src / row["path"]) as im:
-                im.convert("RGB").transpose(ops[variant]).save(dest, quality=95)
+    def build(tmp: Path) -> None:
+        def write(k: int) -> None:
+            row, variant = rows[k % len(rows)], k // len(rows)
+            name = Path(row["path"])
+            dest = tmp / CLASSES[row["label"]] / f"{name.stem}-v{variant}{name.suffix if variant == 0 else '.jpg'}"
+            if variant == 0:
+                shutil.copyfile(src / row["path"], dest)
+            else:
+                with Image.open(src / row["path"]) as im:
+                    im.convert("RGB").transpose(ops[variant]).save(dest, quality=95)
 
-    try:
         for name in CLASSES:
             (tmp / name).mkdir()
         with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
             list(pool.map(write, range(count)))
-        (tmp / "REPLICATED.json").write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return build_folder(root or cache_dir() / f"replicated-{src.resolve().name}-{count}", "REPLICATED.json", meta,
+                        "replica", build)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -286,7 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI; measures nothing meaningful")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
-    if a.replicate:
+    if a.replicate is not None:
+        if a.replicate < 1:
+            p.error(f"--replicate {a.replicate}: give the number of images to make, e.g. 40000")
         if not a.data:
             p.error("--replicate needs --data (the folder to replicate)")
         t0 = time.perf_counter()
@@ -325,7 +312,9 @@ def main(argv: list[str] | None = None) -> int:
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({available_cpus()} threads)",
         "image_size": size, "batch_size": cfg.batch_size, "augment_policy": a.augment_policy, "train_images": n_train,
-        "data_kind": data.source["kind"] + (f" replicated to {a.replicate}" if a.replicate else ""), "train_precision": precision_name(_dtype(cfg, device)), "channels_last": cfg.channels_last, "compile": a.compile,
+        "data_kind": data.source["kind"] + (f" replicated to {a.replicate}" if a.replicate else ""),
+        "train_precision": precision_name(training_precision(device, cfg.amp)[0]), "channels_last": cfg.channels_last,
+        "compile": a.compile,
         "prepare_seconds": round(prepare_s, 2),
         "model_only_img_s": round(model_only, 1), "pipeline_img_s": round(pipeline, 1),
         "pipeline_over_model_only": round(pipeline / model_only, 3),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -36,6 +37,37 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def build_folder(root: str | Path, marker: str, meta: dict[str, Any], what: str,
+                 build: Callable[[Path], None]) -> Path:
+    """A generated folder, whole or not at all: `build(tmp)` fills a temp folder next to `root`,
+    `marker` (JSON of `meta`) is written last and the folder renamed into place. An existing
+    folder whose marker matches `meta` is reused as is; any other one is an error."""
+    root = Path(root)
+
+    def complete() -> bool:
+        return (root / marker).is_file() and json.loads((root / marker).read_text()) == meta
+
+    if complete():
+        return root
+    if root.exists():
+        raise FileExistsError(f"{root} exists but is not this {what}; remove it or choose another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        build(tmp)
+        (tmp / marker).write_text(json.dumps(meta, indent=2))
+        os.replace(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if complete():  # another process finished the same folder first
+            return root
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:

@@ -10,22 +10,21 @@ short light scratch), so the task is learnable but not trivial.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from crackcore.errors import build_folder
 
 VERSION = 1
 MARKER = "SYNTHETIC.json"
 
 
 def default_synthetic_root(n_per_class: int, image_size: int, seed: int) -> Path:
-    base = Path(os.environ.get("CRACK_CACHE", Path.home() / ".cache" / "crackcore"))
-    return base / f"synthetic-n{n_per_class}-s{image_size}-seed{seed}"
+    from crackcore.data import cache_dir  # data imports this module when it needs the synthetic set
+
+    return cache_dir() / f"synthetic-n{n_per_class}-s{image_size}-seed{seed}"
 
 
 def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -97,28 +96,14 @@ def make_image(rng: np.random.Generator, size: int, crack: bool) -> Image.Image:
 def make_synthetic_dataset(root: Path, n_per_class: int = 400, image_size: int = 227, seed: int = 0) -> Path:
     """Write `n_per_class` JPEGs per class under root/Positive and root/Negative (atomically:
     built next to root, then renamed). An existing matching set is reused as is."""
-    root = Path(root)
     meta = {"generator": "crackcore.synthetic", "n_per_class": n_per_class, "image_size": image_size, "seed": seed,
             "version": VERSION}
-    if root.exists():
-        marker = root / MARKER
-        if marker.is_file() and json.loads(marker.read_text()) == meta:
-            return root
-        raise FileExistsError(f"{root} exists but is not this synthetic set; remove it or choose another folder")
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
-    try:
+
+    def build(tmp: Path) -> None:
         rng = np.random.default_rng(seed)
         for name, crack in (("Positive", True), ("Negative", False)):
             (tmp / name).mkdir()
             for i in range(1, n_per_class + 1):
                 make_image(rng, image_size, crack).save(tmp / name / f"{i:05d}.jpg", quality=90)
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, root)
-    except FileExistsError:  # another process finished the same set first
-        shutil.rmtree(tmp, ignore_errors=True)
-        return make_synthetic_dataset(root, n_per_class, image_size, seed)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return root
+
+    return build_folder(root, MARKER, meta, "synthetic set", build)
