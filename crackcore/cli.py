@@ -10,7 +10,7 @@ from crackcore.data import DataError
 from crackcore.model import WeightsError
 
 KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, WeightsError, FileNotFoundError,
-                                                 FileExistsError, PermissionError)
+                                                 FileExistsError, PermissionError, FloatingPointError)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,

@@ -133,21 +133,34 @@ class CrackResNet(ResNet):
         return self
 
 
-def build_model(freeze_depth: int = 0, weights: str | Path | None = "auto",
-                weights_info: WeightsInfo | None = None) -> tuple[CrackResNet, WeightsInfo]:
+def load_backbone(info: WeightsInfo) -> dict[str, torch.Tensor] | None:
+    """The ImageNet backbone tensors of a resolved weights file (its `fc` dropped), or None for
+    random init. Load once and hand the dict to `build_model(backbone=...)` where the file may
+    not exist, e.g. on the other nodes of a Ray cluster."""
+    if not info.path:
+        return None
+    state = torch.load(info.path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict):
+        raise WeightsError(f"{info.path} is not a state_dict; expected torchvision's {WEIGHTS_FILENAME}")
+    backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = CrackResNet(0).load_state_dict(backbone, strict=False)
+    if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
+        raise WeightsError(f"{info.path} is not a resnet18 state_dict (missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}); pass torchvision's {WEIGHTS_FILENAME}")
+    return backbone
+
+
+def build_model(freeze_depth: int = 0, weights: str | Path | None = "auto", weights_info: WeightsInfo | None = None,
+                backbone: dict[str, torch.Tensor] | None = None) -> tuple[CrackResNet, WeightsInfo]:
     """ResNet-18, ImageNet backbone when available, fresh 2-class `fc`, first `freeze_depth`
-    stages frozen. Pass `weights_info` to reuse an already resolved file (no second search)."""
+    stages frozen. Pass `weights_info` to reuse an already resolved file (no second search),
+    and `backbone` (from `load_backbone`) to skip reading the file."""
     info = weights_info or resolve_weights(weights)
+    if backbone is None:
+        backbone = load_backbone(info)
     model = CrackResNet(freeze_depth)
-    if info.path:
-        state = torch.load(info.path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict):
-            raise WeightsError(f"{info.path} is not a state_dict; expected torchvision's {WEIGHTS_FILENAME}")
-        backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}
-        missing, unexpected = model.load_state_dict(backbone, strict=False)
-        if unexpected or set(missing) != {"fc.weight", "fc.bias"}:
-            raise WeightsError(f"{info.path} is not a resnet18 state_dict (missing {missing[:3]}, unexpected "
-                               f"{unexpected[:3]}); pass torchvision's {WEIGHTS_FILENAME}")
+    if backbone is not None:
+        model.load_state_dict(backbone, strict=False)  # fc stays freshly initialised
     model.apply_freeze()
     return model, info
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from crackcore.augment import batch_augment
-from crackcore.config import TrainConfig
+from crackcore.config import ConfigError, TrainConfig
 from crackcore.data import BatchLoader, PreparedData, normalize, prepare_data
 from crackcore.metrics import binary_metrics, format_accuracy
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
@@ -31,7 +31,7 @@ def resolve_device(spec: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(spec)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={spec} requested but CUDA is not available; use --device cpu or auto")
+        raise ConfigError(f"device={spec} requested but CUDA is not available; use --device cpu or auto")
     return device
 
 
@@ -45,7 +45,9 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     AMX, where oneDNN runs it natively: resnet18 training steps measured 1.3-1.75x faster at
     64 px and 1.8x at 227 px on a 2-core EPYC; elsewhere bf16 is emulated and slower than float32."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # including_emulation=False: pre-Ampere GPUs (T4, V100) "support" bf16 only by emulation
+        with torch.cuda.device(device):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     try:
         caps = torch.cpu.get_capabilities()
     except (AttributeError, RuntimeError):
@@ -124,7 +126,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if not math.isfinite(loss_sum.item()):
-        raise FloatingPointError("training loss is not finite (learning rate too high?)")
+        raise FloatingPointError("training loss is not finite: the run diverged; lower the learning rate (--lr)")
     return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen,
             "seconds": seconds, "img_s": seen / seconds}
 
@@ -200,10 +202,12 @@ EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
 
 def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCallback | None = None,
         resume_state: dict[str, Any] | None = None, evaluate_test: bool = False,
-        weights_info: WeightsInfo | None = None, log: Callable[[str], None] | None = print) -> FitResult:
+        weights_info: WeightsInfo | None = None, backbone: dict[str, torch.Tensor] | None = None,
+        log: Callable[[str], None] | None = print) -> FitResult:
     """Train `cfg.epochs` epochs, evaluating on val after each. `on_epoch(row, state_fn)` is
     called after every epoch with the history row and a function returning a checkpoint dict
-    (model, optimizer, scheduler, RNG states, history); `resume_state` is such a dict."""
+    (model, optimizer, scheduler, RNG states, history); `resume_state` is such a dict.
+    `weights_info` / `backbone`: already resolved / loaded ImageNet weights (see build_model)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -214,7 +218,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     np.random.seed(cfg.seed)
     if data is None:
         data = prepare_data(cfg)
-    model, info = build_model(cfg.freeze_depth, cfg.weights, weights_info)
+    model, info = build_model(cfg.freeze_depth, cfg.weights, weights_info, backbone)
     model.to(device)
     channels_last = cfg.channels_last
     if channels_last:
@@ -222,7 +226,10 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     step_model: nn.Module = torch.compile(model) if cfg.compile else model
     dtype, scaler = training_precision(device, cfg.amp)
 
-    train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=False)
+    # a last batch of one image fails in BatchNorm (one value per channel once layer4 is 1x1,
+    # i.e. at <= 32 px) and is a noisy step anyway: drop it, keep any larger remainder
+    lone_last = len(data.indices("train")) % cfg.batch_size == 1
+    train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=lone_last)
     val_loader = BatchLoader(data, "val", max(256, cfg.batch_size), device, shuffle=False)
     params = trainable_parameters(model)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,

@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import crackcore.model as cm
-from crackcore.model import STAGES, WeightsError, build_model, resolve_weights, trainable_parameters
+from crackcore.model import STAGES, WeightsError, build_model, load_backbone, resolve_weights, trainable_parameters
 
 
 def stage_of(name: str) -> str | None:
@@ -64,6 +64,19 @@ def test_resolution_order_and_recorded_hash(tmp_path: Path, monkeypatch) -> None
     model, _ = build_model(3, str(explicit))
     state = torch.load(explicit, weights_only=True)
     assert torch.equal(model.layer2[0].conv1.weight, state["layer2.0.conv1.weight"])
+
+
+def test_a_loaded_backbone_builds_the_model_without_the_file(tmp_path: Path) -> None:
+    # what a trial on another Ray node does: the file was read on the driver only
+    path = tmp_path / "w.pth"
+    _write_weights(path)
+    info = resolve_weights(str(path))
+    backbone = load_backbone(info)
+    assert backbone is not None and not any(k.startswith("fc.") for k in backbone)
+    path.unlink()
+    model, used = build_model(1, weights_info=info, backbone=backbone)
+    assert used is info and torch.equal(model.layer3[1].bn2.running_mean, backbone["layer3.1.bn2.running_mean"])
+    assert load_backbone(resolve_weights("random")) is None
 
 
 def test_corrupt_download_is_detected_by_the_name_hash(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 Optuna, real images, tiny budgets."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import optuna
 import pandas as pd
 import pytest
 import torch
-
+import torchvision
 
 from tune.search import open_storage
 
@@ -122,15 +123,21 @@ def two_node_cluster():
 @pytest.mark.slow
 def test_study_on_two_node_cluster(two_node_cluster, crack_data: Path, tmp_path: Path) -> None:
     address, env = two_node_cluster
+    # a backbone file the test writes: the driver reads it once and trials get it from the object
+    # store (on a real cluster the file exists on the driver's machine only)
+    weights = tmp_path / "backbone.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
     proc = run_study("--address", address, "--data", str(crack_data), "--storage-path", str(tmp_path),
                      "--study-name", "cluster", "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2",
-                     "--final-epochs", "1", "--image-size", "32", "--subset", "40", "--cpus-per-trial", "1", env=env)
+                     "--final-epochs", "1", "--image-size", "32", "--subset", "40", "--cpus-per-trial", "1",
+                     "--weights", str(weights), env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     trials = pd.read_parquet(tmp_path / "cluster" / "trials.parquet")
     assert len(trials) == 4 and (trials["status"] == "COMPLETE").all()
     assert trials["node_id"].nunique() == 2, "trials should have run on both nodes"
     study = json.loads((tmp_path / "cluster" / "study.json").read_text())
     assert study["nodes"] == 2 and study["ray_address"] == address
+    assert study["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 # --------------------------------------------------------------------------- (c) resume

@@ -45,6 +45,14 @@ def test_resume_from_epoch_checkpoint_continues_identically(small_cfg: TrainConf
     pd.testing.assert_frame_equal(full.history[LOSS_ACC], resumed.history[LOSS_ACC])
 
 
+def test_a_last_batch_of_one_image_is_dropped_not_fed_to_batchnorm(small_cfg: TrainConfig) -> None:
+    # at 32 px layer4 is 1x1: BatchNorm in train mode cannot normalise a single image
+    data = prepare_data(small_cfg)
+    n_train = len(data.indices("train"))
+    result = fit(small_cfg.replace(batch_size=n_train - 1, epochs=1), data, log=None)
+    assert result.history["train_loss"].notna().all()
+
+
 def test_amp_off_trains_in_float32_and_says_so(small_cfg: TrainConfig) -> None:
     data = prepare_data(small_cfg)
     result = fit(small_cfg.replace(amp=False, epochs=1), data, log=None)
@@ -67,6 +75,20 @@ def test_float16_steps_go_through_the_grad_scaler() -> None:
     step_fp16, step_fp32 = models[0].weight - start, models[1].weight - start
     assert step_fp32.abs().max() > 1e-3
     assert torch.allclose(step_fp16, step_fp32, rtol=0.02, atol=1e-4)
+
+
+@pytest.mark.parametrize("major, expected", [(7, torch.float16), (8, torch.bfloat16), (9, torch.bfloat16)])
+def test_gpu_precision_is_bf16_only_where_native(monkeypatch, major: int, expected: torch.dtype) -> None:
+    # a T4/V100 (sm7x) can run bf16 kernels by emulation, slowly: those get fp16 + GradScaler
+    import contextlib
+    import types
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda d: True)  # emulation works
+    assert autocast_dtype(torch.device("cuda")) == expected
 
 
 def test_errors_hold_exactly_the_misclassified_rows() -> None:

@@ -26,7 +26,7 @@ from crackcore.data import check_root, prepare_data
 from crackcore.errors import write_json, write_parquet
 from crackcore.fit import summary_lines, versions, write_run_outputs
 from crackcore.metrics import format_accuracy, wilson_interval
-from crackcore.model import resolve_weights
+from crackcore.model import load_backbone, resolve_weights
 from crackcore.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
 
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, weights: dict[str, Any],
-               resume: bool, slots: int) -> Any:
+               backbone_ref: Any, resume: bool, slots: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -162,7 +162,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
     base = {k: v for k, v in cfg.train.to_dict().items() if k not in ("epochs",)}
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data_ref=[data_ref], base=base, weights=weights,
-                             max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial),
+                             backbone_ref=[backbone_ref], max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     experiment = f"{storage}/{RAY_DIR}"
     # num_to_keep=1 (checkpoints are ~86 MB) forces an experiment-state snapshot after every
@@ -248,8 +248,8 @@ def pick_best(trials: pd.DataFrame) -> pd.Series:
 # --------------------------------------------------------------------------- final retrain
 
 
-def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], num_cpus: float, num_gpus: float,
-               evaluate_test: bool, label: str) -> list[Any]:
+def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], backbone_ref: Any, num_cpus: float,
+               num_gpus: float, evaluate_test: bool, label: str) -> list[Any]:
     """Run crackcore.fit for each config as a Ray task, in parallel as resources allow (the
     driver may have no GPU). Returns FitResults; models only when the test split is evaluated."""
     import ray
@@ -257,14 +257,14 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], 
     from crackcore.model import WeightsInfo
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
-    def _fit(data_list: list, cfg: TrainConfig) -> Any:
-        data = ray.get(data_list[0])
+    def _fit(refs: list, cfg: TrainConfig) -> Any:
+        data, backbone = ray.get(refs)
         result = fit(cfg.replace(num_threads=max(1, int(num_cpus))), data, evaluate_test=evaluate_test,
-                     weights_info=WeightsInfo(**weights), log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
+                     weights_info=WeightsInfo(**weights), backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
         result.model = result.model.cpu() if evaluate_test else None
         return result
 
-    return ray.get([_fit.remote([data_ref], cfg) for cfg in cfgs])
+    return ray.get([_fit.remote([data_ref, backbone_ref], cfg) for cfg in cfgs])
 
 
 SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
@@ -275,7 +275,8 @@ def trial_params(row: pd.Series) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
 
 
-def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: dict[str, Any]) -> pd.DataFrame:
+def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: dict[str, Any],
+               backbone_ref: Any) -> pd.DataFrame:
     """Re-run the top-K configs R times with fresh seeds (same split) for max_epochs. One
     seed cannot rank trials that differ by a few errors in a thousand."""
     done = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
@@ -287,7 +288,7 @@ def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: d
             seed = cfg.seed + 1000 * rank + r + 1
             cfgs.append(cfg.train.replace(**params, epochs=cfg.max_epochs, seed=seed))
             rows.append({"config_rank": rank, "trial_id": row.trial_id, "seed": seed, **params})
-    results = fit_remote(data_ref, cfgs, weights, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat")
+    results = fit_remote(data_ref, cfgs, weights, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat")
     for row, res in zip(rows, results):
         row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"])
     return pd.DataFrame(rows)
@@ -314,8 +315,8 @@ def split_summary(test: dict[str, Any], data: Any, near_groups: pd.Series) -> di
             "test_images_with_near_duplicate_in_train": near_duplicate_leaks(data.samples, near_groups)}
 
 
-def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[str, Any], num_cpus: int,
-                   num_gpus: float) -> dict[str, Any]:
+def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[str, Any], backbone_ref: Any,
+                   num_cpus: int, num_gpus: float) -> dict[str, Any]:
     """Retrain the best config under the other split strategy: how much did duplicates flatter it?"""
     import ray
 
@@ -324,7 +325,7 @@ def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[
     other_data = prepare_data(other_cfg)
     print(f"\n--compare-splits: retraining under the {other} split ({other_data.source['groups']} groups) ...", flush=True)
     ref = ray.put(dataclasses.replace(other_data, images=np.asarray(other_data.images).view(np.ndarray)))
-    [other_result] = fit_remote(ref, [other_cfg], weights, num_cpus, num_gpus, True, f"{other} split")
+    [other_result] = fit_remote(ref, [other_cfg], weights, backbone_ref, num_cpus, num_gpus, True, f"{other} split")
     near_groups = (other_data if other == "grouped" else data).samples.set_index("path")["group"]
     return {best_cfg.split_strategy: split_summary(result.test, data, near_groups),
             other: split_summary(other_result.test, other_data, near_groups)}
@@ -390,12 +391,13 @@ def main(argv: list[str] | None = None) -> int:
           f"{len([n for n in ray.nodes() if n['Alive']])} node(s)", flush=True)
     # a plain ndarray (not a memmap subclass) is stored out-of-band: zero-copy reads per node
     data_ref = ray.put(dataclasses.replace(data, images=np.asarray(data.images).view(np.ndarray)))
+    backbone_ref = ray.put(load_backbone(weights))  # the weights file exists on this node only
     slots = trial_slots(cfg, resources)
     print(f"trials: {cfg.num_samples}, up to {slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} GPU "
           f"each), ASHA {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
 
     t_search = time.time()
-    results = run_search(cfg, study_dir, storage, data_ref, weights.to_dict(), a.resume, slots)
+    results = run_search(cfg, study_dir, storage, data_ref, weights.to_dict(), backbone_ref, a.resume, slots)
     search_seconds = time.time() - t_search
     trials, history = collect_trials(results, cfg)
     finished = results.num_terminated + results.num_errors
@@ -414,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     rule = BEST_RULE
     if cfg.repeat_top > 0 and cfg.repeats > 0:
         print(f"\nrepeating the top {cfg.repeat_top} configs with {cfg.repeats} seeds each ...", flush=True)
-        repeats = repeat_top(cfg, trials, data_ref, weights.to_dict())
+        repeats = repeat_top(cfg, trials, data_ref, weights.to_dict(), backbone_ref)
         ranked = rank_repeats(repeats)
         write_parquet(repeats.merge(ranked[["trial_id", "mean_val_acc", "ci95_low", "ci95_high"]], on="trial_id"),
                       study_dir / "repeats.parquet")
@@ -434,11 +436,12 @@ def main(argv: list[str] | None = None) -> int:
 
     t_final = time.time()
     num_cpus, num_gpus = final_resources(cfg)
-    [result] = fit_remote(data_ref, [best_cfg], weights.to_dict(), num_cpus, num_gpus, True, "final retrain")
+    [result] = fit_remote(data_ref, [best_cfg], weights.to_dict(), backbone_ref, num_cpus, num_gpus, True, "final retrain")
     final_seconds = time.time() - t_final
     extra: dict[str, Any] = {"best_trial_id": best["trial_id"]}
     if cfg.compare_splits:
-        extra["split_comparison"] = compare_splits(best_cfg, data, result, weights.to_dict(), num_cpus, num_gpus)
+        extra["split_comparison"] = compare_splits(best_cfg, data, result, weights.to_dict(), backbone_ref, num_cpus,
+                                                   num_gpus)
     metrics = write_run_outputs(study_dir, result, data, best_cfg, extra)
     counts = trials["status"].value_counts().to_dict()
     write_json({

@@ -39,8 +39,10 @@ def _maybe_inject_fault(epoch: int) -> None:
 
 
 def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], weights: dict[str, Any],
-                max_epochs: int, cpus: float) -> None:
-    data = ray.get(data_ref[0])  # shipped once through the object store; zero-copy per node
+                backbone_ref: Any, max_epochs: int, cpus: float) -> None:
+    # data and ImageNet backbone travel once per node through the object store (data zero-copy):
+    # a weights path resolved on the driver need not exist on the node running this trial
+    data, backbone = ray.get([data_ref[0], backbone_ref[0]])
     cfg = trial_config(base, params, max_epochs, cpus)
     node_id = ray.get_runtime_context().get_node_id()
     resume_state = None
@@ -55,4 +57,5 @@ def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], wei
             torch.save(state_fn(), Path(d) / STATE_FILE)
             tune.report({**row, "node_id": node_id, "pid": os.getpid()}, checkpoint=tune.Checkpoint.from_directory(d))
 
-    fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=WeightsInfo(**weights), log=None)
+    fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=WeightsInfo(**weights),
+        backbone=backbone, log=None)
