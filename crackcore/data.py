@@ -141,8 +141,13 @@ def decode_file(path: Path, image_size: int) -> torch.Tensor:
             img = img.permute(2, 0, 1)  # HWC -> CHW
         if img.ndim != 3 or img.shape[0] not in (1, 3):
             raise ValueError(f"tensor shape {tuple(img.shape)} is not [3,H,W], [1,H,W], [H,W] or [H,W,3]")
-        if img.is_floating_point():
-            img = (img.clamp(0, 1) * 255).round()
+        if img.dtype != torch.uint8:
+            # saved tensors hold uint8 0-255 or floats 0-1; anything else would be clamped or wrapped
+            lo, hi = (0.0, 1.0) if img.is_floating_point() else (0, 255)
+            if img.numel() and not (lo <= img.min().item() and img.max().item() <= hi):
+                raise ValueError(f"{img.dtype} values span {img.min().item():g}..{img.max().item():g}, outside {lo:g}..{hi:g}; "
+                                 "save uint8 0-255 or float 0-1 images")
+            img = (img * 255).round() if img.is_floating_point() else img
         img = img.to(torch.uint8)
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
@@ -176,6 +181,20 @@ def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bo
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
+    meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        bad = _decode_into(tmp, root, samples, image_size, progress)
+        meta_tmp.write_text(json.dumps({"n": len(samples), "image_size": image_size, "bad": bad}))
+        os.replace(tmp, array_path)  # array first: the meta file marks a complete cache
+        os.replace(meta_tmp, meta_path)
+    except BaseException:  # Ctrl-C or a full disk must not leave a dataset-sized temp file behind
+        tmp.unlink(missing_ok=True)
+        meta_tmp.unlink(missing_ok=True)
+        raise
+    return np.load(array_path, mmap_mode="r"), bad
+
+
+def _decode_into(tmp: Path, root: Path, samples: pd.DataFrame, image_size: int, progress: bool) -> dict[int, str]:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, image_size, image_size))
     bad: dict[int, str] = {}
     paths = [root / rel for rel in samples["path"]]
@@ -193,11 +212,7 @@ def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bo
                   disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
     out.flush()
     del out
-    meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
-    meta_tmp.write_text(json.dumps({"n": len(samples), "image_size": image_size, "bad": bad}))
-    os.replace(tmp, array_path)  # array first: the meta file marks a complete cache
-    os.replace(meta_tmp, meta_path)
-    return np.load(array_path, mmap_mode="r"), bad
+    return bad
 
 
 # --------------------------------------------------------------------------- prepared data
@@ -254,9 +269,9 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     # Byte-identical copies: one content hash in both classes means the label cannot be trusted.
     labels_per_hash = samples.groupby("content_hash")["label"].nunique()
     conflicting = set(labels_per_hash[labels_per_hash > 1].index)
+    n_conflicting = int(samples["content_hash"].isin(conflicting).sum())
     if conflicting:
-        _warn(f"dropped {samples['content_hash'].isin(conflicting).sum()} file(s) whose identical copy sits in the "
-              "other class folder (label conflict)")
+        _warn(f"dropped {n_conflicting} file(s) whose identical copy sits in the other class folder (label conflict)")
         samples = samples[~samples["content_hash"].isin(conflicting)]
     n_files = len(samples)
     n_exact_dupes = n_files - samples["content_hash"].nunique()
@@ -297,7 +312,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     source = {
         "kind": kind,
         "root": str(root.resolve()),
-        "files_found": n_files + skipped["skipped_non_image"] + len(conflicting),
+        "files_found": n_files + skipped["skipped_non_image"] + n_conflicting,
         "images_used": len(samples),
         "exact_duplicate_files": int(n_exact_dupes),
         "skipped_non_image": skipped["skipped_non_image"],
@@ -427,4 +442,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crackcore.cli import run_main
+
+    sys.exit(run_main(main))

@@ -52,10 +52,16 @@ def fetch(url: str, dest: Path) -> None:
 
             with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
                 total = int(resp.headers.get("Content-Length") or 0) or None
+                got = 0
                 with tqdm(total=total, unit="B", unit_scale=True, desc="download", file=sys.stderr) as bar:
                     for chunk in iter(lambda: resp.read(1 << 20), b""):
                         out.write(chunk)
+                        got += len(chunk)
                         bar.update(len(chunk))
+            # http.client ends a dropped connection as a normal end of file: compare with the header
+            if total is not None and got != total:
+                raise DownloadError(f"download of {url} stopped after {got} of {total} bytes; run the command "
+                                    "again (nothing was kept)")
         os.replace(part, dest)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         part.unlink(missing_ok=True)
@@ -64,6 +70,12 @@ def fetch(url: str, dest: Path) -> None:
     except BaseException:
         part.unlink(missing_ok=True)
         raise
+
+
+def _archive_errors() -> tuple[type[BaseException], ...]:
+    import rarfile
+
+    return (zipfile.BadZipFile, tarfile.TarError, rarfile.Error, EOFError, ValueError)
 
 
 def _safe_target(base: Path, name: str) -> Path:
@@ -75,6 +87,14 @@ def _safe_target(base: Path, name: str) -> Path:
 
 def extract(archive: Path, into: Path) -> None:
     """Extract by content type (magic bytes), refusing absolute paths and `..` members."""
+    try:
+        _extract(archive, into)
+    except _archive_errors() as exc:  # a truncated or damaged archive: CRC, EOF, bad headers
+        raise DownloadError(f"the archive is damaged ({type(exc).__name__}: {str(exc)[:120]}); download it again "
+                            "or pass --url with another copy (nothing was kept)") from None
+
+
+def _extract(archive: Path, into: Path) -> None:
     with open(archive, "rb") as f:
         head = f.read(8)
     if head.startswith(b"Rar!"):
@@ -116,6 +136,9 @@ def download(to: Path, url: str = OFFICIAL_URL, sha256: str | None = None, force
     final = to / FINAL_NAME
     if (final / "SOURCE.json").is_file() and not force:
         return final
+    if final.exists() and not force:
+        raise DownloadError(f"{final} exists but was not made by this command (no SOURCE.json); use it as --data, "
+                            "or pass --force to replace it")
     to.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=to, prefix=".download-"))
     try:

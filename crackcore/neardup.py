@@ -39,17 +39,21 @@ THUMB = 32
 CACHE_FILE = "signatures.parquet"
 
 
-def _signature(path: Path) -> tuple[int, bytes]:
+def _signature(path: Path) -> tuple[int, bytes] | None:
+    """None for a file that cannot be decoded: load_images reports and drops it later."""
     import imagehash
     from PIL import Image
 
-    if path.suffix.lower() == ".pt":
-        from crackcore.data import decode_file
+    try:
+        if path.suffix.lower() == ".pt":
+            from crackcore.data import decode_file
 
-        img = Image.fromarray(decode_file(path, 227).permute(1, 2, 0).numpy())
-    else:
-        img = Image.open(path)
-        img.load()
+            img = Image.fromarray(decode_file(path, 227).permute(1, 2, 0).numpy())
+        else:
+            img = Image.open(path)
+            img.load()
+    except Exception:
+        return None
     gray = img.convert("L")
     phash = int(str(imagehash.phash(gray)), 16)
     thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
@@ -57,7 +61,8 @@ def _signature(path: Path) -> tuple[int, bytes]:
 
 
 def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    """pHash + thumbnail per unique content hash, cached under $CRACK_CACHE/phash."""
+    """pHash + thumbnail per unique content hash, cached under $CRACK_CACHE/phash. Contents
+    that cannot be decoded have no row (and are not cached: tried again next time)."""
     from crackcore.data import cache_dir
     from crackcore.errors import write_parquet
 
@@ -73,12 +78,14 @@ def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.D
         with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
             sigs = list(tqdm(pool.map(_signature, paths), total=len(paths), desc="near-duplicate signatures",
                              disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
-        new = pd.DataFrame({"content_hash": todo["content_hash"].to_numpy(),
-                            "phash": np.array([s[0] for s in sigs], dtype=np.uint64).view(np.int64),
-                            "thumb": [s[1] for s in sigs]})
+        ok = [i for i, sig in enumerate(sigs) if sig is not None]
+        new = pd.DataFrame({"content_hash": todo["content_hash"].to_numpy()[ok],
+                            "phash": np.array([sigs[i][0] for i in ok], dtype=np.uint64).view(np.int64),
+                            "thumb": [sigs[i][1] for i in ok]})
         cached = pd.concat([cached, new], ignore_index=True)
-        write_parquet(cached, cache_path)
-    return cached.set_index("content_hash").loc[first["content_hash"]].reset_index()
+        if ok:
+            write_parquet(cached, cache_path)
+    return cached[cached["content_hash"].isin(set(first["content_hash"]))].reset_index(drop=True)
 
 
 def _find(parent: np.ndarray, i: int) -> int:
@@ -90,8 +97,11 @@ def _find(parent: np.ndarray, i: int) -> int:
 
 def near_duplicate_groups(root: Path, samples: pd.DataFrame, max_distance: int = MAX_PHASH_DISTANCE,
                           max_mad: float = MAX_THUMB_MAD, progress: bool = True) -> pd.Series:
-    """Group key per sample (index-aligned): the smallest content hash in its group."""
+    """Group key per sample (index-aligned): the smallest content hash in its group. A file
+    that cannot be decoded is its own group."""
     sig = signatures(Path(root), samples, progress)
+    if sig.empty:
+        return samples["content_hash"].copy()
     hashes = sig["phash"].to_numpy().view(np.uint64)
     thumbs = np.frombuffer(b"".join(sig["thumb"]), dtype=np.uint8).reshape(len(sig), -1).astype(np.float32)
     thumbs -= thumbs.mean(axis=1, keepdims=True)
@@ -115,7 +125,7 @@ def near_duplicate_groups(root: Path, samples: pd.DataFrame, max_distance: int =
     content = sig["content_hash"].to_numpy()
     key_of_root = pd.Series(content).groupby(roots).min()
     group_of_content = dict(zip(content, key_of_root.loc[roots].to_numpy()))
-    return samples["content_hash"].map(group_of_content)
+    return samples["content_hash"].map(group_of_content).fillna(samples["content_hash"])
 
 
 def group_report(samples: pd.DataFrame, top: int = 5) -> dict[str, Any]:

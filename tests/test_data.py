@@ -105,13 +105,14 @@ def test_missing_root_and_class_folders(tmp_path: Path) -> None:
         prepare_data(cfg(tmp_path / "d"))
 
 
-def test_corrupt_and_non_image_files_are_skipped_and_counted(small_root: Path, capsys) -> None:
+@pytest.mark.parametrize("split_strategy", ["random", "grouped"])  # grouped hashes every image first
+def test_corrupt_and_non_image_files_are_skipped_and_counted(small_root: Path, capsys, split_strategy: str) -> None:
     good = sorted((small_root / "Positive").iterdir())[0].read_bytes()
     (small_root / "Positive" / "truncated.jpg").write_bytes(good[: len(good) // 2])
     (small_root / "Negative" / "text.jpg").write_text("not an image")
     (small_root / "Negative" / "notes.txt").write_text("inspection notes")
     (small_root / "Positive" / "Thumbs.db").write_bytes(b"\0" * 10)
-    data = prepare_data(cfg(small_root))
+    data = prepare_data(cfg(small_root, split_strategy=split_strategy))
     assert data.source["skipped_unreadable"] == 2 and data.source["skipped_non_image"] == 2
     assert len(data.samples) == 80 and not data.samples["path"].str.contains("truncated|text").any()
     err = capsys.readouterr().err
@@ -159,6 +160,14 @@ def test_saved_tensor_folder_loads_like_jpegs(tmp_path: Path, crack_data: Path) 
         if kind == 0:  # the uint8 tensor saved from a decoded JPEG gives the same pixels
             assert np.array_equal(a.images[a_rows[k]], b.images[b_rows[k]])
         assert b.images[b_rows[k]].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("tensor", [torch.full((3, 8, 8), 200.0), torch.full((3, 8, 8), 300, dtype=torch.int32),
+                                    torch.full((3, 8, 8), -0.5)], ids=["float-0-255", "int-over-255", "negative"])
+def test_saved_tensor_out_of_range_is_refused_not_clamped(tmp_path: Path, tensor: torch.Tensor) -> None:
+    torch.save(tensor, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="outside"):
+        decode_file(tmp_path / "x.pt", 8)
 
 
 def test_crack_dataset_serves_normalised_images(small_root: Path) -> None:

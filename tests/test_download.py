@@ -93,3 +93,50 @@ def test_local_tar_gz_and_idempotence(served, tmp_path: Path, capsys) -> None:
     before = marker.stat().st_mtime_ns
     assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 0
     assert marker.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("damage", ["truncated-tar", "flipped-zip"])
+def test_damaged_archive_is_one_line_error(served, tmp_path: Path, capsys, damage: str) -> None:
+    _, site = served
+    if damage == "truncated-tar":
+        data = (site / "crack.tar.gz").read_bytes()
+        data = data[: len(data) // 2]
+    else:
+        data = bytearray((site / "crack.zip").read_bytes())
+        data[60] ^= 0xFF  # inside the first member's compressed bytes: a CRC error on extraction
+        data = bytes(data)
+    local = tmp_path / "damaged.bin"
+    local.write_bytes(data)
+    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 1
+    assert "the archive is damaged" in capsys.readouterr().err
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_connection_dropped_mid_download_keeps_nothing(tmp_path: Path, capsys) -> None:
+    # a server that promises 100,000 bytes and hangs up after 1,000
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+
+    def serve_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n" + b"x" * 1000)
+
+    threading.Thread(target=serve_once, daemon=True).start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/crack.zip"
+    assert data_main(["download", "--to", str(tmp_path), "--url", url]) == 1
+    server.close()
+    err = capsys.readouterr().err
+    assert "stopped after 1000 of 100000 bytes" in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_folder_not_made_by_download_is_kept(served, tmp_path: Path, capsys) -> None:
+    url, _ = served
+    mine = tmp_path / FINAL_NAME / "Positive" / "my_photo.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes(b"mine")
+    assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip"]) == 1
+    assert "pass --force" in capsys.readouterr().err and mine.read_bytes() == b"mine"
