@@ -183,6 +183,38 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Pat
     assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
 
 
+@pytest.mark.slow
+def test_ctrl_c_in_the_last_trial_is_an_interruption_not_the_end(crack_data: Path, tmp_path: Path) -> None:
+    # Ray marks the trials it stops on SIGINT as TERMINATED: the study must still count them unfinished
+    args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "ctrl-c",
+            "--num-samples", "1", "--max-epochs", "12", "--grace-period", "12", "--final-epochs", "1",
+            "--image-size", "32", "--subset", "40"]
+    study_dir = tmp_path / "ctrl-c"
+    driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline, reported = time.time() + 300, False
+        while time.time() < deadline and not reported:
+            time.sleep(0.5)
+            if (study_dir / "optuna_journal.log").exists():
+                reported = any(t.intermediate_values for t in optuna_trials(study_dir, "ctrl-c"))
+        assert reported, "the trial reported no epoch within 300 s"
+        driver.send_signal(signal.SIGINT)
+        _, err = driver.communicate(timeout=300)
+    finally:
+        driver.kill()
+    assert driver.returncode == 130 and "--resume" in err, err[-3000:]
+    assert not (study_dir / "final_metrics.json").exists()
+    [trial] = optuna_trials(study_dir, "ctrl-c")
+    assert trial.state == optuna.trial.TrialState.RUNNING and len(trial.intermediate_values) < 12
+
+    proc = run_study(*args, "--resume")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [trial] = optuna_trials(study_dir, "ctrl-c")
+    assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == list(range(1, 13))
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    assert trials["status"].tolist() == ["COMPLETE"] and (study_dir / "final_metrics.json").exists()
+
+
 # --------------------------------------------------------------------------- (d) fault injection
 
 

@@ -400,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     results = run_search(cfg, study_dir, storage, data_ref, weights.to_dict(), backbone_ref, a.resume, slots)
     search_seconds = time.time() - t_search
     trials, history = collect_trials(results, cfg)
-    finished = results.num_terminated + results.num_errors
+    # not results.num_terminated: on Ctrl-C Ray marks the trials it stops TERMINATED, though they
+    # did not finish; a trial that ran to its end (or ASHA stopped) has done=True in its last result
+    finished = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
     if finished >= cfg.num_samples:
         from tune.search import fail_orphaned_trials
 
