@@ -91,13 +91,7 @@ def sample_params(policy: str, batch: int, image_size: int, generator: torch.Gen
 
     out: dict[str, torch.Tensor] = {}
     if p.crop_scale:
-        area = u(*p.crop_scale) * image_size**2
-        ratio = torch.exp(u(math.log(p.crop_ratio[0]), math.log(p.crop_ratio[1])))
-        w = torch.sqrt(area * ratio).clamp(max=image_size)
-        h = torch.sqrt(area / ratio).clamp(max=image_size)
-        x0 = torch.rand(batch, generator=g) * (image_size - w)
-        y0 = torch.rand(batch, generator=g) * (image_size - h)
-        out["crop"] = torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
+        out["crop"] = _crop_boxes(p, batch, image_size, g)
     if p.flip:
         out["hflip"] = torch.rand(batch, generator=g) < 0.5
         out["vflip"] = torch.rand(batch, generator=g) < 0.5
@@ -111,6 +105,28 @@ def sample_params(policy: str, batch: int, image_size: int, generator: torch.Gen
         # ColorJitter applies its operations in an order drawn per image: one permutation per row
         out["color_order"] = torch.argsort(torch.rand(batch, 3, generator=g), dim=1)
     return out
+
+
+def _crop_boxes(p: Policy, batch: int, size: int, g: torch.Generator | None, attempts: int = 10) -> torch.Tensor:
+    """RandomResizedCrop.get_params for a batch of square images: up to `attempts` draws of
+    (area, log-ratio) per sample, whole-pixel width/height, the first draw that fits the image
+    (rejection, not clamping: clamping would keep boxes torchvision never makes); a sample with
+    no fitting draw takes the whole image, torchvision's fallback for a square image. Boxes are
+    [x0, y0, x1, y1] in whole pixels."""
+    area = size**2 * (p.crop_scale[0] + (p.crop_scale[1] - p.crop_scale[0]) * torch.rand(batch, attempts, generator=g))
+    lo, hi = math.log(p.crop_ratio[0]), math.log(p.crop_ratio[1])
+    ratio = torch.exp(lo + (hi - lo) * torch.rand(batch, attempts, generator=g))
+    w = torch.sqrt(area * ratio).round()
+    h = torch.sqrt(area / ratio).round()
+    fits = (w > 0) & (w <= size) & (h > 0) & (h <= size)
+    first = fits.int().argmax(dim=1, keepdim=True)  # index of the first fitting draw
+    found = fits.any(dim=1)
+    w = torch.where(found, w.gather(1, first)[:, 0], torch.tensor(float(size)))
+    h = torch.where(found, h.gather(1, first)[:, 0], torch.tensor(float(size)))
+    # torch.randint(0, size - h + 1) per sample, as torchvision draws the offset
+    y0 = torch.floor(torch.rand(batch, generator=g) * (size - h + 1))
+    x0 = torch.floor(torch.rand(batch, generator=g) * (size - w + 1))
+    return torch.stack([x0, y0, x0 + w, y0 + h], dim=1)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -216,7 +232,7 @@ def reference_apply(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) 
     size = img.shape[-1]
     if "crop" in params:
         x0, y0, x1, y1 = params["crop"][i].tolist()
-        img = TF.resized_crop(img, top=round(y0), left=round(x0), height=round(y1 - y0), width=round(x1 - x0),
+        img = TF.resized_crop(img, top=int(y0), left=int(x0), height=int(y1 - y0), width=int(x1 - x0),
                               size=[size, size], antialias=False)
     if "hflip" in params and params["hflip"][i]:
         img = TF.horizontal_flip(img)

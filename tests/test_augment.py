@@ -45,10 +45,11 @@ def test_uint8_batches_give_the_float_result_and_stay_untouched(policy: str) -> 
 
 def test_strong_crop_is_resized_crops_bilinear_upsampling(batch: torch.Tensor) -> None:
     params = sample_params("strong", len(batch), 32, torch.Generator().manual_seed(3))
-    # resized_crop takes whole-pixel boxes, roi_align sub-pixel ones: give both the same whole-pixel
-    # box. Inside, every pixel is the same bilinear sample; on the outermost ring roi_align reads
-    # the pixels just outside the box where resized_crop repeats the box's edge.
-    crop = {"crop": params["crop"].round()}
+    # boxes are whole pixels, as torchvision's. Inside, every pixel is the same bilinear sample;
+    # on the outermost ring roi_align reads the pixels just outside the box where resized_crop
+    # repeats the box's edge.
+    assert torch.equal(params["crop"], params["crop"].round())
+    crop = {"crop": params["crop"]}
     out = apply_params(batch, crop)
     for i in range(len(batch)):
         ref = reference_apply(batch[i], crop, i)
@@ -73,6 +74,24 @@ def test_random_parameters_have_the_intended_distribution() -> None:
     assert orders.shape == (20000, 3) and torch.equal(orders.sort(1).values, torch.arange(3).expand(20000, 3))
     _, counts = torch.unique(orders, dim=0, return_counts=True)
     assert len(counts) == 6 and (counts.float() / 20000 - 1 / 6).abs().max() < 0.02
+
+
+def test_crop_boxes_follow_random_resized_crop() -> None:
+    # same distribution as T.RandomResizedCrop.get_params: area, aspect ratio and position
+    import torchvision.transforms.v2 as T
+
+    n, size, policy = 20000, 64, POLICIES["strong"]
+    boxes = sample_params("strong", n, size, torch.Generator().manual_seed(8))["crop"]
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    assert boxes.min() >= 0 and boxes[:, 2:].max() <= size
+    torch.manual_seed(9)
+    img = torch.zeros(3, size, size)
+    ref = torch.tensor([T.RandomResizedCrop.get_params(img, list(policy.crop_scale), list(policy.crop_ratio))
+                        for _ in range(n)], dtype=torch.float32)  # (top, left, height, width)
+    for ours, theirs in [((w * h) / size**2, ref[:, 2] * ref[:, 3] / size**2), ((w / h).log(), (ref[:, 3] / ref[:, 2]).log()),
+                         (boxes[:, 0] / size, ref[:, 1] / size), (boxes[:, 1] / size, ref[:, 0] / size)]:
+        assert abs(ours.mean() - theirs.mean()) < 0.01 and abs(ours.std() - theirs.std()) < 0.01
+    assert (w * h / size**2).mean() < 0.77  # clamping oversized boxes instead gave 0.786
 
 
 def test_none_is_identity_and_unknown_policy_is_an_error(batch: torch.Tensor) -> None:
