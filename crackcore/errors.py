@@ -25,6 +25,18 @@ def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
         PREDICTION_COLUMNS].reset_index(drop=True)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 for privacy while being written; the renamed result gets
+# the permissions an ordinary open()/mkdir() would have given it
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,6 +44,7 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -58,6 +71,7 @@ def build_folder(root: str | Path, marker: str, meta: dict[str, Any], what: str,
     try:
         build(tmp)
         (tmp / marker).write_text(json.dumps(meta, indent=2))
+        tmp.chmod(DIR_MODE)
         os.replace(tmp, root)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)

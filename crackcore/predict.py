@@ -199,6 +199,18 @@ def print_labelled_metrics(df: pd.DataFrame) -> None:
             print(f"  {name} {format_accuracy(k / m, m, *wilson_interval(k, m))}")
 
 
+def heatmap_names(photos: list[Path]) -> dict[Path, str]:
+    """`<stem>_heatmap.png` per photo; photos sharing a stem (a/IMG_1.jpg, b/IMG_1.jpg) get a
+    hash of their path too, so no heat map overwrites another."""
+    import hashlib
+    from collections import Counter
+
+    stems = Counter(f.stem for f in photos)
+    return {f: f"{f.stem}_heatmap.png" if stems[f.stem] == 1 else
+            f"{f.stem}-{hashlib.blake2b(str(f.resolve()).encode(), digest_size=4).hexdigest()}_heatmap.png"
+            for f in photos}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m crackcore.predict", description=__doc__.split("\n\n")[1])
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
@@ -245,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
 
         all_tiles, summaries, tile_seconds = [], [], 0.0
         heat_dir = a.out.with_name(a.out.name + "_heatmaps")
+        heat_names = heatmap_names(photos)
         for f in tqdm(photos, desc="photos", disable=len(photos) < 3, file=sys.stderr):
             try:
                 start = time.perf_counter()
@@ -254,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append((f, str(exc).splitlines()[0][:120]))
                 continue
             all_tiles.append(tiles)
-            summaries.append(photo_summary(tiles, photo.shape[1], photo.shape[2]))
-            write_bytes(heatmap_png(photo, tiles), heat_dir / f"{f.stem}_heatmap.png")
+            summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2]), "heatmap": heat_names[f]})
+            write_bytes(heatmap_png(photo, tiles), heat_dir / heat_names[f])
         if all_tiles:
             summary = pd.DataFrame(summaries)
             write_parquet(pd.concat(all_tiles, ignore_index=True), a.out.with_name(a.out.name + "_tiles.parquet"))

@@ -80,6 +80,14 @@ def test_cli_photo_outputs(run, mosaic: Path, tmp_path: Path) -> None:
     assert len(pd.read_parquet(tmp_path / "inspect_photos.parquet")) == 1
     with Image.open(tmp_path / "inspect_heatmaps" / "wall_heatmap.png") as im:
         assert im.size[0] > 300
+    # two photos with one file name in different folders: two heat maps, named in the summary
+    for d in ("north", "south"):
+        (tmp_path / d).mkdir()
+        shutil.copy(mosaic, tmp_path / d / "wall.jpg")
+    assert main(["--model", str(run[0] / "model.pt"), str(tmp_path / "north"), str(tmp_path / "south"),
+                 "--out", str(tmp_path / "two")]) == 0
+    names = pd.read_parquet(tmp_path / "two_photos.parquet")["heatmap"]
+    assert names.is_unique and sorted(p.name for p in (tmp_path / "two_heatmaps").iterdir()) == sorted(names)
 
 
 def test_folder_mode_reproduces_evaluate(run, tmp_path: Path, capsys) -> None:

@@ -111,6 +111,21 @@ def test_atomic_writers_keep_the_old_file_on_failure(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.parquet"]  # no temp files left
 
 
+def test_written_files_and_folders_get_ordinary_permissions(tmp_path: Path) -> None:
+    # the temp file/folder behind each atomic write is private (0600/0700); the result must not be
+    import os
+    import stat
+
+    from crackcore.errors import build_folder
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_json({"a": 1}, tmp_path / "m.json")
+    folder = build_folder(tmp_path / "gen", "DONE.json", {"v": 1}, "test folder", lambda d: (d / "x").write_text("x"))
+    assert stat.S_IMODE((tmp_path / "m.json").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o777 & ~umask
+
+
 def test_baseline_cli_writes_consistent_outputs(crack_data: Path, tmp_path: Path) -> None:
     out = tmp_path / "baseline"
     proc = subprocess.run([sys.executable, "-m", "crackcore.fit", "--data", str(crack_data), "--subset", "40",

@@ -23,6 +23,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from crackcore.errors import DIR_MODE  # noqa: E402
 from crackcore.metrics import format_accuracy, wilson_interval  # noqa: E402
 from crackcore.results import Study, StudyFilesError, load_optuna_study, load_study  # noqa: E402
 
@@ -328,9 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     s = load_study(a.study)
     target = a.study / "report"
     tmp = Path(tempfile.mkdtemp(dir=a.study, prefix=".report-"))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700; the report is served/shared like any other output
+    tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the report is served/shared like any other output
     try:
         md, notes = build_report(s, tmp, a.max_errors)
         (tmp / "index.html").write_text(markdown_to_html(md, f"Study report: {s.name}"))
