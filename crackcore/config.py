@@ -48,6 +48,7 @@ class TrainConfig:
     amp: bool = True  # train under autocast where the device runs it natively (train.autocast_dtype)
     channels_last: bool = True  # faster on CUDA and on oneDNN CPUs alike
     compile: bool = False  # torch.compile the model (CUDA; measured in crackcore.bench)
+    gpu_share: float = 1.0  # of the GPU's memory this run may plan for (a packed trial: its gpus_per_trial)
 
     def __post_init__(self) -> None:
         self.split_fractions = tuple(float(f) for f in self.split_fractions)  # TOML gives lists
@@ -72,6 +73,8 @@ class TrainConfig:
             raise ConfigError(f"split_fractions={self.split_fractions} must be three positive numbers summing to 1")
         if self.subset is not None and self.subset < 2:
             raise ConfigError(f"subset={self.subset} must be at least 2 images per class")
+        if not 0 < self.gpu_share <= 1:
+            raise ConfigError(f"gpu_share={self.gpu_share} must be in (0, 1]")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; use cosine or constant")
 
@@ -133,6 +136,16 @@ class StudyConfig:
             )
         if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
             raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
+        if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
+            raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 Ray needs whole GPUs; use e.g. 0.5, 1 or 2")
+        if self.metric != "val_acc":
+            raise ConfigError(f"metric={self.metric!r} is not supported; the study maximises val_acc")
+        if self.reduction_factor < 2:
+            raise ConfigError(f"reduction_factor={self.reduction_factor} must be >= 2 (ASHA keeps 1/reduction_factor)")
+        if self.final_epochs < 1 or self.max_failures < 0 or self.repeat_top < 0 or self.repeats < 0:
+            raise ConfigError("final_epochs must be >= 1, and max_failures, repeat_top, repeats >= 0")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
         for p in self.space.augment_policies:
             if p not in AUGMENT_POLICIES:
                 raise ConfigError(f"space.augment_policies has unknown policy {p!r}; use {', '.join(AUGMENT_POLICIES)}")

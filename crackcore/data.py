@@ -352,11 +352,13 @@ def as_tensor(images: np.ndarray) -> torch.Tensor:
 
 class BatchLoader:
     """Batches of (uint8 images, labels, sample indices) straight from the decoded array.
-    On CUDA the whole split is moved to the GPU once when it fits, so an epoch costs no
-    host work at all; otherwise batches are gathered, pinned and copied asynchronously."""
+    On CUDA the whole split is moved to the GPU once when it takes under a quarter of this
+    run's memory (`gpu_share` of the GPU: trials packed on one GPU all start at once and each
+    sees the same free memory), so an epoch costs no host work at all; otherwise batches are
+    gathered, pinned and copied asynchronously."""
 
     def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
-                 shuffle: bool, seed: int = 0, drop_last: bool = False):
+                 shuffle: bool, seed: int = 0, drop_last: bool = False, gpu_share: float = 1.0):
         self.index = torch.from_numpy(data.indices(split))
         self.labels = torch.from_numpy(data.samples["label"].to_numpy()[self.index.numpy()])
         self.images = as_tensor(data.images)
@@ -365,8 +367,8 @@ class BatchLoader:
         self.on_device: torch.Tensor | None = None
         if device.type == "cuda":
             nbytes = len(self.index) * self.images[0].numel()
-            free, _ = torch.cuda.mem_get_info(device)
-            if nbytes < 0.25 * free:
+            free, total = torch.cuda.mem_get_info(device)
+            if nbytes < 0.25 * min(free, gpu_share * total):
                 self.on_device = self.images[self.index.numpy()].to(device)
                 self.labels = self.labels.to(device)
 

@@ -229,8 +229,9 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     # a last batch of one image fails in BatchNorm (one value per channel once layer4 is 1x1,
     # i.e. at <= 32 px) and is a noisy step anyway: drop it, keep any larger remainder
     lone_last = len(data.indices("train")) % cfg.batch_size == 1
-    train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=lone_last)
-    val_loader = BatchLoader(data, "val", max(256, cfg.batch_size), device, shuffle=False)
+    train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=lone_last,
+                               gpu_share=cfg.gpu_share)
+    val_loader = BatchLoader(data, "val", max(256, cfg.batch_size), device, shuffle=False, gpu_share=cfg.gpu_share)
     params = trainable_parameters(model)
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.momentum > 0)
@@ -278,7 +279,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
     test = None
     if evaluate_test:
-        test_loader = BatchLoader(data, "test", max(256, cfg.batch_size), device, shuffle=False)
+        test_loader = BatchLoader(data, "test", max(256, cfg.batch_size), device, shuffle=False, gpu_share=cfg.gpu_share)
         test = evaluate(step_model, test_loader, data, channels_last=channels_last)
     return FitResult(model=model, history=pd.DataFrame(history, columns=HISTORY_COLUMNS), weights=info, val=val,
                      test=test, device=str(device), precision=precision_name(dtype), seconds=time.perf_counter() - t0)

@@ -138,6 +138,9 @@ def test_study_on_two_node_cluster(two_node_cluster, crack_data: Path, tmp_path:
     study = json.loads((tmp_path / "cluster" / "study.json").read_text())
     assert study["nodes"] == 2 and study["ray_address"] == address
     assert study["weights"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # without --address, a study on a machine that runs a cluster says how to use it
+    proc = run_study("--smoke-test", "--storage-path", str(tmp_path / "local"), env=env, timeout=120)
+    assert proc.returncode == 1 and "pass --address auto" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
 
 
 # --------------------------------------------------------------------------- (c) resume
@@ -242,6 +245,9 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--address", "127.0.0.1:1"], "cannot reach a Ray cluster at 127.0.0.1:1"),
     (["--data", "/nonexistent/crack-data"], "data folder /nonexistent/crack-data does not exist"),
     (["--config", "/nonexistent.toml"], "experiment file /nonexistent.toml does not exist"),
+    (["--gpus-per-trial", "1.5"], "above 1 Ray needs whole GPUs"),
+    (["--address", "ray://10.0.0.1:10001"], "Ray Client (ray://) is not supported"),
+    (["--smoke-test", "--weights", "/nonexistent/resnet18.pth"], "weights file /nonexistent/resnet18.pth does not exist"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
@@ -270,6 +276,7 @@ def test_default_named_rerun_gets_a_new_name(tmp_path: Path, crack_data: Path) -
     storage = tmp_path / "results"
     (storage / "smoke").mkdir(parents=True)
     (storage / "smoke" / "study_config.json").write_text("{}")  # an earlier default-named study
+    (storage / "smoke" / "optuna_journal.log").write_text("")
     (tmp_path / "smoke.toml").write_text('name = "smoke"\n')
     proc = run_study("--smoke-test", "--config", str(tmp_path / "smoke.toml"), "--storage-path", str(storage),
                      "--data", str(crack_data), "--num-samples", "1", "--final-epochs", "1", timeout=300)
@@ -302,3 +309,15 @@ def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> 
     for side in comparison.values():
         assert 0 <= side["ci95_low"] <= side["test_accuracy"] <= side["ci95_high"] <= 1 and side["n_test"] > 0
     assert comparison["grouped"]["test_images_with_near_duplicate_in_train"] == 0  # grouped never leaks
+
+
+def test_start_points_fit_the_space_or_are_skipped(capsys) -> None:
+    from crackcore.config import StudyConfig
+    from tune.search import search_space, start_points
+
+    searched = StudyConfig(space={"weight_decays": [0.0, 1e-4]})  # the start point names no weight_decay
+    assert start_points(searched, search_space(searched)) == [
+        {"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip", "weight_decay": 1e-4}]
+    narrowed = StudyConfig(space={"augment_policies": ["none", "color"], "freeze_depths": [1, 3, 5]})
+    assert start_points(narrowed, search_space(narrowed)) == []
+    assert "outside the search space" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from crackcore.errors import write_json, write_parquet
 from crackcore.fit import summary_lines, versions, write_run_outputs
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import load_backbone, resolve_weights
+from crackcore.results import JOURNAL
 from crackcore.train import fit
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study-name", help="results go to STORAGE/STUDY-NAME")
     p.add_argument("--storage-path", default="results", help="local folder or URI (s3://, gs://) shared by all nodes")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="existing Ray cluster (host:port, auto, ray://...); default $RAY_ADDRESS, else a local Ray")
+                   help="existing Ray cluster (host:port or auto); default $RAY_ADDRESS, else a local Ray")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study with this name")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--grace-period", type=int)
@@ -108,6 +109,11 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool)
 def connect_ray(address: str | None) -> dict[str, Any]:
     import ray
 
+    if address and address.startswith("ray://"):
+        # under Ray Client the Tuner runs on the head while our journal and outputs are local paths
+        raise StudyError(f"--address {address}: Ray Client (ray://) is not supported; submit the study with "
+                         "`ray job submit --address http://HEAD:8265 -- python tune/run.py ...`, or run it on the "
+                         "head node with --address auto")
     if address and "://" not in address and address != "auto":
         host, _, port = address.rpartition(":")
         try:
@@ -126,17 +132,33 @@ def connect_ray(address: str | None) -> dict[str, Any]:
     except ConnectionError as exc:
         raise StudyError(f"cannot connect to Ray at {address}: {str(exc).splitlines()[0]}; check the address "
                          "(ray status) or drop --address") from None
+    except ValueError as exc:  # ray.init() found a cluster started with `ray start` on this machine
+        if "existing cluster" not in str(exc):
+            raise
+        raise StudyError("a Ray cluster is already running on this machine; pass --address auto to run the study "
+                         "on it, or stop it with `ray stop`") from None
     return ray.cluster_resources()
 
 
 def trial_slots(cfg: StudyConfig, resources: dict[str, float]) -> int:
+    """Trials running at once: what the cluster holds now, or --max-concurrent-trials when given.
+    The cap also bounds how many points TPE proposes before seeing results; on an autoscaling
+    cluster give it explicitly, so pending trials make Ray add nodes."""
     slots = int(resources.get("CPU", 0) // cfg.cpus_per_trial)
     if cfg.gpus_per_trial > 0:
         slots = min(slots, int(resources.get("GPU", 0) // cfg.gpus_per_trial))
+    if cfg.max_concurrent_trials:
+        return min(cfg.max_concurrent_trials, cfg.num_samples)
     if slots < 1:
         raise StudyError(f"one trial needs {cfg.cpus_per_trial} CPU / {cfg.gpus_per_trial} GPU but the cluster has "
                          f"{resources.get('CPU', 0)} CPU / {resources.get('GPU', 0)} GPU; lower --cpus-per-trial")
-    return min(slots, cfg.max_concurrent_trials or slots, cfg.num_samples)
+    return min(slots, cfg.num_samples)
+
+
+def study_started(study_dir: Path) -> bool:
+    """A study ran here (its Optuna journal or Ray's folder exist): never overwrite it. A folder
+    holding only study_config.json is a start that failed before the search began."""
+    return (study_dir / RAY_DIR).exists() or (study_dir / JOURNAL).exists()
 
 
 def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
@@ -162,7 +184,8 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
     base = {k: v for k, v in cfg.train.to_dict().items() if k not in ("epochs",)}
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data_ref=[data_ref], base=base, weights=weights,
-                             backbone_ref=[backbone_ref], max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial),
+                             backbone_ref=[backbone_ref], max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial,
+                             gpus=cfg.gpus_per_trial),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     experiment = f"{storage}/{RAY_DIR}"
     # num_to_keep=1 (checkpoints are ~86 MB) forces an experiment-state snapshot after every
@@ -172,7 +195,9 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
-        return tune.Tuner.restore(experiment, trainable=trainable, resume_errored=True).fit()
+        # errored trials stay errored: they already spent their retries (max_failures), and the
+        # restored searcher has told Optuna FAIL for them, so re-running one would split the record
+        return tune.Tuner.restore(experiment, trainable=trainable).fit()
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
                               reduction_factor=cfg.reduction_factor)
     tuner = tune.Tuner(
@@ -259,7 +284,8 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     def _fit(refs: list, cfg: TrainConfig) -> Any:
         data, backbone = ray.get(refs)
-        result = fit(cfg.replace(num_threads=max(1, int(num_cpus))), data, evaluate_test=evaluate_test,
+        share = min(1.0, num_gpus) if num_gpus > 0 else 1.0
+        result = fit(cfg.replace(num_threads=max(1, int(num_cpus)), gpu_share=share), data, evaluate_test=evaluate_test,
                      weights_info=WeightsInfo(**weights), backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
         result.model = result.model.cpu() if evaluate_test else None
         return result
@@ -332,10 +358,13 @@ def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[
 
 
 def final_resources(cfg: StudyConfig) -> tuple[int, float]:
+    """(CPUs, GPUs) of the final retrain: one whole GPU when trials used GPUs, and as many CPUs
+    (up to 8) as the biggest node that can hold it has, so the task is always schedulable."""
     import ray
 
-    biggest_node = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    gpus = 1.0 if cfg.gpus_per_trial > 0 else 0.0
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= gpus]
+    biggest_node = max((r.get("CPU", 0) for r in nodes), default=1)
     return max(1, int(min(biggest_node, 8))), gpus
 
 
@@ -357,13 +386,13 @@ def main(argv: list[str] | None = None) -> int:
     resources = connect_ray(a.address)
     has_gpu = resources.get("GPU", 0) > 0
     cfg = resolve_config(a, from_file, has_gpu)
-    if has_gpu and cfg.gpus_per_trial == 0:
+    if has_gpu and cfg.gpus_per_trial == 0 and a.gpus_per_trial is None:  # an explicit 0 keeps trials on CPUs
         cfg = apply_overrides(cfg, {"gpus_per_trial": 0.25})
     study_dir, storage = ray_storage(cfg, a.storage_path)
-    if not a.resume and not a.study_name and (study_dir / CONFIG_FILE).exists():
+    if not a.resume and not a.study_name and study_started(study_dir):
         # a default-named re-run (e.g. a second `make study`) gets the next free name, never an overwrite
         base, n = cfg.name, 2
-        while (study_dir / CONFIG_FILE).exists():
+        while study_started(study_dir):
             cfg = apply_overrides(cfg, {"name": f"{base}-{n}"})
             study_dir, storage = ray_storage(cfg, a.storage_path)
             n += 1
@@ -376,15 +405,17 @@ def main(argv: list[str] | None = None) -> int:
 
         cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
         print(f"resuming study {cfg.name} with its saved configuration ({saved})")
-    elif (study_dir / RAY_DIR).exists() or saved.exists():
+    elif study_started(study_dir):
         raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
                          "--study-name NEW for a new one (nothing was changed)")
-    study_dir.mkdir(parents=True, exist_ok=True)
-    write_json(cfg.to_dict(), saved)
     print("study config:", config_json(cfg), flush=True)
-
+    # data and weights problems stop the run before the study folder exists; a folder holding
+    # only study_config.json (a start that failed before Ray's first trial) is started afresh
     data = prepare_data(cfg.train)
     weights = resolve_weights(cfg.train.weights)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    if not a.resume:
+        write_json(cfg.to_dict(), saved)
     print(f"data: {data.source['kind']} {data.source['root']}  {data.counts()}  "
           f"exact duplicates: {data.source['exact_duplicate_files']}\nweights: {weights.describe()}\n"
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "

@@ -7,6 +7,7 @@ stopped before `max_epochs` as PRUNED, so the persisted Optuna study (a JournalS
 next to the results) is a faithful record for optuna.visualization and optuna-dashboard."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +35,26 @@ def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
     return space
 
 
+def _in_space(dist: BaseDistribution, value: Any) -> bool:
+    if isinstance(dist, CategoricalDistribution):
+        return value in dist.choices  # to_internal_repr raises for a value outside the choices
+    try:
+        return dist._contains(dist.to_internal_repr(value))
+    except (TypeError, ValueError):
+        return False
+
+
 def start_points(cfg: StudyConfig, space: dict[str, BaseDistribution]) -> list[dict[str, Any]]:
-    """The seed notebook's setting(s), clipped to what the space can express."""
+    """The seed notebook's setting(s), run first. Keys a point leaves out (e.g. weight_decay
+    when it is searched) take the training config's value; a point the space cannot express
+    (a narrowed space) is skipped with a warning."""
     points = []
     for p in cfg.space.start_points:
-        point = {k: v for k, v in p.items() if k in space}
-        if all(space[k]._contains(space[k].to_internal_repr(v)) for k, v in point.items()) and set(point) == set(space):
+        point = {k: p.get(k, getattr(cfg.train, k, None)) for k in space}
+        outside = {k: v for k, v in point.items() if not _in_space(space[k], v)}
+        if outside:
+            print(f"warning: start point {p} skipped: {outside} outside the search space", file=sys.stderr)
+        else:
             points.append(point)
     return points
 

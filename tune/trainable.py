@@ -24,8 +24,9 @@ STATE_FILE = "state.pt"
 FAULT_EPOCH_ENV, FAULT_DIR_ENV = "CRACK_FAULT_EPOCH", "CRACK_FAULT_DIR"
 
 
-def trial_config(base: dict[str, Any], params: dict[str, Any], epochs: int, cpus: float) -> TrainConfig:
-    return TrainConfig(**{**base, **params, "epochs": epochs, "num_threads": max(1, int(cpus))})
+def trial_config(base: dict[str, Any], params: dict[str, Any], epochs: int, cpus: float, gpus: float) -> TrainConfig:
+    return TrainConfig(**{**base, **params, "epochs": epochs, "num_threads": max(1, int(cpus)),
+                          "gpu_share": min(1.0, gpus) if gpus > 0 else 1.0})
 
 
 def _maybe_inject_fault(epoch: int) -> None:
@@ -39,11 +40,11 @@ def _maybe_inject_fault(epoch: int) -> None:
 
 
 def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], weights: dict[str, Any],
-                backbone_ref: Any, max_epochs: int, cpus: float) -> None:
+                backbone_ref: Any, max_epochs: int, cpus: float, gpus: float) -> None:
     # data and ImageNet backbone travel once per node through the object store (data zero-copy):
     # a weights path resolved on the driver need not exist on the node running this trial
     data, backbone = ray.get([data_ref[0], backbone_ref[0]])
-    cfg = trial_config(base, params, max_epochs, cpus)
+    cfg = trial_config(base, params, max_epochs, cpus, gpus)
     node_id = ray.get_runtime_context().get_node_id()
     resume_state = None
     checkpoint = tune.get_checkpoint()
