@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -184,6 +185,44 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Pat
     assert not history.duplicated(["trial_id", "epoch"]).any()
     assert (study_dir / "final_metrics.json").exists() and (study_dir / "model.pt").exists()
     assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
+
+
+@pytest.mark.slow
+def test_uri_storage_study_resumes_on_a_machine_without_its_local_folder(crack_data: Path, tmp_path: Path) -> None:
+    # a driver pod dies: a new one (same image, empty disk) continues from the URI storage alone
+    bucket, machine = tmp_path / "bucket", tmp_path / "machine"
+    machine.mkdir()
+    args = ["--data", str(crack_data), "--storage-path", f"file://{bucket}", "--study-name", "uri",
+            "--num-samples", "3", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "1",
+            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1"]
+    driver = subprocess.Popen([*RUN, *args], cwd=machine, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              start_new_session=True)
+    remote_journal = bucket / "uri" / "outputs" / "optuna_journal.log"
+    try:
+        deadline, finished = time.time() + 300, []
+        while time.time() < deadline and not finished:
+            time.sleep(1)
+            if remote_journal.exists():
+                finished = [t for t in optuna_trials(remote_journal.parent, "uri") if t.state.is_finished()]
+        assert finished, "no trial's journal reached the URI storage within 300 s"
+        time.sleep(2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+    shutil.rmtree(machine / "results")  # the new machine has none of the local files
+    proc = subprocess.run([*RUN, *args, "--resume"], cwd=machine, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "fetched study_config.json, optuna_journal.log" in proc.stdout
+    after = optuna_trials(machine / "results" / "uri", "uri")
+    ran = [t for t in after if "orphaned" not in t.user_attrs]
+    assert len(ran) == 3 and all(t.state != optuna.trial.TrialState.FAIL for t in ran)
+    for t in finished:  # what finished before the driver died was not run again
+        assert dict(after[t.number].intermediate_values) == dict(t.intermediate_values)
+    assert (bucket / "uri" / "outputs" / "final_metrics.json").exists()
+    # and the name is taken on the URI storage, even where no local folder exists
+    shutil.rmtree(machine / "results")
+    proc = subprocess.run([*RUN, *args], cwd=machine, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "already exists" in proc.stderr
 
 
 @pytest.mark.slow

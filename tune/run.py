@@ -27,14 +27,13 @@ from crackcore.errors import write_json, write_parquet
 from crackcore.fit import summary_lines, versions, write_run_outputs
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import load_backbone, resolve_weights
-from crackcore.results import JOURNAL
 from crackcore.train import fit
+from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, SyncStudyFiles, fetch_saved_study,
+                          ray_storage, study_started, sync_outputs)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = REPO / "experiments" / "study.toml"
 DOWNLOAD_DEFAULT = REPO / "data" / "concrete-crack-images"
-RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
-CONFIG_FILE = "study_config.json"
 SMOKE = {"num_samples": 4, "max_epochs": 2, "grace_period": 1, "final_epochs": 2, "train.image_size": 32,
          "train.subset": 40, "train.synthetic_per_class": 60}
 
@@ -155,21 +154,6 @@ def trial_slots(cfg: StudyConfig, resources: dict[str, float]) -> int:
     return min(slots, cfg.num_samples)
 
 
-def study_started(study_dir: Path) -> bool:
-    """A study ran here (its Optuna journal or Ray's folder exist): never overwrite it. A folder
-    holding only study_config.json is a start that failed before the search began."""
-    return (study_dir / RAY_DIR).exists() or (study_dir / JOURNAL).exists()
-
-
-def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
-    """(local study folder, Ray storage_path). A URI keeps Ray's folder (checkpoints, trial
-    results) on shared storage; our output files are written locally and uploaded after."""
-    if "://" in storage_path:
-        return REPO / "results" / cfg.name, f"{storage_path.rstrip('/')}/{cfg.name}"
-    study_dir = Path(storage_path).expanduser().resolve() / cfg.name
-    return study_dir, str(study_dir)
-
-
 # --------------------------------------------------------------------------- search
 
 
@@ -209,6 +193,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # ~86 MB each
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=[SyncStudyFiles(study_dir, storage)] if "://" in storage else None,
             verbose=1),
     )
     return tuner.fit()
@@ -389,23 +374,25 @@ def main(argv: list[str] | None = None) -> int:
     if has_gpu and cfg.gpus_per_trial == 0 and a.gpus_per_trial is None:  # an explicit 0 keeps trials on CPUs
         cfg = apply_overrides(cfg, {"gpus_per_trial": 0.25})
     study_dir, storage = ray_storage(cfg, a.storage_path)
-    if not a.resume and not a.study_name and study_started(study_dir):
+    if not a.resume and not a.study_name and study_started(study_dir, storage):
         # a default-named re-run (e.g. a second `make study`) gets the next free name, never an overwrite
         base, n = cfg.name, 2
-        while study_started(study_dir):
+        while study_started(study_dir, storage):
             cfg = apply_overrides(cfg, {"name": f"{base}-{n}"})
             study_dir, storage = ray_storage(cfg, a.storage_path)
             n += 1
         print(f"{base!r} already exists; this run is study {cfg.name!r} ({study_dir})", flush=True)
     saved = study_dir / CONFIG_FILE
     if a.resume:
+        if not saved.is_file() and fetch_saved_study(study_dir, storage):
+            print(f"fetched {', '.join(RESUME_FILES)} of study {cfg.name} from {storage}/{OUTPUTS_DIR}", flush=True)
         if not saved.is_file():
             raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
         import json
 
         cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
         print(f"resuming study {cfg.name} with its saved configuration ({saved})")
-    elif study_started(study_dir):
+    elif study_started(study_dir, storage):
         raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
                          "--study-name NEW for a new one (nothing was changed)")
     print("study config:", config_json(cfg), flush=True)
@@ -416,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
     study_dir.mkdir(parents=True, exist_ok=True)
     if not a.resume:
         write_json(cfg.to_dict(), saved)
+        sync_outputs(study_dir, storage, (CONFIG_FILE,))
     print(f"data: {data.source['kind']} {data.source['root']}  {data.counts()}  "
           f"exact duplicates: {data.source['exact_duplicate_files']}\nweights: {weights.describe()}\n"
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
@@ -489,10 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "wall_seconds": time.time() - t_start, "best_trial_id": best["trial_id"], "best_rule": rule,
         "config": cfg.to_dict(), "resumed": a.resume,
     }, study_dir / "study.json")
-    if "://" in a.storage_path:
-        import pyarrow.fs as pafs
-
-        pafs.copy_files(str(study_dir), storage + "/outputs")
+    sync_outputs(study_dir, storage)
     print(f"\n=== study {cfg.name}: {len(trials)} trials {counts}, up to {max_parallel(trials)} in parallel, "
           f"wall {time.time() - t_start:.0f}s ===")
     print(f"best config: {params}  (data: {data.source['kind']}, weights: {weights.describe()})")

@@ -1,0 +1,100 @@
+"""Where a study's files live. Local storage: one folder, results/<study>/, holds Ray's
+experiment (ray/), the Optuna journal and every output. URI storage (s3://, gs://, file://):
+Ray keeps its experiment at URI/<study>/ray, our files are written to ./results/<study>/ and
+mirrored to URI/<study>/outputs: the config at the start, the journal after every finished
+trial, everything at the end. So a driver on another machine (a new pod of the same image)
+can `--resume` a study: it fetches config and journal back, and Ray restores from the URI."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+
+from crackcore.results import JOURNAL
+
+RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
+CONFIG_FILE = "study_config.json"
+OUTPUTS_DIR = "outputs"
+RESUME_FILES = (CONFIG_FILE, JOURNAL)  # what a driver needs to --resume a study
+
+
+def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
+    """(local study folder, Ray storage_path). A URI (s3://, gs://, file://) keeps Ray's folder
+    (checkpoints, trial results) on shared storage; our files are written to ./results/<name>
+    and mirrored to URI/<name>/outputs (see sync_outputs)."""
+    if "://" in storage_path:
+        return Path("results").resolve() / cfg.name, f"{storage_path.rstrip('/')}/{cfg.name}"
+    study_dir = Path(storage_path).expanduser().resolve() / cfg.name
+    return study_dir, str(study_dir)
+
+
+def _remote_file(storage: str, name: str) -> tuple[Any, str] | None:
+    """(filesystem, path) of URI/<name>/outputs/<file>, or None for local storage."""
+    if "://" not in storage:
+        return None
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(f"{storage}/{OUTPUTS_DIR}")
+    return fs, f"{root}/{name}"
+
+
+def sync_outputs(study_dir: Path, storage: str, names: tuple[str, ...] | None = None) -> None:
+    """Mirror study files to URI storage: the config and the Optuna journal while the study
+    runs (a driver on another machine can then --resume it), every output at the end."""
+    if "://" not in storage:
+        return
+    import pyarrow.fs as pafs
+
+    if names is None:
+        pafs.copy_files(str(study_dir), f"{storage}/{OUTPUTS_DIR}")
+        return
+    for name in names:
+        fs, path = _remote_file(storage, name)
+        fs.create_dir(path.rpartition("/")[0], recursive=True)
+        if (study_dir / name).is_file():
+            pafs.copy_files(str(study_dir / name), path, destination_filesystem=fs)
+
+
+def fetch_saved_study(study_dir: Path, storage: str) -> bool:
+    """On a machine without the local study folder, get config + journal back from URI storage."""
+    import pyarrow.fs as pafs
+
+    remote = _remote_file(storage, CONFIG_FILE)
+    if remote is None or remote[0].get_file_info(remote[1]).type == pafs.FileType.NotFound:
+        return False
+    study_dir.mkdir(parents=True, exist_ok=True)
+    for name in RESUME_FILES:
+        fs, path = _remote_file(storage, name)
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            pafs.copy_files(path, str(study_dir / name), source_filesystem=fs)
+    return True
+
+
+def study_started(study_dir: Path, storage: str) -> bool:
+    """A study ran here (its Optuna journal or Ray's folder exist, locally or on URI storage):
+    never overwrite it. A folder holding only study_config.json is a start that failed before
+    the search began."""
+    if (study_dir / RAY_DIR).exists() or (study_dir / JOURNAL).exists():
+        return True
+    remote = _remote_file(storage, JOURNAL)
+    if remote is None:
+        return False
+    return remote[0].get_file_info(remote[1]).type.name != "NotFound" or tune.Tuner.can_restore(f"{storage}/{RAY_DIR}")
+
+
+class SyncStudyFiles(tune.Callback):
+    """Mirror the resume files to URI storage whenever a trial finishes (its Optuna record is
+    then final), so a lost driver loses at most the trials still running."""
+
+    def __init__(self, study_dir: Path, storage: str):
+        self.study_dir, self.storage = study_dir, storage
+
+    def _sync(self) -> None:
+        sync_outputs(self.study_dir, self.storage, RESUME_FILES)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._sync()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._sync()
