@@ -350,6 +350,29 @@ def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> 
     assert comparison["grouped"]["test_images_with_near_duplicate_in_train"] == 0  # grouped never leaks
 
 
+@pytest.mark.slow
+def test_diverged_trials_are_recorded_not_retried(crack_data: Path, tmp_path: Path) -> None:
+    # every trial's loss turns non-finite in epoch 2: no Ray retries (divergence repeats), each
+    # trial reported as the worst result (DIVERGED, a value Optuna keeps), and the study stops
+    # with one line saying why
+    faults = tmp_path / "faults"
+    proc = run_study("--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "diverge",
+                     "--num-samples", "2", "--max-epochs", "3", "--grace-period", "3", "--image-size", "32",
+                     "--subset", "40", env={"CRACK_DIVERGE_EPOCH": "2", "CRACK_FAULT_DIR": str(faults)})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    [line] = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
+    assert "every trial that reported diverged" in line
+    assert sorted(f.read_text() for f in faults.glob("*.diverged")) == ["2\n", "2\n"], "diverged once each"
+    trials = pd.read_parquet(tmp_path / "diverge" / "trials.parquet")
+    assert trials["status"].tolist() == ["DIVERGED", "DIVERGED"] and trials["error"].isna().all()
+    assert (trials["last_val_acc"] == 0).all() and (trials["epochs"] == 2).all()
+    history = pd.read_parquet(tmp_path / "diverge" / "history.parquet")
+    assert sorted(history["epoch"]) == [1, 1, 2, 2] and history.loc[history["epoch"] == 2, "train_loss"].isna().all()
+    pruned = [t for t in optuna_trials(tmp_path / "diverge", "diverge")]
+    assert [t.state for t in pruned] == [optuna.trial.TrialState.PRUNED] * 2
+    assert all(t.intermediate_values[2] == 0.0 for t in pruned)
+
+
 def test_start_points_fit_the_space_or_are_skipped(capsys) -> None:
     from crackcore.config import StudyConfig
     from tune.search import search_space, start_points

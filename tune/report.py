@@ -29,6 +29,7 @@ from crackcore.results import Study, StudyFilesError, load_optuna_study, load_st
 
 MAX_ERRORS_SHOWN = 36
 STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
+                "DIVERGED": dict(ls="-.", alpha=0.6, color="orange"),
                 "ERROR": dict(ls=":", alpha=0.6, color="red")}
 MARKERS = {"none": "o", "flip": "s", "flip_rotate": "^", "color": "D", "strong": "P"}
 

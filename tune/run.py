@@ -213,7 +213,9 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
                       "node_id", "timestamp"]].assign(trial_id=trial_id, **params)
             history.append(h)
         epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
-        status = "ERROR" if r.error else ("COMPLETE" if epochs >= cfg.max_epochs else "PRUNED")
+        diverged = "diverged" in hist and bool(hist["diverged"].iloc[-1] == True)  # noqa: E712 (NaN: False)
+        status = ("ERROR" if r.error else "DIVERGED" if diverged else
+                  "COMPLETE" if epochs >= cfg.max_epochs else "PRUNED")
         last = hist.iloc[-1] if len(hist) else None
         trials.append({
             "trial_id": trial_id, **params, "status": status, "epochs": epochs,
@@ -243,11 +245,14 @@ def max_parallel(trials: pd.DataFrame) -> int:
 
 
 BEST_RULE = ("highest val accuracy at the last epoch among trials that ran all max_epochs (ties: lower val loss, "
-             "then lower trial id); if none did, among all trials that reported")
+             "then lower trial id); if none did, among all trials that reported and did not diverge")
 
 
 def pick_best(trials: pd.DataFrame) -> pd.Series:
-    reported = trials[trials["epochs"] > 0]
+    reported = trials[(trials["epochs"] > 0) & (trials["status"] != "DIVERGED")]
+    if reported.empty and (trials["status"] == "DIVERGED").any():
+        raise StudyError("every trial that reported diverged (non-finite training loss); lower space.lr_max in the "
+                         "experiment file")
     if reported.empty:
         raise StudyError("every trial failed before reporting a metric; see errors in trials.parquet and Ray's logs")
     pool = reported[reported["status"] == "COMPLETE"]
@@ -275,7 +280,12 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], 
         result.model = result.model.cpu() if evaluate_test else None
         return result
 
-    return ray.get([_fit.remote([data_ref, backbone_ref], cfg) for cfg in cfgs])
+    try:
+        return ray.get([_fit.remote([data_ref, backbone_ref], cfg) for cfg in cfgs])
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, FloatingPointError):  # a diverged run: one line, not a remote traceback
+            raise StudyError(f"{label}: {exc.cause}") from None
+        raise
 
 
 SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")

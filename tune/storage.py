@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 from ray import tune
 
+from crackcore.config import StudyConfig
 from crackcore.results import JOURNAL
 
 RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
@@ -29,14 +31,16 @@ def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
     return study_dir, str(study_dir)
 
 
-def _remote_file(storage: str, name: str) -> tuple[Any, str] | None:
+def _remote_file(storage: str, name: str) -> tuple[pafs.FileSystem, str] | None:
     """(filesystem, path) of URI/<name>/outputs/<file>, or None for local storage."""
     if "://" not in storage:
         return None
-    import pyarrow.fs as pafs
-
     fs, root = pafs.FileSystem.from_uri(f"{storage}/{OUTPUTS_DIR}")
     return fs, f"{root}/{name}"
+
+
+def _exists(remote: tuple[pafs.FileSystem, str]) -> bool:
+    return remote[0].get_file_info(remote[1]).type != pafs.FileType.NotFound
 
 
 def sync_outputs(study_dir: Path, storage: str, names: tuple[str, ...] | None = None) -> None:
@@ -44,8 +48,6 @@ def sync_outputs(study_dir: Path, storage: str, names: tuple[str, ...] | None = 
     runs (a driver on another machine can then --resume it), every output at the end."""
     if "://" not in storage:
         return
-    import pyarrow.fs as pafs
-
     if names is None:
         pafs.copy_files(str(study_dir), f"{storage}/{OUTPUTS_DIR}")
         return
@@ -58,15 +60,13 @@ def sync_outputs(study_dir: Path, storage: str, names: tuple[str, ...] | None = 
 
 def fetch_saved_study(study_dir: Path, storage: str) -> bool:
     """On a machine without the local study folder, get config + journal back from URI storage."""
-    import pyarrow.fs as pafs
-
     remote = _remote_file(storage, CONFIG_FILE)
-    if remote is None or remote[0].get_file_info(remote[1]).type == pafs.FileType.NotFound:
+    if remote is None or not _exists(remote):
         return False
     study_dir.mkdir(parents=True, exist_ok=True)
     for name in RESUME_FILES:
         fs, path = _remote_file(storage, name)
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        if _exists((fs, path)):
             pafs.copy_files(path, str(study_dir / name), source_filesystem=fs)
     return True
 
@@ -80,7 +80,7 @@ def study_started(study_dir: Path, storage: str) -> bool:
     remote = _remote_file(storage, JOURNAL)
     if remote is None:
         return False
-    return remote[0].get_file_info(remote[1]).type.name != "NotFound" or tune.Tuner.can_restore(f"{storage}/{RAY_DIR}")
+    return _exists(remote) or tune.Tuner.can_restore(f"{storage}/{RAY_DIR}")
 
 
 class SyncStudyFiles(tune.Callback):

@@ -16,12 +16,13 @@ from ray import tune
 
 from crackcore.config import TrainConfig
 from crackcore.model import WeightsInfo
-from crackcore.train import fit
+from crackcore.train import HISTORY_COLUMNS, fit
 
 STATE_FILE = "state.pt"
-# Test-only fault injection: the trial raises once when it reaches this epoch (marker files
-# in CRACK_FAULT_DIR make it "once"), so tests can check resume-from-checkpoint.
-FAULT_EPOCH_ENV, FAULT_DIR_ENV = "CRACK_FAULT_EPOCH", "CRACK_FAULT_DIR"
+# Test-only fault injection, recorded in marker files under CRACK_FAULT_DIR: at epoch
+# CRACK_FAULT_EPOCH a trial raises once (tests resume-from-checkpoint); at epoch
+# CRACK_DIVERGE_EPOCH it diverges every time, one marker line per attempt (tests no-retry).
+FAULT_EPOCH_ENV, DIVERGE_EPOCH_ENV, FAULT_DIR_ENV = "CRACK_FAULT_EPOCH", "CRACK_DIVERGE_EPOCH", "CRACK_FAULT_DIR"
 
 
 def trial_config(base: dict[str, Any], params: dict[str, Any], epochs: int, cpus: float, gpus: float) -> TrainConfig:
@@ -30,11 +31,18 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], epochs: int, cpus
 
 
 def _maybe_inject_fault(epoch: int) -> None:
-    if os.environ.get(FAULT_EPOCH_ENV) != str(epoch) or not os.environ.get(FAULT_DIR_ENV):
+    if not os.environ.get(FAULT_DIR_ENV) or str(epoch) not in (os.environ.get(FAULT_EPOCH_ENV),
+                                                                 os.environ.get(DIVERGE_EPOCH_ENV)):
         return
-    marker = Path(os.environ[FAULT_DIR_ENV]) / f"{tune.get_context().get_trial_id()}.failed"
+    folder = Path(os.environ[FAULT_DIR_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    trial_id = tune.get_context().get_trial_id()
+    if os.environ.get(DIVERGE_EPOCH_ENV) == str(epoch):
+        with open(folder / f"{trial_id}.diverged", "a") as f:
+            f.write(f"{epoch}\n")
+        raise FloatingPointError(f"injected divergence at epoch {epoch} ({DIVERGE_EPOCH_ENV})")
+    marker = folder / f"{trial_id}.failed"
     if not marker.exists():
-        marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
         raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_EPOCH_ENV})")
 
@@ -52,11 +60,23 @@ def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], wei
         with checkpoint.as_directory() as d:
             resume_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
+    last_epoch = int(resume_state["epoch"]) if resume_state else 0
+
     def on_epoch(row: dict[str, Any], state_fn) -> None:
+        nonlocal last_epoch
         _maybe_inject_fault(row["epoch"])
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / STATE_FILE)
-            tune.report({**row, "node_id": node_id, "pid": os.getpid()}, checkpoint=tune.Checkpoint.from_directory(d))
+            tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False},
+                        checkpoint=tune.Checkpoint.from_directory(d))
+        last_epoch = row["epoch"]
 
-    fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=WeightsInfo(**weights),
-        backbone=backbone, log=None)
+    try:
+        fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=WeightsInfo(**weights),
+            backbone=backbone, log=None)
+    except FloatingPointError:
+        # Divergence is deterministic (same seed, same checkpoint): a Ray retry would diverge
+        # again. Report it as the worst result instead: ASHA stops the trial, Optuna records the
+        # value and TPE learns to avoid the region; `diverged` marks the row (trials.parquet: DIVERGED).
+        tune.report({**{k: float("nan") for k in HISTORY_COLUMNS}, "epoch": last_epoch + 1, "val_acc": 0.0,
+                     "node_id": node_id, "pid": os.getpid(), "diverged": True})
