@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import http.client
 import json
 import os
 import shutil
@@ -63,7 +64,7 @@ def fetch(url: str, dest: Path) -> None:
                 raise DownloadError(f"download of {url} stopped after {got} of {total} bytes; run the command "
                                     "again (nothing was kept)")
         os.replace(part, dest)
-    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:  # IncompleteRead too
         part.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url} ({exc}); pass --url with a mirror or a local archive "
                             "file") from None

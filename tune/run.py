@@ -264,9 +264,10 @@ def pick_best(trials: pd.DataFrame) -> pd.Series:
 
 
 def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], backbone_ref: Any, num_cpus: float,
-               num_gpus: float, evaluate_test: bool, label: str) -> list[Any]:
+               num_gpus: float, evaluate_test: bool, label: str, diverged_ok: bool = False) -> list[Any]:
     """Run crackcore.fit for each config as a Ray task, in parallel as resources allow (the
-    driver may have no GPU). Returns FitResults; models only when the test split is evaluated."""
+    driver may have no GPU). Returns FitResults; models only when the test split is evaluated.
+    A run whose loss turned non-finite is None with `diverged_ok`, else a one-line StudyError."""
     import ray
 
     from crackcore.model import WeightsInfo
@@ -280,12 +281,19 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], 
         result.model = result.model.cpu() if evaluate_test else None
         return result
 
-    try:
-        return ray.get([_fit.remote([data_ref, backbone_ref], cfg) for cfg in cfgs])
-    except ray.exceptions.RayTaskError as exc:
-        if isinstance(exc.cause, FloatingPointError):  # a diverged run: one line, not a remote traceback
-            raise StudyError(f"{label}: {exc.cause}") from None
-        raise
+    results = []
+    for cfg, ref in [(cfg, _fit.remote([data_ref, backbone_ref], cfg)) for cfg in cfgs]:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, FloatingPointError):
+                raise
+            if not diverged_ok:  # one line, not a remote traceback
+                raise StudyError(f"{label} diverged (non-finite training loss) at lr {cfg.lr:.3g}; best_config.json "
+                                 "and trials.parquet are written: retrain a runner-up or a lower lr with python -m "
+                                 "crackcore.fit") from None
+            results.append(None)
+    return results
 
 
 SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
@@ -309,9 +317,13 @@ def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: d
             seed = cfg.seed + 1000 * rank + r + 1
             cfgs.append(cfg.train.replace(**params, epochs=cfg.max_epochs, seed=seed))
             rows.append({"config_rank": rank, "trial_id": row.trial_id, "seed": seed, **params})
-    results = fit_remote(data_ref, cfgs, weights, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat")
+    results = fit_remote(data_ref, cfgs, weights, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat",
+                         diverged_ok=True)
     for row, res in zip(rows, results):
-        row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"])
+        if res is None:  # as in the search: a diverged seed counts as the worst result
+            row.update(val_acc=0.0, val_loss=float("nan"), n_val=0, diverged=True)
+        else:
+            row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"], diverged=False)
     return pd.DataFrame(rows)
 
 

@@ -1,11 +1,14 @@
 """Where a study's files live. Local storage: one folder, results/<study>/, holds Ray's
 experiment (ray/), the Optuna journal and every output. URI storage (s3://, gs://, file://):
 Ray keeps its experiment at URI/<study>/ray, our files are written to ./results/<study>/ and
-mirrored to URI/<study>/outputs: the config at the start, the journal after every finished
-trial, everything at the end. So a driver on another machine (a new pod of the same image)
-can `--resume` a study: it fetches config and journal back, and Ray restores from the URI."""
+mirrored to URI/<study>/outputs: the config at the start, the journal at every snapshot Ray
+takes of its experiment, everything at the end. So a driver on another machine can `--resume`
+the study: it fetches config and journal back, and Ray restores from the URI. Ray pickles
+the searcher with the journal's absolute path, so that driver must run in the same working
+folder (a new pod of the same image does)."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -84,17 +87,17 @@ def study_started(study_dir: Path, storage: str) -> bool:
 
 
 class SyncStudyFiles(tune.Callback):
-    """Mirror the resume files to URI storage whenever a trial finishes (its Optuna record is
-    then final), so a lost driver loses at most the trials still running."""
+    """Mirror the resume files to URI storage at each of Ray's experiment snapshots. Ray calls
+    get_state() after saving the searcher (which maps Ray trials to Optuna trial ids) and
+    before uploading the snapshot, so the uploaded journal always holds every trial the
+    uploaded searcher knows: a driver on another machine resumes both consistently."""
 
     def __init__(self, study_dir: Path, storage: str):
         self.study_dir, self.storage = study_dir, storage
 
-    def _sync(self) -> None:
-        sync_outputs(self.study_dir, self.storage, RESUME_FILES)
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._sync()
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self._sync()
+    def get_state(self) -> None:
+        try:
+            sync_outputs(self.study_dir, self.storage, RESUME_FILES)
+        except OSError as exc:  # a storage hiccup must not end the study; the next snapshot retries
+            print(f"warning: could not mirror {', '.join(RESUME_FILES)} to {self.storage}: {exc}", file=sys.stderr)
+        return None  # nothing for Ray to save: the files are the state
