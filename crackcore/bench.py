@@ -206,7 +206,7 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
 
     from PIL import Image
 
-    from crackcore.data import CLASSES, DataError, cache_dir, discover
+    from crackcore.data import CLASSES, DataError, cache_dir, discover, io_workers
     from crackcore.errors import build_folder
 
     src = Path(source)
@@ -235,7 +235,7 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
 
         for name in CLASSES:
             (tmp / name).mkdir()
-        with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(max_workers=io_workers()) as pool:
             list(pool.map(write, range(count)))
 
     return build_folder(root or cache_dir() / f"replicated-{src.resolve().name}-{count}", "REPLICATED.json", meta,

@@ -167,6 +167,11 @@ def _cache_key(samples: pd.DataFrame, image_size: int) -> str:
     return h.hexdigest()
 
 
+def io_workers() -> int:
+    """Threads for decoding/hashing many files (PIL and torchvision release the GIL)."""
+    return max(1, min(16, os.cpu_count() or 1))
+
+
 def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
     """Decode every sample once into a memory-mapped uint8 [N, 3, S, S] file keyed by the
     files' content and the size, so every later run (and every trial on the node) reads the
@@ -207,7 +212,7 @@ def _decode_into(tmp: Path, root: Path, samples: pd.DataFrame, image_size: int, 
 
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(max_workers=io_workers()) as pool:
         list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {image_size}px",
                   disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
     out.flush()

@@ -23,8 +23,6 @@ about 1.6e9 pair checks for 40,000 images, a few seconds.
 """
 from __future__ import annotations
 
-import io
-import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -63,7 +61,7 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
 def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """pHash + thumbnail per unique content hash, cached under $CRACK_CACHE/phash. Contents
     that cannot be decoded have no row (and are not cached: tried again next time)."""
-    from crackcore.data import cache_dir
+    from crackcore.data import cache_dir, io_workers
     from crackcore.errors import write_parquet
 
     cache_path = cache_dir() / "phash" / CACHE_FILE
@@ -75,7 +73,7 @@ def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.D
         from tqdm.auto import tqdm
 
         paths = [root / p for p in todo["path"]]
-        with ThreadPoolExecutor(max_workers=max(1, min(16, os.cpu_count() or 1))) as pool:
+        with ThreadPoolExecutor(max_workers=io_workers()) as pool:
             sigs = list(tqdm(pool.map(_signature, paths), total=len(paths), desc="near-duplicate signatures",
                              disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
         ok = [i for i, sig in enumerate(sigs) if sig is not None]

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crackcore.config import (AUGMENT_POLICIES, SPLIT_STRATEGIES, ConfigError, StudyConfig, TrainConfig,
+from crackcore.config import (SPLIT_STRATEGIES, ConfigError, StudyConfig, TrainConfig,
                               apply_overrides, config_json, load_study_config)
 from crackcore.data import check_root, prepare_data
 from crackcore.errors import write_json, write_parquet
@@ -271,12 +271,12 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], 
     import ray
 
     from crackcore.model import WeightsInfo
+    from tune.trainable import within_resources
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     def _fit(refs: list, cfg: TrainConfig) -> Any:
         data, backbone = ray.get(refs)
-        share = min(1.0, num_gpus) if num_gpus > 0 else 1.0
-        result = fit(cfg.replace(num_threads=max(1, int(num_cpus)), gpu_share=share), data, evaluate_test=evaluate_test,
+        result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
                      weights_info=WeightsInfo(**weights), backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
         result.model = result.model.cpu() if evaluate_test else None
         return result
@@ -357,11 +357,19 @@ def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[
     other_cfg = best_cfg.replace(split_strategy=other)
     other_data = prepare_data(other_cfg)
     print(f"\n--compare-splits: retraining under the {other} split ({other_data.source['groups']} groups) ...", flush=True)
-    ref = ray.put(dataclasses.replace(other_data, images=np.asarray(other_data.images).view(np.ndarray)))
+    ref = put_data(other_data)
     [other_result] = fit_remote(ref, [other_cfg], weights, backbone_ref, num_cpus, num_gpus, True, f"{other} split")
     near_groups = (other_data if other == "grouped" else data).samples.set_index("path")["group"]
     return {best_cfg.split_strategy: split_summary(result.test, data, near_groups),
             other: split_summary(other_result.test, other_data, near_groups)}
+
+
+def put_data(data: Any) -> Any:
+    """The prepared data in Ray's object store, once for the whole cluster. A plain ndarray (not
+    a memmap subclass) is stored out-of-band: zero-copy reads per node."""
+    import ray
+
+    return ray.put(dataclasses.replace(data, images=np.asarray(data.images).view(np.ndarray)))
 
 
 def final_resources(cfg: StudyConfig) -> tuple[int, float]:
@@ -430,8 +438,7 @@ def main(argv: list[str] | None = None) -> int:
           f"exact duplicates: {data.source['exact_duplicate_files']}\nweights: {weights.describe()}\n"
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
           f"{len([n for n in ray.nodes() if n['Alive']])} node(s)", flush=True)
-    # a plain ndarray (not a memmap subclass) is stored out-of-band: zero-copy reads per node
-    data_ref = ray.put(dataclasses.replace(data, images=np.asarray(data.images).view(np.ndarray)))
+    data_ref = put_data(data)
     backbone_ref = ray.put(load_backbone(weights))  # the weights file exists on this node only
     slots = trial_slots(cfg, resources)
     print(f"trials: {cfg.num_samples}, up to {slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} GPU "

@@ -25,9 +25,14 @@ STATE_FILE = "state.pt"
 FAULT_EPOCH_ENV, DIVERGE_EPOCH_ENV, FAULT_DIR_ENV = "CRACK_FAULT_EPOCH", "CRACK_DIVERGE_EPOCH", "CRACK_FAULT_DIR"
 
 
+def within_resources(cfg: TrainConfig, cpus: float, gpus: float) -> TrainConfig:
+    """`cfg` for a Ray task or trial holding `cpus` CPUs and `gpus` GPUs: torch threads = its
+    CPUs (Ray sets OMP_NUM_THREADS=1), GPU-resident data planned against its share of a GPU."""
+    return cfg.replace(num_threads=max(1, int(cpus)), gpu_share=min(1.0, gpus) if gpus > 0 else 1.0)
+
+
 def trial_config(base: dict[str, Any], params: dict[str, Any], epochs: int, cpus: float, gpus: float) -> TrainConfig:
-    return TrainConfig(**{**base, **params, "epochs": epochs, "num_threads": max(1, int(cpus)),
-                          "gpu_share": min(1.0, gpus) if gpus > 0 else 1.0})
+    return within_resources(TrainConfig(**{**base, **params, "epochs": epochs}), cpus, gpus)
 
 
 def _maybe_inject_fault(epoch: int) -> None:
