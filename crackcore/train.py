@@ -194,7 +194,7 @@ class FitResult:
     device: str = "cpu"
     precision: str = "float32"  # of the training forward pass; evaluation is always float32
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)  # the caller's bookkeeping (tune/: the Ray node it ran on)
 
 
 EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]

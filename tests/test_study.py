@@ -2,6 +2,7 @@
 Optuna, real images, tiny budgets."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pandas as pd
@@ -105,20 +107,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def two_node_cluster():
+@contextlib.contextmanager
+def ray_cluster(worker: list[str], head_cpus: int = 1):
+    """A head node with `head_cpus` CPUs and one worker node started with `worker` flags, on 127.0.0.1."""
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
-    common = ["--num-cpus=1", "--object-store-memory=300000000", "--disable-usage-stats"]
+    common = ["--object-store-memory=300000000", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     try:
-        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
-                        "--include-dashboard=false", *common], check=True, capture_output=True, env=env, timeout=120)
-        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1", *common],
+        subprocess.run([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false", f"--num-cpus={head_cpus}",
+                        *common], check=True, capture_output=True, env=env, timeout=120)
+        subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *worker, *common],
                        check=True, capture_output=True, env=env, timeout=120)
         yield f"127.0.0.1:{port}", env
     finally:
         subprocess.run([ray_bin, "stop", "--force"], capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def two_node_cluster():
+    with ray_cluster(worker=["--num-cpus=1"]) as cluster:
+        yield cluster
 
 
 @pytest.mark.slow
@@ -142,6 +151,28 @@ def test_study_on_two_node_cluster(two_node_cluster, crack_data: Path, tmp_path:
     # without --address, a study on a machine that runs a cluster says how to use it
     proc = run_study("--smoke-test", "--storage-path", str(tmp_path / "local"), env=env, timeout=120)
     assert proc.returncode == 1 and "pass --address auto" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_trials_pack_on_the_gpu_node_and_the_retrain_gets_a_whole_gpu(crack_data: Path, tmp_path: Path) -> None:
+    # The worker's GPU is a Ray resource only (no CUDA here, so tasks train on the CPU): what is
+    # tested is placement. Trials asking 0.5 GPU must run two at a time on the GPU node, never on
+    # the GPU-less head, and the final retrain must get the whole GPU there (the head has more
+    # CPUs, so a retrain asking CPUs only would land on it).
+    with ray_cluster(worker=["--num-cpus=2", "--num-gpus=1"], head_cpus=3) as (address, env):
+        proc = run_study("--address", address, "--data", str(crack_data), "--storage-path", str(tmp_path),
+                         "--study-name", "packed", "--num-samples", "2", "--max-epochs", "3", "--grace-period", "3",
+                         "--final-epochs", "1", "--image-size", "32", "--subset", "300", "--cpus-per-trial", "1",
+                         "--gpus-per-trial", "0.5", env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    study = json.loads((tmp_path / "packed" / "study.json").read_text())
+    gpu_nodes = {node for node, r in study["node_resources"].items() if r["GPU"] > 0}
+    assert study["nodes"] == 2 and len(gpu_nodes) == 1
+    trials = pd.read_parquet(tmp_path / "packed" / "trials.parquet")
+    assert set(trials["node_id"]) == gpu_nodes and (trials["status"] == "COMPLETE").all()
+    assert study["config"]["gpus_per_trial"] == 0.5 and study["trial_slots"] == 2
+    assert study["max_parallel_trials"] == 2, "two trials should have shared the GPU"
+    assert study["final_node_id"] in gpu_nodes
 
 
 # --------------------------------------------------------------------------- (c) resume
@@ -386,3 +417,18 @@ def test_start_points_fit_the_space_or_are_skipped(capsys) -> None:
     narrowed = StudyConfig(space={"augment_policies": ["none", "color"], "freeze_depths": [1, 3, 5]})
     assert start_points(narrowed, search_space(narrowed)) == []
     assert "outside the search space" in capsys.readouterr().err
+
+
+def test_gpu_profile_and_gpus_per_trial_resolve_by_precedence(tmp_path: Path) -> None:
+    from crackcore.config import StudyConfig
+    from tune.run import build_parser, resolve_config
+
+    def resolve(flags: list[str], has_gpu: bool, **file: Any) -> StudyConfig:
+        return resolve_config(build_parser().parse_args(flags), StudyConfig(**file), has_gpu)
+
+    assert resolve([], has_gpu=True).gpus_per_trial == 0.25  # GPUs and no setting: 4 trials per GPU
+    assert resolve(["--gpus-per-trial", "0"], has_gpu=True).gpus_per_trial == 0  # explicit 0: trials on CPUs
+    assert resolve(["--gpus-per-trial", "0.5"], has_gpu=False).gpus_per_trial == 0  # no GPU in the cluster
+    profiled = resolve([], has_gpu=True, gpu={"gpus_per_trial": 1, "max_epochs": 10}, cpu={"max_epochs": 4})
+    assert (profiled.gpus_per_trial, profiled.max_epochs) == (1, 10)
+    assert resolve(["--max-epochs", "2"], has_gpu=False, cpu={"max_epochs": 4}).max_epochs == 2

@@ -88,7 +88,8 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool) -> StudyConfig:
-    """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags."""
+    """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags. With GPUs
+    and no gpus_per_trial from file or flag, trials pack 4 per GPU."""
     cfg = apply_overrides(from_file, from_file.gpu if has_gpu else from_file.cpu)
     if a.smoke_test:
         cfg = apply_overrides(cfg, {k: v for k, v in SMOKE.items() if k != "num_samples"})
@@ -98,7 +99,9 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool)
         flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
     cfg = apply_overrides(cfg, flags)
     if not has_gpu:
-        cfg = apply_overrides(cfg, {"gpus_per_trial": 0.0})
+        return apply_overrides(cfg, {"gpus_per_trial": 0.0})
+    if cfg.gpus_per_trial == 0 and a.gpus_per_trial is None:  # an explicit 0 keeps trials on CPUs
+        return apply_overrides(cfg, {"gpus_per_trial": 0.25})
     return cfg
 
 
@@ -279,6 +282,7 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], 
         result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
                      weights_info=WeightsInfo(**weights), backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
         result.model = result.model.cpu() if evaluate_test else None
+        result.extra["node_id"] = ray.get_runtime_context().get_node_id()
         return result
 
     results = []
@@ -372,14 +376,18 @@ def put_data(data: Any) -> Any:
     return ray.put(dataclasses.replace(data, images=np.asarray(data.images).view(np.ndarray)))
 
 
+def node_resources() -> dict[str, dict[str, float]]:
+    """CPUs and GPUs of each live node, by node id (trials.parquet's node_id)."""
+    import ray
+
+    return {n["NodeID"]: {k: n["Resources"].get(k, 0.0) for k in ("CPU", "GPU")} for n in ray.nodes() if n["Alive"]}
+
+
 def final_resources(cfg: StudyConfig) -> tuple[int, float]:
     """(CPUs, GPUs) of the final retrain: one whole GPU when trials used GPUs, and as many CPUs
     (up to 8) as the biggest node that can hold it has, so the task is always schedulable."""
-    import ray
-
     gpus = 1.0 if cfg.gpus_per_trial > 0 else 0.0
-    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("GPU", 0) >= gpus]
-    biggest_node = max((r.get("CPU", 0) for r in nodes), default=1)
+    biggest_node = max((r["CPU"] for r in node_resources().values() if r["GPU"] >= gpus), default=1)
     return max(1, int(min(biggest_node, 8))), gpus
 
 
@@ -401,8 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     resources = connect_ray(a.address)
     has_gpu = resources.get("GPU", 0) > 0
     cfg = resolve_config(a, from_file, has_gpu)
-    if has_gpu and cfg.gpus_per_trial == 0 and a.gpus_per_trial is None:  # an explicit 0 keeps trials on CPUs
-        cfg = apply_overrides(cfg, {"gpus_per_trial": 0.25})
     study_dir, storage = ray_storage(cfg, a.storage_path)
     if not a.resume and not a.study_name and study_started(study_dir, storage):
         # a default-named re-run (e.g. a second `make study`) gets the next free name, never an overwrite
@@ -437,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data: {data.source['kind']} {data.source['root']}  {data.counts()}  "
           f"exact duplicates: {data.source['exact_duplicate_files']}\nweights: {weights.describe()}\n"
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
-          f"{len([n for n in ray.nodes() if n['Alive']])} node(s)", flush=True)
+          f"{len(node_resources())} node(s)", flush=True)
     data_ref = put_data(data)
     backbone_ref = ray.put(load_backbone(weights))  # the weights file exists on this node only
     slots = trial_slots(cfg, resources)
@@ -499,7 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         "data_source": data.source, "weights": weights.to_dict(), "versions": {**versions(), "ray": ray.__version__,
         "optuna": __import__("optuna").__version__}, "seed": cfg.seed, "final_device": result.device,
         "final_train_precision": result.precision,
-        "cluster_resources": resources, "nodes": len([n for n in ray.nodes() if n["Alive"]]),
+        "final_node_id": result.extra["node_id"], "cluster_resources": resources,
+        "nodes": len(nodes := node_resources()), "node_resources": nodes,
         "ray_address": a.address or "local", "storage": storage, "trials": int(len(trials)),
         "trial_status": {k: int(v) for k, v in counts.items()}, "max_parallel_trials": max_parallel(trials),
         "trial_slots": slots, "search_seconds": search_seconds, "final_seconds": final_seconds,
