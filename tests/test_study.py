@@ -241,7 +241,9 @@ def test_uri_storage_study_resumes_on_a_machine_without_its_local_folder(crack_d
     finally:
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
-    shutil.rmtree(machine / "results")  # the new machine has none of the local files
+    shutil.rmtree(machine)  # the new machine has none of the local files, and another working folder
+    machine = tmp_path / "another-machine"
+    machine.mkdir()
     proc = subprocess.run([*RUN, *args, "--resume"], cwd=machine, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "fetched study_config.json, optuna_journal.log" in proc.stdout

@@ -165,7 +165,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from tune.search import make_searcher
+    from tune.search import EpochAwareOptunaSearch, make_searcher
     from tune.trainable import train_trial
 
     base = {k: v for k, v in cfg.train.to_dict().items() if k not in ("epochs",)}
@@ -184,6 +184,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
             raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
         # errored trials stay errored: they already spent their retries (max_failures), and the
         # restored searcher has told Optuna FAIL for them, so re-running one would split the record
+        EpochAwareOptunaSearch.resume_study_dir = study_dir  # the journal here, wherever the study began
         return tune.Tuner.restore(experiment, trainable=trainable).fit()
     scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
                               reduction_factor=cfg.reduction_factor)

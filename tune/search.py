@@ -7,9 +7,10 @@ stopped before `max_epochs` as PRUNED, so the persisted Optuna study (a JournalS
 next to the results) is a faithful record for optuna.visualization and optuna-dashboard."""
 from __future__ import annotations
 
+import pickle
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -65,11 +66,51 @@ def open_storage(study_dir: Path):
     return open_journal(study_dir)
 
 
+JOURNAL_REF = "study-journal"  # what a pickled searcher holds instead of its journal (and its path)
+
+
+class _JournalByReference(pickle.Pickler):
+    def __init__(self, file: Any, journal: Any):
+        super().__init__(file)
+        self._journal = journal
+
+    def persistent_id(self, obj: Any) -> str | None:
+        return JOURNAL_REF if obj is self._journal else None
+
+
+class _JournalAt(pickle.Unpickler):
+    def __init__(self, file: Any, study_dir: Path):
+        super().__init__(file)
+        self._journal = open_storage(study_dir)
+
+    def persistent_load(self, pid: Any) -> Any:
+        if pid != JOURNAL_REF:
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        return self._journal
+
+
 class EpochAwareOptunaSearch(OptunaSearch):
-    def __init__(self, *args: Any, max_epochs: int, epoch_key: str = "epoch", **kwargs: Any):
+    # Ray pickles the searcher into its experiment and unpickles it on --resume, maybe in a
+    # driver whose study folder is elsewhere (a new pod or machine, another working folder).
+    # The journal is pickled by reference, so the study, its trials and this searcher all get
+    # the journal in the resuming driver's folder, which sets `resume_study_dir`.
+    resume_study_dir: ClassVar[Path | None] = None
+
+    def __init__(self, *args: Any, study_dir: Path, max_epochs: int, epoch_key: str = "epoch", **kwargs: Any):
+        self._study_dir = Path(study_dir)
         self._max_epochs = max_epochs
         self._epoch_key = epoch_key
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, storage=open_storage(study_dir), **kwargs)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            _JournalByReference(f, self._storage).dump(self.__dict__.copy())
+
+    def restore(self, checkpoint_path: str) -> None:
+        study_dir = self.resume_study_dir or self._study_dir
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(_JournalAt(f, study_dir).load())
+        self._study_dir = study_dir
 
     def _report(self, trial_id: str, result: dict | None) -> None:
         if not result or self.metric not in result:
@@ -103,7 +144,7 @@ def make_searcher(cfg: StudyConfig, study_dir: Path) -> EpochAwareOptunaSearch:
     sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True,
                                          n_startup_trials=max(4, min(10, cfg.num_samples // 3)))
     return EpochAwareOptunaSearch(space=space, metric=cfg.metric, mode="max", points_to_evaluate=start_points(cfg, space),
-                                  sampler=sampler, study_name=cfg.name, storage=open_storage(study_dir),
+                                  sampler=sampler, study_name=cfg.name, study_dir=study_dir,
                                   max_epochs=cfg.max_epochs)
 
 

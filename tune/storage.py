@@ -3,9 +3,8 @@ experiment (ray/), the Optuna journal and every output. URI storage (s3://, gs:/
 Ray keeps its experiment at URI/<study>/ray, our files are written to ./results/<study>/ and
 mirrored to URI/<study>/outputs: the config at the start, the journal at every snapshot Ray
 takes of its experiment, everything at the end. So a driver on another machine can `--resume`
-the study: it fetches config and journal back, and Ray restores from the URI. Ray pickles
-the searcher with the journal's absolute path, so that driver must run in the same working
-folder (a new pod of the same image does)."""
+the study, in any working folder: it fetches config and journal back, Ray restores from the
+URI, and the restored searcher opens the fetched journal (tune.search pickles it by reference)."""
 from __future__ import annotations
 
 import sys
