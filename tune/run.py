@@ -160,8 +160,8 @@ def trial_slots(cfg: StudyConfig, resources: dict[str, float]) -> int:
 # --------------------------------------------------------------------------- search
 
 
-def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, weights: dict[str, Any],
-               backbone_ref: Any, resume: bool, slots: int) -> Any:
+def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
+               slots: int) -> Any:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
@@ -170,9 +170,8 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, w
 
     base = {k: v for k, v in cfg.train.to_dict().items() if k not in ("epochs",)}
     trainable = tune.with_resources(
-        tune.with_parameters(train_trial, data_ref=[data_ref], base=base, weights=weights,
-                             backbone_ref=[backbone_ref], max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial,
-                             gpus=cfg.gpus_per_trial),
+        tune.with_parameters(train_trial, data_ref=[data_ref], base=base, backbone_ref=[backbone_ref],
+                             max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial, gpus=cfg.gpus_per_trial),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     experiment = f"{storage}/{RAY_DIR}"
     # num_to_keep=1 (checkpoints are ~86 MB) forces an experiment-state snapshot after every
@@ -267,21 +266,20 @@ def pick_best(trials: pd.DataFrame) -> pd.Series:
 # --------------------------------------------------------------------------- final retrain
 
 
-def fit_remote(data_ref: Any, cfgs: list[TrainConfig], weights: dict[str, Any], backbone_ref: Any, num_cpus: float,
-               num_gpus: float, evaluate_test: bool, label: str, diverged_ok: bool = False) -> list[Any]:
+def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cpus: float, num_gpus: float,
+               evaluate_test: bool, label: str, diverged_ok: bool = False) -> list[Any]:
     """Run crackcore.fit for each config as a Ray task, in parallel as resources allow (the
     driver may have no GPU). Returns FitResults; models only when the test split is evaluated.
     A run whose loss turned non-finite is None with `diverged_ok`, else a one-line StudyError."""
     import ray
 
-    from crackcore.model import WeightsInfo
     from tune.trainable import within_resources
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     def _fit(refs: list, cfg: TrainConfig) -> Any:
-        data, backbone = ray.get(refs)
+        data, (weights, backbone) = ray.get(refs)
         result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
-                     weights_info=WeightsInfo(**weights), backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
+                     weights_info=weights, backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
         result.model = result.model.cpu() if evaluate_test else None
         result.extra["node_id"] = ray.get_runtime_context().get_node_id()
         return result
@@ -309,8 +307,7 @@ def trial_params(row: pd.Series) -> dict[str, Any]:
     return {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
 
 
-def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: dict[str, Any],
-               backbone_ref: Any) -> pd.DataFrame:
+def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, backbone_ref: Any) -> pd.DataFrame:
     """Re-run the top-K configs R times with fresh seeds (same split) for max_epochs. One
     seed cannot rank trials that differ by a few errors in a thousand."""
     done = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
@@ -322,7 +319,7 @@ def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, data_ref: Any, weights: d
             seed = cfg.seed + 1000 * rank + r + 1
             cfgs.append(cfg.train.replace(**params, epochs=cfg.max_epochs, seed=seed))
             rows.append({"config_rank": rank, "trial_id": row.trial_id, "seed": seed, **params})
-    results = fit_remote(data_ref, cfgs, weights, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat",
+    results = fit_remote(data_ref, cfgs, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat",
                          diverged_ok=True)
     for row, res in zip(rows, results):
         if res is None:  # as in the search: a diverged seed counts as the worst result
@@ -353,8 +350,8 @@ def split_summary(test: dict[str, Any], data: Any, near_groups: pd.Series) -> di
             "test_images_with_near_duplicate_in_train": near_duplicate_leaks(data.samples, near_groups)}
 
 
-def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[str, Any], backbone_ref: Any,
-                   num_cpus: int, num_gpus: float) -> dict[str, Any]:
+def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, backbone_ref: Any, num_cpus: int,
+                   num_gpus: float) -> dict[str, Any]:
     """Retrain the best config under the other split strategy: how much did duplicates flatter it?"""
     import ray
 
@@ -363,7 +360,7 @@ def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, weights: dict[
     other_data = prepare_data(other_cfg)
     print(f"\n--compare-splits: retraining under the {other} split ({other_data.source['groups']} groups) ...", flush=True)
     ref = put_data(other_data)
-    [other_result] = fit_remote(ref, [other_cfg], weights, backbone_ref, num_cpus, num_gpus, True, f"{other} split")
+    [other_result] = fit_remote(ref, [other_cfg], backbone_ref, num_cpus, num_gpus, True, f"{other} split")
     near_groups = (other_data if other == "grouped" else data).samples.set_index("path")["group"]
     return {best_cfg.split_strategy: split_summary(result.test, data, near_groups),
             other: split_summary(other_result.test, other_data, near_groups)}
@@ -446,13 +443,14 @@ def main(argv: list[str] | None = None) -> int:
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
           f"{len(node_resources())} node(s)", flush=True)
     data_ref = put_data(data)
-    backbone_ref = ray.put(load_backbone(weights))  # the weights file exists on this node only
+    # (WeightsInfo, state dict) for every trial and retrain: the weights file exists on this node only
+    backbone_ref = ray.put((weights, load_backbone(weights)))
     slots = trial_slots(cfg, resources)
     print(f"trials: {cfg.num_samples}, up to {slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} GPU "
           f"each), ASHA {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
 
     t_search = time.time()
-    results = run_search(cfg, study_dir, storage, data_ref, weights.to_dict(), backbone_ref, a.resume, slots)
+    results = run_search(cfg, study_dir, storage, data_ref, backbone_ref, a.resume, slots)
     search_seconds = time.time() - t_search
     trials, history = collect_trials(results, cfg)
     # not results.num_terminated: on Ctrl-C Ray marks the trials it stops TERMINATED, though they
@@ -473,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     rule = BEST_RULE
     if cfg.repeat_top > 0 and cfg.repeats > 0:
         print(f"\nrepeating the top {cfg.repeat_top} configs with {cfg.repeats} seeds each ...", flush=True)
-        repeats = repeat_top(cfg, trials, data_ref, weights.to_dict(), backbone_ref)
+        repeats = repeat_top(cfg, trials, data_ref, backbone_ref)
         ranked = rank_repeats(repeats)
         write_parquet(repeats.merge(ranked[["trial_id", "mean_val_acc", "ci95_low", "ci95_high"]], on="trial_id"),
                       study_dir / "repeats.parquet")
@@ -493,12 +491,11 @@ def main(argv: list[str] | None = None) -> int:
 
     t_final = time.time()
     num_cpus, num_gpus = final_resources(cfg)
-    [result] = fit_remote(data_ref, [best_cfg], weights.to_dict(), backbone_ref, num_cpus, num_gpus, True, "final retrain")
+    [result] = fit_remote(data_ref, [best_cfg], backbone_ref, num_cpus, num_gpus, True, "final retrain")
     final_seconds = time.time() - t_final
     extra: dict[str, Any] = {"best_trial_id": best["trial_id"]}
     if cfg.compare_splits:
-        extra["split_comparison"] = compare_splits(best_cfg, data, result, weights.to_dict(), backbone_ref, num_cpus,
-                                                   num_gpus)
+        extra["split_comparison"] = compare_splits(best_cfg, data, result, backbone_ref, num_cpus, num_gpus)
     metrics = write_run_outputs(study_dir, result, data, best_cfg, extra)
     counts = trials["status"].value_counts().to_dict()
     write_json({

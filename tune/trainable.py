@@ -15,7 +15,6 @@ import torch
 from ray import tune
 
 from crackcore.config import TrainConfig
-from crackcore.model import WeightsInfo
 from crackcore.train import HISTORY_COLUMNS, fit
 
 STATE_FILE = "state.pt"
@@ -52,11 +51,11 @@ def _maybe_inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_EPOCH_ENV})")
 
 
-def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], weights: dict[str, Any],
-                backbone_ref: Any, max_epochs: int, cpus: float, gpus: float) -> None:
+def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], backbone_ref: Any, max_epochs: int,
+                cpus: float, gpus: float) -> None:
     # data and ImageNet backbone travel once per node through the object store (data zero-copy):
     # a weights path resolved on the driver need not exist on the node running this trial
-    data, backbone = ray.get([data_ref[0], backbone_ref[0]])
+    data, (weights, backbone) = ray.get([data_ref[0], backbone_ref[0]])
     cfg = trial_config(base, params, max_epochs, cpus, gpus)
     node_id = ray.get_runtime_context().get_node_id()
     resume_state = None
@@ -77,7 +76,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], wei
         last_epoch = row["epoch"]
 
     try:
-        fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=WeightsInfo(**weights),
+        fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=weights,
             backbone=backbone, log=None)
     except FloatingPointError:
         # Divergence is deterministic (same seed, same checkpoint): a Ray retry would diverge
