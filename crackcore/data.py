@@ -25,10 +25,11 @@ from torchvision.io import ImageReadMode, decode_image
 from crackcore.config import TrainConfig
 
 CLASSES = ("Negative", "Positive")  # label = index: Negative (no crack) = 0, Positive (crack) = 1
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+PIL_SUFFIXES = {".bmp", ".tif", ".tiff"}  # torchvision.io decodes the others
 TENSOR_SUFFIX = ".pt"
 SPLITS = ("train", "val", "test")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: 16-bit images scaled to 8 bits (1 wrapped them)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -128,6 +129,28 @@ def select_subset(samples: pd.DataFrame, per_class: int, seed: int) -> pd.DataFr
 # --------------------------------------------------------------------------- decoding
 
 
+def read_rgb(path: Path) -> torch.Tensor:
+    """An image file -> uint8 [3, H, W] at its own size; grayscale/RGBA/palette become RGB.
+    torchvision decodes JPEG/PNG/WebP, PIL decodes BMP/TIFF. 16-bit images are scaled to 8
+    bits: a plain cast would wrap them."""
+    if path.suffix.lower() not in PIL_SUFFIXES:
+        img = decode_image(str(path), mode=ImageReadMode.RGB)
+        return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return pil_rgb(im)
+
+
+def pil_rgb(im: Any) -> torch.Tensor:
+    """A PIL image -> uint8 [3, H, W]. 16-bit grayscale (modes I;16*, or I holding 0-65535) is
+    scaled to 8 bits: PIL's convert() would clip it to white."""
+    if im.mode.startswith("I"):
+        gray = torch.from_numpy((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
+        return gray.expand(3, -1, -1).contiguous()
+    return TF.pil_to_tensor(im.convert("RGB"))
+
+
 def decode_file(path: Path, image_size: int) -> torch.Tensor:
     """One file -> uint8 [3, S, S]. Grayscale/RGBA become RGB; other sizes are resized on
     the shorter side and centre-cropped (the dataset's patches are square)."""
@@ -152,7 +175,7 @@ def decode_file(path: Path, image_size: int) -> torch.Tensor:
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
     else:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
+        img = read_rgb(path)
     if tuple(img.shape[1:]) != (image_size, image_size):
         img = TF.resize(img, [image_size], antialias=True)
         img = TF.center_crop(img, [image_size, image_size])

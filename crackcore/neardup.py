@@ -34,7 +34,7 @@ import pandas as pd
 MAX_PHASH_DISTANCE = 10
 MAX_THUMB_MAD = 3.0  # grey levels (0-255), after removing each thumbnail's mean
 THUMB = 32
-CACHE_FILE = "signatures.parquet"
+CACHE_FILE = "signatures-v2.parquet"  # v2: 16-bit images scaled, not clipped to white
 
 
 def _signature(path: Path) -> tuple[int, bytes] | None:
@@ -42,16 +42,18 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
     import imagehash
     from PIL import Image
 
-    try:
-        if path.suffix.lower() == ".pt":
-            from crackcore.data import decode_file
+    from crackcore.data import TENSOR_SUFFIX, decode_file, pil_rgb
 
+    try:
+        if path.suffix.lower() == TENSOR_SUFFIX:
             img = Image.fromarray(decode_file(path, 227).permute(1, 2, 0).numpy())
         else:
             img = Image.open(path)
             img.load()
     except Exception:
         return None
+    if img.mode.startswith("I"):  # 16-bit: convert("L") would clip every pixel to white
+        img = Image.fromarray(pil_rgb(img)[0].numpy())
     gray = img.convert("L")
     phash = int(str(imagehash.phash(gray)), 16)
     thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)

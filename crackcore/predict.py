@@ -1,7 +1,8 @@
 """`python -m crackcore.predict --model results/<study>/model.pt INPUT... --out OUT`
 
 Apply a trained model to new images. Patch-sized images (both sides <= 1.5 tiles, or smaller
-than one tile) are classified whole, with the same decoder as training: OUT.parquet, and
+than one tile) are classified as one image, decoded like training data (shorter side resized,
+centre-cropped square: an elongated patch loses its ends, with a warning): OUT.parquet, and
 accuracy/precision/recall with 95 % CIs when the inputs sit in Positive/ Negative/ folders.
 Larger photos (the dataset's patches came from 4032x3024 photos) are tiled with 227-px
 windows (the last row/column shifted to end at the border, so every pixel is covered and
@@ -23,7 +24,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from torchvision.io import ImageReadMode, decode_image
 
-from crackcore.data import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file
+from crackcore.data import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.errors import write_bytes, write_parquet
 from crackcore.fit import MODEL_FORMAT
 from crackcore.metrics import format_accuracy, wilson_interval
@@ -120,7 +121,7 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
 def predict_photo(model: CrackResNet, meta: dict[str, Any], path: Path, tile: int = TILE, stride: int = TILE,
                   batch_size: int = 128) -> tuple[pd.DataFrame, torch.Tensor]:
     """Per-tile probabilities of one photo, and the decoded photo (uint8 [3,H,W])."""
-    photo = decode_image(str(path), mode=ImageReadMode.RGB)
+    photo = read_rgb(path)
     _, h, w = photo.shape
     boxes = [(x, y) for y in window_starts(h, tile, stride) for x in window_starts(w, tile, stride)]
     probs = []
@@ -224,6 +225,11 @@ def main(argv: list[str] | None = None) -> int:
     stride = a.stride or a.tile
     if a.tile < 16 or not 0 < stride <= a.tile:
         raise ModelFileError(f"--stride must be in 1..--tile ({a.tile}) and --tile >= 16; got stride {stride}")
+    if a.batch_size < 1:
+        raise ModelFileError(f"--batch-size must be >= 1 (got {a.batch_size})")
+    if a.out.name in ("", ".", ".."):
+        raise ModelFileError(f"--out {a.out} names a folder; pass a file prefix such as {a.out / 'wall'} "
+                             "(writes wall.parquet, ...)")
     model, meta = load_model(a.model, resolve_device(a.device))
     files, problems = collect_inputs(a.inputs)
     for problem in problems:
@@ -239,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
             continue
         is_photo = w >= a.tile and h >= a.tile and max(w, h) > PATCH_MAX_SIDE * a.tile
         (photos if is_photo else patches).append(f)
+        if not is_photo and max(w, h) > PATCH_MAX_SIDE * min(w, h):
+            print(f"warning: {f} is {w}x{h}, too small to tile: only its centre {min(w, h)}x{min(w, h)} is classified",
+                  file=sys.stderr)
     print(f"model {a.model} ({meta['image_size']} px, temperature {meta.get('temperature') or 1.0:.2f}, "
           f"{meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
     processed = 0
@@ -247,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         df, bad = predict_patches(model, meta, patches, a.batch_size)
         seconds = time.perf_counter() - start
         failed += bad
+    if patches and len(df):  # none readable: keep any earlier OUT.parquet
         write_parquet(df, a.out.with_name(a.out.name + ".parquet"))
         processed += len(df)
         print(f"patches: {int(df['pred_label'].sum())} crack, {int((df['pred_label'] == 0).sum())} no crack "

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from crackcore.config import TrainConfig
-from crackcore.data import CrackDataset, DataError, decode_file, prepare_data
+from crackcore.data import CrackDataset, DataError, decode_file, prepare_data, read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -136,6 +136,22 @@ def test_grayscale_and_odd_sized_images_become_rgb_squares(tmp_path: Path, crack
         assert img.shape == (3, 48, 48) and img.dtype == torch.uint8
     gray = decode_file(tmp_path / "gray.jpg", 48)
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_16_bit_bmp_and_tiff_images_decode_like_their_8_bit_original(tmp_path: Path, crack_data: Path) -> None:
+    src = sorted((crack_data / "Negative").iterdir())[0]
+    gray8 = np.asarray(Image.open(src).convert("L"))
+    Image.fromarray(gray8).save(tmp_path / "gray8.png")
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.png")  # PIL mode I;16
+    Image.fromarray(gray8.astype(np.uint16) * 257).save(tmp_path / "gray16.tif")
+    Image.open(src).save(tmp_path / "rgb.bmp")
+    Image.open(src).save(tmp_path / "rgb.tiff")
+    reference = decode_file(tmp_path / "gray8.png", 64)
+    for name in ("gray16.png", "gray16.tif"):  # scaled to 8 bits, not wrapped or clipped
+        assert torch.equal(decode_file(tmp_path / name, 64), reference), name
+    rgb = read_rgb(tmp_path / "rgb.bmp")
+    assert rgb.dtype == torch.uint8 and torch.equal(rgb, torch.from_numpy(np.asarray(Image.open(src).convert("RGB"))).permute(2, 0, 1))
+    assert torch.equal(read_rgb(tmp_path / "rgb.tiff"), rgb)
 
 
 def test_saved_tensor_folder_loads_like_jpegs(tmp_path: Path, crack_data: Path) -> None:

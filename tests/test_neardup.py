@@ -82,3 +82,17 @@ def test_signatures_are_cached(planted, monkeypatch) -> None:
 
     monkeypatch.setattr(nd, "_signature", boom)
     assert nd.near_duplicate_groups(root, samples).equals(first)
+
+
+def test_16_bit_images_get_their_own_signature_not_a_white_one(crack_data: Path, tmp_path: Path) -> None:
+    import numpy as np
+
+    sigs = []
+    for src in sorted((crack_data / "Positive").iterdir())[:3]:
+        gray = np.asarray(Image.open(src).convert("L"))
+        Image.fromarray(gray).save(tmp_path / f"{src.stem}-8.png")
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / f"{src.stem}-16.png")
+        sig8, sig16 = nd._signature(tmp_path / f"{src.stem}-8.png"), nd._signature(tmp_path / f"{src.stem}-16.png")
+        assert sig16 == sig8  # the same picture, the same pHash and thumbnail
+        sigs.append(sig16[0])
+    assert len(set(sigs)) == 3

@@ -127,3 +127,33 @@ def test_bad_inputs(run, tmp_path: Path, capsys) -> None:
     (tmp_path / "empty").mkdir()
     assert run_main(main, ["--model", str(model_path), str(tmp_path / "empty"), "--out", str(tmp_path / "e")]) == 1
     assert "no images found" in capsys.readouterr().err
+
+
+def test_16_bit_patches_score_like_8_bit_and_bad_flags_are_one_line(run, tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from crackcore.cli import run_main
+    from crackcore.predict import ModelFileError
+
+    model_path = run[0] / "model.pt"
+    src = next((Path(run[1]["root"]) / "Positive").iterdir())
+    gray = np.asarray(Image.open(src).convert("L"))
+    folder = tmp_path / "mixed-depth"
+    folder.mkdir()
+    Image.fromarray(gray).save(folder / "gray8.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "gray16.png")
+    assert main(["--model", str(model_path), str(folder), "--out", str(tmp_path / "depth")]) == 0
+    df = pd.read_parquet(tmp_path / "depth.parquet").set_index("path")
+    assert len(df) == 2 and df["prob_crack"].nunique() == 1, df["prob_crack"]
+    capsys.readouterr()
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be >= 1"), (["--out", f"{tmp_path}/.."], "names a folder")):
+        args = ["--model", str(model_path), str(src), "--out", str(tmp_path / "x"), *flags]
+        assert run_main(main, args, (ModelFileError,)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    # nothing readable: exit 1 and an earlier result is kept, not replaced by an empty table
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.jpg").write_bytes(b"not a jpeg")
+    before = (tmp_path / "depth.parquet").read_bytes()
+    assert main(["--model", str(model_path), str(tmp_path / "broken"), "--out", str(tmp_path / "depth")]) == 1
+    assert (tmp_path / "depth.parquet").read_bytes() == before
