@@ -32,6 +32,17 @@ def roc_auc(y_true: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+def roc_curve(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(false positive rate, true positive rate) from (0, 0), one point per distinct score
+    threshold, highest first: tied scores are one step, so the trapezoid area is roc_auc."""
+    y_true, score = np.asarray(y_true).astype(bool), np.asarray(score, dtype=float)
+    order = np.argsort(-score, kind="stable")
+    last_of_tie = np.r_[np.flatnonzero(np.diff(score[order])), len(order) - 1]
+    tpr = np.r_[0, np.cumsum(y_true[order])[last_of_tie] / max(1, y_true.sum())]
+    fpr = np.r_[0, np.cumsum(~y_true[order])[last_of_tie] / max(1, (~y_true).sum())]
+    return fpr, tpr
+
+
 def reliability_table(y_true: np.ndarray, prob_crack: np.ndarray, bins: int = 10) -> pd.DataFrame:
     """Confidence-binned accuracy, the data of a reliability diagram. Confidence is the
     probability of the predicted class, so it lies in [0.5, 1]."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pandas as pd
 
@@ -58,6 +58,14 @@ class Study:
         return self.path / "model.pt"
 
 
+def _read(f: Path, read: Callable[[], Any]) -> Any:
+    try:
+        return read()
+    except (ValueError, OSError) as exc:  # JSONDecodeError, ArrowInvalid are ValueErrors
+        raise StudyFilesError(f"{f} is damaged ({str(exc).splitlines()[0][:120]}); restore it or re-run the step "
+                              "that writes it") from None
+
+
 def load_study(path: str | Path) -> Study:
     """Read a study folder. Files a study has not written yet (an interrupted search, a
     missing retrain) are listed in `missing` and left empty; a folder that is not a study
@@ -72,13 +80,13 @@ def load_study(path: str | Path) -> Study:
     for attr, name in DOCUMENTS.items():
         f = path / name
         if f.is_file():
-            setattr(study, attr, json.loads(f.read_text()))
+            setattr(study, attr, _read(f, lambda: json.loads(f.read_text())))
         else:
             study.missing.append(name)
     for attr, name in TABLES.items():
         f = path / name
         if f.is_file():
-            setattr(study, attr, pd.read_parquet(f))
+            setattr(study, attr, _read(f, lambda: pd.read_parquet(f)))
         elif name not in OPTIONAL:
             study.missing.append(name)
     if not study.model_path.is_file():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import http.server
 import io
+import json
 import shutil
 import socket
 import tarfile
@@ -146,3 +147,24 @@ def test_an_existing_folder_not_made_by_download_is_kept(served, tmp_path: Path,
     mine.write_bytes(b"mine")
     assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip"]) == 1
     assert "pass --force" in capsys.readouterr().err and mine.read_bytes() == b"mine"
+
+
+def test_the_published_checksum_verifies_the_official_archive_and_its_copies(served, tmp_path: Path, capsys,
+                                                                            monkeypatch) -> None:
+    import crackcore.download as dl
+
+    url, site = served
+    monkeypatch.setattr(dl, "OFFICIAL_URL", f"{url}/crack.zip")  # stands in for Mendeley
+    monkeypatch.setattr(dl, "OFFICIAL_SHA256", "0" * 64)
+    assert data_main(["download", "--to", str(tmp_path / "a")]) == 1
+    [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]  # besides progress
+    assert "SHA-256 mismatch" in line and line.endswith(f"--sha256 {sha(site / 'crack.zip')}")
+    assert not (tmp_path / "a" / FINAL_NAME).exists()
+    monkeypatch.setattr(dl, "OFFICIAL_SHA256", sha(site / "crack.zip"))
+    assert data_main(["download", "--to", str(tmp_path / "b")]) == 0
+    local = tmp_path / "copy.zip"  # a local copy of the official archive is recognised as such
+    shutil.copy(site / "crack.zip", local)
+    assert data_main(["download", "--to", str(tmp_path / "c"), "--url", str(local)]) == 0
+    assert "the archive is the official one" in capsys.readouterr().err
+    for d in ("b", "c"):
+        assert json.loads((tmp_path / d / FINAL_NAME / "SOURCE.json").read_text())["verified"] is True

@@ -130,3 +130,36 @@ def test_importance_attributes_variance_to_the_setting_that_drives_it(study: Pat
     importance = optuna.importance.get_param_importances(
         optuna_study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     assert max(importance, key=importance.get) == "augment_policy"
+
+
+def test_roc_curve_area_matches_roc_auc_with_tied_scores() -> None:
+    import numpy as np
+
+    from crackcore.metrics import roc_auc, roc_curve
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(9), np.ones(8)]
+    for score in (np.ones(17), rng.choice([0.0, 0.5, 1.0], 17), rng.random(17)):  # saturated, ties, none
+        fpr, tpr = roc_curve(y, score)
+        assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+        assert np.trapezoid(tpr, fpr) == pytest.approx(roc_auc(y, score))
+
+
+def test_error_grid_flag_and_damaged_files_are_one_line(study: Path, capsys) -> None:
+    from crackcore.cli import run_main
+    from crackcore.results import StudyFilesError
+
+    assert main([str(study), "--max-errors", "0"]) == 0
+    assert not (study / "report" / "errors_grid.png").exists()
+    assert "errors.parquet" in (study / "report" / "report.md").read_text()
+    assert run_main(main, [str(study), "--max-errors", "-1"], (StudyFilesError,)) == 1
+    assert "--max-errors must be >= 0" in capsys.readouterr().err
+    good = (study / "report" / "report.md").read_text()
+    for name, damage in (("errors.parquet", b""), ("study.json", b'{"name": "tin')):
+        saved = (study / name).read_bytes()
+        (study / name).write_bytes(damage)
+        assert run_main(main, [str(study)], (StudyFilesError,)) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{name} is damaged" in err[0], err
+        (study / name).write_bytes(saved)
+    assert (study / "report" / "report.md").read_text() == good  # the earlier report is untouched

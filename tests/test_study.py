@@ -262,11 +262,12 @@ def test_uri_storage_study_resumes_on_a_machine_without_its_local_folder(crack_d
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_the_last_trial_is_an_interruption_not_the_end(crack_data: Path, tmp_path: Path) -> None:
-    # Ray marks the trials it stops on SIGINT as TERMINATED: the study must still count them unfinished
+def test_ctrl_c_in_the_last_trials_is_an_interruption_not_the_end(crack_data: Path, tmp_path: Path) -> None:
+    # Ray marks the trials it stops on SIGINT as TERMINATED: the study must still count them
+    # unfinished. Two trials of 2 CPUs on 2 CPUs: the second one is still pending (no results).
     args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "ctrl-c",
-            "--num-samples", "1", "--max-epochs", "30", "--grace-period", "30", "--final-epochs", "1",
-            "--image-size", "32", "--subset", "40"]
+            "--num-samples", "2", "--max-epochs", "30", "--grace-period", "30", "--final-epochs", "1",
+            "--image-size", "32", "--subset", "40", "--cpus-per-trial", "2", "--max-concurrent-trials", "2"]
     study_dir = tmp_path / "ctrl-c"
     driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -282,15 +283,17 @@ def test_ctrl_c_in_the_last_trial_is_an_interruption_not_the_end(crack_data: Pat
         driver.kill()
     assert driver.returncode == 130 and "--resume" in err, err[-3000:]
     assert not (study_dir / "final_metrics.json").exists()
-    [trial] = optuna_trials(study_dir, "ctrl-c")
-    assert trial.state == optuna.trial.TrialState.RUNNING and len(trial.intermediate_values) < 30
+    running = [t for t in optuna_trials(study_dir, "ctrl-c") if t.intermediate_values]
+    assert [t.state for t in running] == [optuna.trial.TrialState.RUNNING] and len(running[0].intermediate_values) < 30
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    assert trials["status"].tolist() == ["INTERRUPTED", "INTERRUPTED"], trials
 
     proc = run_study(*args, "--resume")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    [trial] = optuna_trials(study_dir, "ctrl-c")
-    assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == list(range(1, 31))
+    for trial in optuna_trials(study_dir, "ctrl-c"):
+        assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == list(range(1, 31))
     trials = pd.read_parquet(study_dir / "trials.parquet")
-    assert trials["status"].tolist() == ["COMPLETE"] and (study_dir / "final_metrics.json").exists()
+    assert trials["status"].tolist() == ["COMPLETE"] * 2 and (study_dir / "final_metrics.json").exists()
 
 
 # --------------------------------------------------------------------------- (d) fault injection

@@ -24,12 +24,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from crackcore.errors import DIR_MODE  # noqa: E402
-from crackcore.metrics import format_accuracy, wilson_interval  # noqa: E402
+from crackcore.metrics import format_accuracy, roc_curve, wilson_interval  # noqa: E402
 from crackcore.results import Study, StudyFilesError, load_optuna_study, load_study  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
 STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
                 "DIVERGED": dict(ls="-.", alpha=0.6, color="orange"),
+                "INTERRUPTED": dict(ls=":", alpha=0.6, color="0.3"),
                 "ERROR": dict(ls=":", alpha=0.6, color="red")}
 MARKERS = {"none": "o", "flip": "s", "flip_rotate": "^", "color": "D", "strong": "P"}
 
@@ -154,9 +155,7 @@ def fig_confusion_roc(s: Study, path: Path) -> str:
     a1.set_xlabel("predicted")
     a1.set_ylabel("true")
     a1.set_title(f"Confusion matrix (test, n={len(p)})")
-    order = np.argsort(-prob)
-    tpr = np.concatenate([[0], np.cumsum(y[order] == 1) / max(1, (y == 1).sum())])
-    fpr = np.concatenate([[0], np.cumsum(y[order] == 0) / max(1, (y == 0).sum())])
+    fpr, tpr = roc_curve(y == 1, prob)  # tied (saturated) probabilities are one step
     a2.plot(fpr, tpr, label=f"ROC-AUC {s.final_metrics.get('roc_auc', float('nan')):.4f}")
     a2.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
     a2.set_xlabel("false positive rate")
@@ -184,7 +183,7 @@ def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
             from PIL import Image
 
             ax.imshow(Image.open(root / e.path).convert("RGB"))
-        except OSError:
+        except Exception:  # moved, unreadable, or a decompression bomb: the grid still shows the rest
             ax.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", transform=ax.transAxes)
         ax.set_title(f"true {names[e.true_label]}\npred {names[e.pred_label]}, p={e.prob_crack:.2f}", fontsize=8)
     fig.suptitle(f"Misclassified test images\n{len(errors)} of {len(s.errors)} shown, most confident first", fontsize=10)
@@ -274,6 +273,8 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
         md += ["### Misclassified test images", ""]
         if s.errors.empty:
             md += ["No misclassified samples: the final model got every test image right.", ""]
+        elif cap == 0:
+            md += [f"{len(s.errors)} misclassified test images, listed in errors.parquet (grid off: --max-errors 0).", ""]
         else:
             sentence, shown = fig_error_grid(s, out / "errors_grid.png", cap)
             figures.append("errors_grid.png")
@@ -327,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("study", type=Path, help="results/<study-name>")
     p.add_argument("--max-errors", type=int, default=MAX_ERRORS_SHOWN, help="misclassified images shown in the grid")
     a = p.parse_args(argv)
+    if a.max_errors < 0:
+        raise StudyFilesError(f"--max-errors must be >= 0 (got {a.max_errors}); 0 leaves the error grid out")
     s = load_study(a.study)
     target = a.study / "report"
     tmp = Path(tempfile.mkdtemp(dir=a.study, prefix=".report-"))
@@ -337,7 +340,12 @@ def main(argv: list[str] | None = None) -> int:
         old = a.study / f".report-old-{os.getpid()}"
         if target.exists():
             os.replace(target, old)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # e.g. another report took its place meanwhile: put the previous one back
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            raise
         shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -209,7 +209,8 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
     for r in results:
         hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
-        params = {k: r.config[k] for k in space_keys if k in r.config}
+        config = r.config or {}  # None for a trial still pending when the study was interrupted
+        params = {k: config[k] for k in space_keys if k in config}
         if len(hist) and "epoch" in hist:
             hist = hist.drop_duplicates("epoch", keep="last").sort_values("epoch")
             h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
@@ -217,8 +218,9 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             history.append(h)
         epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
         diverged = "diverged" in hist and bool(hist["diverged"].iloc[-1] == True)  # noqa: E712 (NaN: False)
-        status = ("ERROR" if r.error else "DIVERGED" if diverged else
-                  "COMPLETE" if epochs >= cfg.max_epochs else "PRUNED")
+        # not done: stopped by Ctrl-C / a lost driver, not by ASHA (--resume continues it)
+        status = ("ERROR" if r.error else "DIVERGED" if diverged else "COMPLETE" if epochs >= cfg.max_epochs else
+                  "PRUNED" if (r.metrics or {}).get("done") else "INTERRUPTED")
         last = hist.iloc[-1] if len(hist) else None
         trials.append({
             "trial_id": trial_id, **params, "status": status, "epochs": epochs,
@@ -337,7 +339,9 @@ def rank_repeats(repeats: pd.DataFrame) -> pd.DataFrame:
     ranked = g.agg(mean_val_acc=("val_acc", "mean"), sd_val_acc=("val_acc", "std"), repeats=("val_acc", "size"),
                    mean_val_loss=("val_loss", "mean")).reset_index()
     half = t.ppf(0.975, (ranked["repeats"] - 1).clip(lower=1)) * ranked["sd_val_acc"].fillna(0) / ranked["repeats"] ** 0.5
-    ranked = ranked.assign(ci95_low=ranked["mean_val_acc"] - half, ci95_high=ranked["mean_val_acc"] + half)
+    # an accuracy interval stays within [0, 1] (a t-interval over 2 seeds is wider than that)
+    ranked = ranked.assign(ci95_low=(ranked["mean_val_acc"] - half).clip(lower=0),
+                           ci95_high=(ranked["mean_val_acc"] + half).clip(upper=1))
     return ranked.sort_values(["mean_val_acc", "mean_val_loss"], ascending=[False, True]).reset_index(drop=True)
 
 
