@@ -80,13 +80,15 @@ def test_edge_cases_synthetic_one_trial_zero_errors(study: Path) -> None:
 
 
 def test_incomplete_study_reports_what_exists(study: Path, capsys) -> None:
-    for name in ("final_metrics.json", "final_history.parquet", "errors.parquet", "predictions.parquet", "model.pt"):
+    for name in ("final_metrics.json", "final_history.parquet", "errors.parquet", "predictions.parquet", "model.pt",
+                 "study.json"):
         (study / name).unlink()
     assert main([str(study)]) == 0
     err = capsys.readouterr().err
     assert "missing from the study folder" in err and "final_metrics.json" in err
     assert (study / "report" / "learning_curves.png").exists()
-    assert "Incomplete study" in (study / "report" / "report.md").read_text()
+    md = (study / "report" / "report.md").read_text()
+    assert "Incomplete study" in md and "wall time: not recorded" in md and "nan" not in md
 
 
 def test_not_a_study_is_a_clear_error(tmp_path: Path) -> None:

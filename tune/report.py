@@ -213,12 +213,13 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
            f"- data: {src.get('kind', '?')} at `{src.get('root', '?')}`, split counts {src.get('counts', '?')}, "
            f"{src.get('exact_duplicate_files', '?')} byte-identical duplicates, split strategy "
            f"{src.get('split_strategy', '?')}",
-           f"- weights: {'random init (no ImageNet weights)' if weights.get('source') == 'random' else weights.get('path')}",
+           f"- weights: {'random init (no ImageNet weights)' if weights.get('source') == 'random' else weights.get('path') or 'not recorded (no study.json)'}",
            f"- device of the final retrain: {s.study.get('final_device', '?')}; cluster {s.study.get('cluster_resources', '?')}",
            f"- trials: {len(s.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in status.items())}); "
            f"up to {s.study.get('max_parallel_trials', '?')} in parallel",
-           f"- wall time: {s.study.get('wall_seconds', float('nan')):.0f} s (search {s.study.get('search_seconds', float('nan')):.0f} s, "
-           f"final retrain {s.study.get('final_seconds', float('nan')):.0f} s)", ""]
+           f"- wall time: {s.study['wall_seconds']:.0f} s (search {s.study['search_seconds']:.0f} s, "
+           f"final retrain {s.study['final_seconds']:.0f} s)" if "wall_seconds" in s.study else
+           "- wall time: not recorded (no study.json: the study did not finish)", ""]
     if len(s.trials):
         top = s.trials.sort_values(["best_val_acc"], ascending=False).head(10)
         cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "status", "epochs", "best_val_acc",
