@@ -1,26 +1,22 @@
 """Temperature scaling for the 2-class model, fitted on the validation split.
 
-With two classes the softmax probability of a crack is sigmoid(z1 - z0), so logit(p) is the
-logit difference and scaling the logits by 1/T gives p' = sigmoid(logit(p) / T). T > 1
-softens over-confident predictions; the predicted class never changes."""
+With two classes the softmax probability of a crack is sigmoid(z1 - z0), so scaling the
+logits by 1/T gives p' = sigmoid((z1 - z0) / T). T > 1 softens over-confident predictions; the
+predicted class never changes. Both functions take the logit difference itself (evaluate's
+`logit_crack`), as crackcore.predict applies T: a float32 probability saturates at 1.0 once
+|z1 - z0| passes about 16, which a fine-tuned model reaches, and would bias T low."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-EPS = 1e-7
 
 
-def _logit(prob: np.ndarray) -> torch.Tensor:
-    p = torch.as_tensor(np.clip(np.asarray(prob, dtype=np.float64), EPS, 1 - EPS))
-    return torch.log(p) - torch.log1p(-p)
-
-
-def fit_temperature(y_true: np.ndarray, prob_crack: np.ndarray) -> float:
-    """T minimising the negative log-likelihood of y_true under sigmoid(logit(p) / T). With no
-    misclassified sample the likelihood keeps rising as T -> 0 (ever more confident), so there
-    is nothing to fit: T = 1, the model's probabilities unchanged."""
-    z = _logit(prob_crack)
+def fit_temperature(y_true: np.ndarray, logit_crack: np.ndarray) -> float:
+    """T minimising the negative log-likelihood of y_true under sigmoid(logit_crack / T). With
+    no misclassified sample the likelihood keeps rising as T -> 0 (ever more confident), so
+    there is nothing to fit: T = 1, the model's probabilities unchanged."""
+    z = torch.tensor(np.asarray(logit_crack, dtype=np.float64))
     y = torch.tensor(np.asarray(y_true, dtype=np.float64))  # a copy: the input may be a read-only view
     if bool(((z >= 0) == (y == 1)).all()):
         return 1.0
@@ -37,5 +33,6 @@ def fit_temperature(y_true: np.ndarray, prob_crack: np.ndarray) -> float:
     return float(log_t.detach().exp().clamp(0.05, 20.0))
 
 
-def apply_temperature(prob_crack: np.ndarray, temperature: float) -> np.ndarray:
-    return torch.sigmoid(_logit(prob_crack) / temperature).numpy()
+def apply_temperature(logit_crack: np.ndarray, temperature: float) -> np.ndarray:
+    """prob_crack after temperature scaling."""
+    return torch.sigmoid(torch.tensor(np.asarray(logit_crack, dtype=np.float64)) / temperature).numpy()

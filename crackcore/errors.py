@@ -20,7 +20,8 @@ PREDICTION_COLUMNS = ["sample", "path", "true_label", "pred_label", "prob_crack"
 def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
     """The misclassified rows of evaluate()'s predictions, most confident mistakes first."""
     wrong = predictions[predictions["true_label"] != predictions["pred_label"]]
-    confidence = (wrong["prob_crack"] - 0.5).abs()
+    # |logit| ranks mistakes whose float32 probability saturated at 0 or 1
+    confidence = (wrong["logit_crack"] if "logit_crack" in wrong else wrong["prob_crack"] - 0.5).abs()
     return wrong.assign(_c=confidence).sort_values(["_c", "sample"], ascending=[False, True]).drop(columns="_c")[
         PREDICTION_COLUMNS].reset_index(drop=True)
 

@@ -50,8 +50,8 @@ def write_run_outputs(out: Path, result: FitResult, data: PreparedData, cfg: Tra
     errors = errors_from_predictions(predictions)
     # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
     val_preds = result.val["predictions"]
-    temperature = fit_temperature(val_preds["true_label"], val_preds["prob_crack"])
-    calibrated = apply_temperature(predictions["prob_crack"], temperature)
+    temperature = fit_temperature(val_preds["true_label"], val_preds["logit_crack"])
+    calibrated = apply_temperature(predictions["logit_crack"], temperature)
     metrics = {
         "test_accuracy": test["accuracy"], "n_test": test["n"], "errors": len(errors),
         "ci95_low": test["ci95_low"], "ci95_high": test["ci95_high"], "precision": test["precision"],

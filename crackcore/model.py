@@ -125,6 +125,7 @@ class CrackResNet(ResNet):
         for m in self.frozen_modules():
             for p in m.parameters():
                 p.requires_grad_(False)
+        self.train(self.training)  # frozen BatchNorm in eval mode from the start, not from the first .train()
 
     def train(self, mode: bool = True) -> "CrackResNet":
         super().train(mode)

@@ -117,6 +117,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         x = model_inputs(x_u8, augment_policy, generator)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on)
         logits, loss = training_step(model, optimizer, x, y, criterion, dtype, scaler)
         scheduler.step()
         loss_sum += loss.detach() * len(y)  # no host sync per step
@@ -128,7 +129,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     if not math.isfinite(loss_sum.item()):
         raise FloatingPointError("training loss is not finite: the run diverged; lower the learning rate (--lr)")
     return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen,
-            "seconds": seconds, "img_s": seen / seconds}
+            "seconds": seconds, "img_s": seen / seconds, "last_lr": lr}
 
 
 @torch.inference_mode()
@@ -138,7 +139,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
     Float32, as torchvision's references evaluate: reported probabilities stay exact and match
     what `crackcore.predict` computes for the same images."""
     model.eval()
-    losses, probs, labels, rows = [], [], [], []
+    losses, probs, margins, labels, rows = [], [], [], [], []
     start = time.perf_counter()
     for x_u8, y, idx in loader:
         x = model_inputs(x_u8)
@@ -147,6 +148,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
         logits = model(x).float()
         losses.append(nn.functional.cross_entropy(logits, y, reduction="sum"))
         probs.append(torch.softmax(logits, 1)[:, 1])
+        margins.append(logits[:, 1] - logits[:, 0])  # exact where the probability saturates (calibration)
         labels.append(y)
         rows.append(idx)
     seconds = time.perf_counter() - start
@@ -160,6 +162,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
         "true_label": y_true.astype(np.int64),
         "pred_label": y_pred,
         "prob_crack": prob,
+        "logit_crack": torch.cat(margins).cpu().numpy().astype(np.float64),
     })
     metrics = binary_metrics(y_true, y_pred, prob)
     metrics["loss"] = float(torch.stack(losses).sum().item() / max(1, len(row)))
@@ -259,7 +262,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                              scaler=scaler)
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["accuracy"], "val_loss": val["loss"],
-               "val_acc": val["accuracy"], "current_lr": optimizer.param_groups[0]["lr"],
+               "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
                "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"]}
         history.append(row)
         if log:

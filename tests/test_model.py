@@ -26,8 +26,9 @@ def test_freeze_depth_fixes_exactly_the_first_stages(depth: int) -> None:
     frozen = set(STAGES[:depth])
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    model.train()
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 2, (8,))
+    model(x)  # straight from build_model, before any .train()/.eval()
+    model.train()
     torch.nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
     after = model.state_dict()

@@ -35,6 +35,9 @@ def test_fine_tuning_beats_chance_and_is_reproducible(small_cfg: TrainConfig) ->
     preds = a.val["predictions"]
     assert list(preds["sample"]) == list(range(len(data.indices("val"))))
     assert preds["prob_crack"].between(0, 1).all()
+    # the rate the epoch's last step used, never the scheduler's next one (0 after the last epoch)
+    lrs = a.history["current_lr"]
+    assert (lrs > 0).all() and lrs.is_monotonic_decreasing and lrs.iloc[0] < small_cfg.lr
 
 
 def test_resume_from_epoch_checkpoint_continues_identically(small_cfg: TrainConfig) -> None:
