@@ -432,9 +432,10 @@ class BatchLoader:
 class CrackDataset(torch.utils.data.Dataset):
     """Per-image view for notebooks and standard DataLoaders: (float normalised [3,S,S],
     label). Reads the same decoded cache and split as training, so there is one split and
-    one decoder. `augment_policy` applies the per-image form of a crackcore policy."""
+    one decoder. `augment_policy` applies the per-image form of a crackcore policy, drawing from
+    torch's global RNG as torchvision transforms do (DataLoader seeds each worker from it)."""
 
-    def __init__(self, data: PreparedData, split: str | None = None, augment_policy: str = "none", seed: int = 0):
+    def __init__(self, data: PreparedData, split: str | None = None, augment_policy: str = "none"):
         from crackcore.augment import per_image_transform
 
         self.data = data
