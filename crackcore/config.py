@@ -4,17 +4,58 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import tomllib
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 AUGMENT_POLICIES = ("none", "flip", "flip_rotate", "color", "strong")
 SPLIT_STRATEGIES = ("random", "grouped")
+SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class ConfigError(ValueError):
     """A configuration value is out of range or unknown; the message names the key and the fix."""
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        item = args[0] if args else Any
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
+    if origin is dict or hint is dict:
+        return isinstance(value, dict)
+    return isinstance(value, hint)
+
+
+def check_types(obj: Any, where: str) -> None:
+    """TOML and JSON give strings, numbers and booleans as written: "227" or "no" must not pass
+    as an image size or as True. A value of the wrong type is a ConfigError naming the key."""
+    hints = typing.get_type_hints(type(obj))
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(value, hints[f.name]):
+            hint = hints[f.name]
+            want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("NoneType", "None")
+            raise ConfigError(f"[{where}] {f.name} = {value!r} has the wrong type; expected {want}")
 
 
 @dataclass
@@ -51,6 +92,7 @@ class TrainConfig:
     gpu_share: float = 1.0  # of the GPU's memory this run may plan for (a packed trial: its gpus_per_trial)
 
     def __post_init__(self) -> None:
+        check_types(self, "train")
         self.split_fractions = tuple(float(f) for f in self.split_fractions)  # TOML gives lists
         self.validate()
 
@@ -77,6 +119,15 @@ class TrainConfig:
             raise ConfigError(f"gpu_share={self.gpu_share} must be in (0, 1]")
         if self.lr_schedule not in ("cosine", "constant"):
             raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; use cosine or constant")
+        if not (0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 <= self.label_smoothing < 1):
+            raise ConfigError(f"momentum={self.momentum} and label_smoothing={self.label_smoothing} must be in [0, 1), "
+                              f"weight_decay={self.weight_decay} >= 0")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+        if self.synthetic_per_class < 2 or (self.num_threads is not None and self.num_threads < 1):
+            raise ConfigError("synthetic_per_class must be >= 2 and num_threads >= 1 (or unset)")
+        if self.seed < 0 or self.split_seed < 0:
+            raise ConfigError(f"seed={self.seed} and split_seed={self.split_seed} must be >= 0")
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -98,6 +149,25 @@ class SearchSpace:
         default_factory=lambda: [{"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"}]
     )
 
+    def __post_init__(self) -> None:
+        check_types(self, "space")
+        if not self.freeze_depths or not self.augment_policies:
+            raise ConfigError("space.freeze_depths and space.augment_policies need at least one value each")
+        for p in self.augment_policies:
+            if p not in AUGMENT_POLICIES:
+                raise ConfigError(f"space.augment_policies has unknown policy {p!r}; use {', '.join(AUGMENT_POLICIES)}")
+        for d in self.freeze_depths:
+            if not 0 <= d <= 5:
+                raise ConfigError(f"space.freeze_depths has {d}; use 0..5")
+        if not 0 < self.lr_min < self.lr_max:
+            raise ConfigError("space.lr_min must be > 0 and < space.lr_max")
+        if any(w < 0 for w in self.weight_decays) or any(b < 2 for b in self.batch_sizes):
+            raise ConfigError("space.weight_decays must be >= 0 and space.batch_sizes >= 2")
+        for point in self.start_points:
+            unknown = sorted(set(point) - set(SEARCH_KEYS))
+            if unknown:
+                raise ConfigError(f"space.start_points has unknown key(s) {unknown}; use {', '.join(SEARCH_KEYS)}")
+
 
 @dataclass
 class StudyConfig:
@@ -110,7 +180,7 @@ class StudyConfig:
     final_epochs: int = 10
     seed: int = 0
     cpus_per_trial: float = 1.0
-    gpus_per_trial: float = 0.0  # fractional packs several trials per GPU; auto-set when GPUs exist
+    gpus_per_trial: float | None = None  # fractional packs trials per GPU; None: 0.25 with GPUs, else 0
     max_concurrent_trials: int | None = None  # None = as many as resources allow
     max_failures: int = 2
     repeat_top: int = 0  # honest evaluation: re-run the top-K configs ...
@@ -124,19 +194,26 @@ class StudyConfig:
     space: SearchSpace = field(default_factory=SearchSpace)
 
     def __post_init__(self) -> None:
-        if isinstance(self.train, dict):
-            self.train = _from_dict(TrainConfig, self.train, "train")
-        if isinstance(self.space, dict):
-            self.space = _from_dict(SearchSpace, self.space, "space")
+        for key, cls in (("train", TrainConfig), ("space", SearchSpace)):
+            if isinstance(getattr(self, key), dict):
+                setattr(self, key, _from_dict(cls, getattr(self, key), key))
+            elif not isinstance(getattr(self, key), cls):
+                raise ConfigError(f"[{key}] must be a table of settings, not {getattr(self, key)!r}")
+        check_types(self, "study")
+        if not STUDY_NAME.fullmatch(self.name):
+            raise ConfigError(f"study name {self.name!r} is not a folder name; use letters, digits, '.', '_', '-' "
+                              "(starting with a letter or digit)")
+        if self.seed < 0:
+            raise ConfigError(f"seed={self.seed} must be >= 0")
         if self.num_samples < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be >= 1")
         if not 1 <= self.grace_period <= self.max_epochs:
             raise ConfigError(
                 f"grace_period={self.grace_period} must be between 1 and max_epochs={self.max_epochs}"
             )
-        if self.cpus_per_trial <= 0 or self.gpus_per_trial < 0:
+        if self.cpus_per_trial <= 0 or (self.gpus_per_trial or 0) < 0:
             raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
-        if self.gpus_per_trial > 1 and not float(self.gpus_per_trial).is_integer():
+        if (self.gpus_per_trial or 0) > 1 and not float(self.gpus_per_trial).is_integer():
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 Ray needs whole GPUs; use e.g. 0.5, 1 or 2")
         if self.metric != "val_acc":
             raise ConfigError(f"metric={self.metric!r} is not supported; the study maximises val_acc")
@@ -144,16 +221,10 @@ class StudyConfig:
             raise ConfigError(f"reduction_factor={self.reduction_factor} must be >= 2 (ASHA keeps 1/reduction_factor)")
         if self.final_epochs < 1 or self.max_failures < 0 or self.repeat_top < 0 or self.repeats < 0:
             raise ConfigError("final_epochs must be >= 1, and max_failures, repeat_top, repeats >= 0")
+        if self.repeat_top > 0 and self.repeats < 2:
+            raise ConfigError(f"repeats={self.repeats}: ranking by the mean over seeds needs at least 2 seeds")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
-        for p in self.space.augment_policies:
-            if p not in AUGMENT_POLICIES:
-                raise ConfigError(f"space.augment_policies has unknown policy {p!r}; use {', '.join(AUGMENT_POLICIES)}")
-        for d in self.space.freeze_depths:
-            if not 0 <= d <= 5:
-                raise ConfigError(f"space.freeze_depths has {d}; use 0..5")
-        if not 0 < self.space.lr_min < self.space.lr_max:
-            raise ConfigError("space.lr_min must be > 0 and < space.lr_max")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -195,7 +266,24 @@ def load_study_config(path: str | Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     values.pop("description", None)
-    return _from_dict(StudyConfig, values, path.name)
+    train = values.setdefault("train", {})
+    if isinstance(train, dict):
+        if "seed" in values and "seed" not in train:  # as --seed: one seed for the search and the training
+            train["seed"] = values["seed"]
+        searched = [*SEARCH_KEYS[:3], "epochs"] + [k for k, listed in (("weight_decay", "weight_decays"),
+                                                   ("batch_size", "batch_sizes")) if values.get("space", {}).get(listed)]
+        for key in [k for k in searched if k in train] + [k for profile in ("cpu", "gpu") if isinstance(
+                values.get(profile), dict) for k in (x.removeprefix("train.") for x in values[profile]) if k in searched]:
+            raise ConfigError(f"{path}: [train] {key} is set by the study, not the file: "
+                              + ("use max_epochs / final_epochs" if key == "epochs" else
+                                 "the search chooses it (bound it in [space], or give a space.start_points entry)"))
+    cfg = _from_dict(StudyConfig, values, path.name)
+    for profile in ("cpu", "gpu"):  # both, whichever device this run has: a typo fails on every machine
+        try:
+            apply_overrides(cfg, getattr(cfg, profile))
+        except ConfigError as exc:
+            raise ConfigError(f"{path} [{profile}]: {exc}") from None
+    return cfg
 
 
 def config_json(cfg: TrainConfig | StudyConfig) -> str:

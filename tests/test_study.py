@@ -326,6 +326,8 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--gpus-per-trial", "1.5"], "above 1 Ray needs whole GPUs"),
     (["--address", "ray://10.0.0.1:10001"], "Ray Client (ray://) is not supported"),
     (["--smoke-test", "--weights", "/nonexistent/resnet18.pth"], "weights file /nonexistent/resnet18.pth does not exist"),
+    (["--smoke-test", "--cpus-per-trial", "64"], "one trial needs 64 CPU"),
+    (["--smoke-test", "--study-name", ".."], "is not a folder name"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
@@ -348,6 +350,14 @@ def test_existing_study_is_not_overwritten_and_resume_needs_a_study(tiny_study: 
     assert (tiny_study / "trials.parquet").read_bytes() == before
     proc = run_study("--smoke-test", "--storage-path", str(tmp_path), "--study-name", "never-ran", "--resume", timeout=180)
     assert proc.returncode == 1 and "no study to resume" in proc.stderr
+    # a flag that disagrees with the saved study would be ignored by --resume: refused instead
+    resume = ["--storage-path", str(tiny_study.parent), "--study-name", "tiny", "--resume"]
+    proc = run_study(*resume, "--subset", "99", timeout=180)
+    assert proc.returncode == 1 and "train.subset is 60 there, not 99" in proc.stderr, proc.stderr[-2000:]
+    model = (tiny_study / "model.pt").read_bytes()
+    proc = run_study(*resume, "--subset", "60", timeout=180)  # agreeing flags are fine; a finished study stays as is
+    assert proc.returncode == 0 and "nothing to resume" in proc.stdout, proc.stderr[-2000:]
+    assert (tiny_study / "model.pt").read_bytes() == model and (tiny_study / "trials.parquet").read_bytes() == before
 
 
 def test_default_named_rerun_gets_a_new_name(tmp_path: Path, crack_data: Path) -> None:
@@ -382,6 +392,9 @@ def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> 
     best = json.loads((study_dir / "best_config.json").read_text())
     means = repeats.groupby("trial_id")["val_acc"].mean()
     assert means[best["trial_id"]] == means.max() and "seeds" in best["rule"]
+    assert best["repeats"]["mean_val_acc"] == pytest.approx(means.max())
+    assert best["repeats"]["configs_repeated"] == repeats["trial_id"].nunique()
+    assert repeats["ci95_low"].between(0, 1).all() and repeats["ci95_high"].between(0, 1).all()
     comparison = json.loads((study_dir / "final_metrics.json").read_text())["split_comparison"]
     assert set(comparison) == {"random", "grouped"}
     for side in comparison.values():
@@ -436,4 +449,5 @@ def test_gpu_profile_and_gpus_per_trial_resolve_by_precedence(tmp_path: Path) ->
     assert resolve(["--gpus-per-trial", "0.5"], has_gpu=False).gpus_per_trial == 0  # no GPU in the cluster
     profiled = resolve([], has_gpu=True, gpu={"gpus_per_trial": 1, "max_epochs": 10}, cpu={"max_epochs": 4})
     assert (profiled.gpus_per_trial, profiled.max_epochs) == (1, 10)
+    assert resolve([], has_gpu=True, gpu={"gpus_per_trial": 0.0}).gpus_per_trial == 0  # the file's explicit 0
     assert resolve(["--max-epochs", "2"], has_gpu=False, cpu={"max_epochs": 4}).max_epochs == 2

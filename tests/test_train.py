@@ -179,3 +179,38 @@ def test_config_files_and_bad_values() -> None:
     for bad in ({"freeze_depth": 7}, {"augment_policy": "mixup"}, {"split_fractions": (0.5, 0.2, 0.2)}):
         with pytest.raises(ConfigError):
             TrainConfig(**bad)
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[train]\nimage_size = "227"', "image_size = '227' has the wrong type; expected int"),
+    ('[train]\namp = "no"', "amp = 'no' has the wrong type; expected bool"),  # a truthy string is not True
+    ("num_samples = 2.5", "num_samples = 2.5 has the wrong type"),
+    ("cpu = 5", "cpu = 5 has the wrong type"),
+    ("train = 5", "[train] must be a table"),
+    ("[space]\nfreeze_depths = []", "need at least one value"),
+    ("[space]\nfreeze_depths = [2.5]", "freeze_depths = [2.5] has the wrong type"),
+    ("[space]\nbatch_sizes = [0]", "space.batch_sizes >= 2"),
+    ('[space]\nstart_points = [{ lr = 1e-3, freze_depth = 4 }]', "unknown key(s) ['freze_depth']"),
+    ("[train]\nmomentum = -0.5", "must be in [0, 1)"),
+    ('[train]\ndevice = "gpu"', "device='gpu' is unknown"),
+    ("[train]\nlr = 0.05", "[train] lr is set by the study"),
+    ("[train]\nepochs = 3", "use max_epochs / final_epochs"),
+    ('[gpu]\n"cpus_per_trail" = 3', "[gpu]: unknown setting 'cpus_per_trail'"),  # checked on CPU machines too
+    ('name = ""', "is not a folder name"),
+    ("seed = -1", "seed=-1"),
+    ("repeat_top = 2\nrepeats = 1", "needs at least 2 seeds"),
+])
+def test_bad_experiment_files_are_one_clear_error(toml: str, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_study_config(path)
+    assert message in str(info.value)
+
+
+def test_experiment_file_seed_seeds_the_training_too(tmp_path: Path) -> None:
+    path = tmp_path / "seeded.toml"
+    path.write_text("seed = 7\n")
+    assert load_study_config(path).train.seed == 7  # as --seed 7 does
+    path.write_text("seed = 7\n[train]\nseed = 3\n")
+    assert load_study_config(path).train.seed == 3

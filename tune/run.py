@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from crackcore.config import (SPLIT_STRATEGIES, ConfigError, StudyConfig, TrainConfig,
+from crackcore.config import (SEARCH_KEYS, SPLIT_STRATEGIES, ConfigError, StudyConfig, TrainConfig,
                               apply_overrides, config_json, load_study_config)
 from crackcore.data import check_root, prepare_data
 from crackcore.errors import write_json, write_parquet
@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-strategy", choices=SPLIT_STRATEGIES)
     p.add_argument("--repeat-top", type=int, help="re-run the top K configs with --repeats seeds")
     p.add_argument("--repeats", type=int)
-    p.add_argument("--compare-splits", action="store_true", default=None,
+    p.add_argument("--compare-splits", action=argparse.BooleanOptionalAction,
                    help="also retrain the best config under the other split strategy")
     p.add_argument("--smoke-test", action="store_true", help="tiny budget: 4 trials x 2 epochs at 32 px")
     return p
@@ -87,6 +87,27 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
             "train.seed": a.seed}
 
 
+def setting(cfg: StudyConfig, key: str) -> Any:
+    """The value of a dotted key ("max_epochs", "train.image_size")."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig) -> list[str]:
+    """Flags given with --resume that disagree with the saved study: a resumed study keeps its
+    settings, so such a flag would be silently ignored (the experiment file is not re-read)."""
+    keys = {k for k, v in flag_overrides(a).items() if v is not None}
+    keys.discard("name")
+    if a.data is None:
+        keys.discard("train.data")  # $CRACK_DATA or the download folder, not the user's words now
+    if a.smoke_test:
+        keys |= set(SMOKE)
+    return [f"{k} is {setting(saved, k)!r} there, not {setting(cfg, k)!r}" for k in sorted(keys)
+            if setting(saved, k) != setting(cfg, k)]
+
+
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool) -> StudyConfig:
     """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags. With GPUs
     and no gpus_per_trial from file or flag, trials pack 4 per GPU."""
@@ -100,7 +121,7 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool)
     cfg = apply_overrides(cfg, flags)
     if not has_gpu:
         return apply_overrides(cfg, {"gpus_per_trial": 0.0})
-    if cfg.gpus_per_trial == 0 and a.gpus_per_trial is None:  # an explicit 0 keeps trials on CPUs
+    if cfg.gpus_per_trial is None:  # set nowhere; an explicit 0 (file or flag) keeps trials on CPUs
         return apply_overrides(cfg, {"gpus_per_trial": 0.25})
     return cfg
 
@@ -152,8 +173,8 @@ def trial_slots(cfg: StudyConfig, resources: dict[str, float]) -> int:
     if cfg.max_concurrent_trials:
         return min(cfg.max_concurrent_trials, cfg.num_samples)
     if slots < 1:
-        raise StudyError(f"one trial needs {cfg.cpus_per_trial} CPU / {cfg.gpus_per_trial} GPU but the cluster has "
-                         f"{resources.get('CPU', 0)} CPU / {resources.get('GPU', 0)} GPU; lower --cpus-per-trial")
+        raise StudyError(f"one trial needs {cfg.cpus_per_trial:g} CPU / {cfg.gpus_per_trial:g} GPU but the cluster has "
+                         f"{resources.get('CPU', 0):g} CPU / {resources.get('GPU', 0):g} GPU; lower --cpus-per-trial")
     return min(slots, cfg.num_samples)
 
 
@@ -204,13 +225,12 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
 
 def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
     """trials.parquet (one row per trial) and history.parquet (one row per trial-epoch)."""
-    space_keys = ["lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size"]
     trials, history = [], []
     for r in results:
         hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
         trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
         config = r.config or {}  # None for a trial still pending when the study was interrupted
-        params = {k: config[k] for k in space_keys if k in config}
+        params = {k: config[k] for k in SEARCH_KEYS if k in config}
         if len(hist) and "epoch" in hist:
             hist = hist.drop_duplicates("epoch", keep="last").sort_values("epoch")
             h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
@@ -222,14 +242,16 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
         status = ("ERROR" if r.error else "DIVERGED" if diverged else "COMPLETE" if epochs >= cfg.max_epochs else
                   "PRUNED" if (r.metrics or {}).get("done") else "INTERRUPTED")
         last = hist.iloc[-1] if len(hist) else None
+        clock = hist["wall_time"] if "wall_time" in hist else hist.get("timestamp")
         trials.append({
             "trial_id": trial_id, **params, "status": status, "epochs": epochs,
             "best_val_acc": float(hist["val_acc"].max()) if last is not None else np.nan,
             "last_val_acc": float(last["val_acc"]) if last is not None else np.nan,
             "last_val_loss": float(last["val_loss"]) if last is not None else np.nan,
             "seconds": float(hist["seconds"].sum()) if last is not None else np.nan,
-            "start_time": float(hist["timestamp"].min() - hist["seconds"].iloc[0]) if last is not None else np.nan,
-            "end_time": float(hist["timestamp"].max()) if last is not None else np.nan,
+            # wall_time: the trial's float clock at each report (Ray's timestamp is whole seconds)
+            "start_time": float(clock.min() - hist["seconds"].iloc[0]) if last is not None else np.nan,
+            "end_time": float(clock.max()) if last is not None else np.nan,
             "node_id": str(last["node_id"]) if last is not None else None,
             "error": str(r.error).splitlines()[0][:300] if r.error else None,
         })
@@ -299,9 +321,6 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cp
                                  "crackcore.fit") from None
             results.append(None)
     return results
-
-
-SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
 
 
 def trial_params(row: pd.Series) -> dict[str, Any]:
@@ -428,12 +447,21 @@ def main(argv: list[str] | None = None) -> int:
             raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
         import json
 
-        cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
+        saved_cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
+        conflicts = resume_conflicts(a, cfg, saved_cfg)
+        if conflicts:
+            raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
+                             "drop those flags, or start a new study with --study-name NEW")
+        if (study_dir / "study.json").is_file():
+            print(f"study {cfg.name} is complete ({study_dir / 'study.json'}); nothing to resume")
+            return 0
+        cfg = saved_cfg
         print(f"resuming study {cfg.name} with its saved configuration ({saved})")
     elif study_started(study_dir, storage):
         raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
                          "--study-name NEW for a new one (nothing was changed)")
     print("study config:", config_json(cfg), flush=True)
+    slots = trial_slots(cfg, resources)
     # data and weights problems stop the run before the study folder exists; a folder holding
     # only study_config.json (a start that failed before Ray's first trial) is started afresh
     data = prepare_data(cfg.train)
@@ -449,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
     data_ref = put_data(data)
     # (WeightsInfo, state dict) for every trial and retrain: the weights file exists on this node only
     backbone_ref = ray.put((weights, load_backbone(weights)))
-    slots = trial_slots(cfg, resources)
     print(f"trials: {cfg.num_samples}, up to {slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} GPU "
           f"each), ASHA {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
 
@@ -472,21 +499,30 @@ def main(argv: list[str] | None = None) -> int:
               f"--study-name {cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)
         return 130
     best = pick_best(trials)
-    rule = BEST_RULE
-    if cfg.repeat_top > 0 and cfg.repeats > 0:
-        print(f"\nrepeating the top {cfg.repeat_top} configs with {cfg.repeats} seeds each ...", flush=True)
+    rule, repeated = BEST_RULE, {}
+    n_complete = int((trials["status"] == "COMPLETE").sum())
+    if cfg.repeat_top > 0 and n_complete == 0:
+        print("warning: no trial ran all max_epochs, so there is nothing for --repeat-top to repeat; the best trial "
+              "is chosen by the single-seed rule", file=sys.stderr)
+    elif cfg.repeat_top > 0:
+        n_configs = min(cfg.repeat_top, n_complete)  # only trials that ran all max_epochs are repeated
+        print(f"\nrepeating the top {n_configs} complete trial(s) with {cfg.repeats} seeds each ...", flush=True)
         repeats = repeat_top(cfg, trials, data_ref, backbone_ref)
         ranked = rank_repeats(repeats)
         write_parquet(repeats.merge(ranked[["trial_id", "mean_val_acc", "ci95_low", "ci95_high"]], on="trial_id"),
                       study_dir / "repeats.parquet")
         print(ranked.to_string(index=False), flush=True)
-        best = trials[trials["trial_id"] == ranked.iloc[0]["trial_id"]].iloc[0]
-        rule = (f"highest mean val accuracy over {cfg.repeats} seeds among the top {cfg.repeat_top} trials "
-                "(repeats.parquet); ties: lower mean val loss")
+        chosen = ranked.iloc[0]
+        best = trials[trials["trial_id"] == chosen["trial_id"]].iloc[0]
+        rule = (f"highest mean val accuracy over {cfg.repeats} seeds among the top {n_configs} trials that ran all "
+                "max_epochs (repeats.parquet); ties: lower mean val loss")
+        repeated = {"mean_val_acc": float(chosen["mean_val_acc"]), "ci95_low": float(chosen["ci95_low"]),
+                    "ci95_high": float(chosen["ci95_high"]), "seeds": cfg.repeats, "configs_repeated": n_configs}
     params = trial_params(best)
     best_cfg = cfg.train.replace(**params, epochs=cfg.final_epochs)
     write_json({"trial_id": best["trial_id"], "params": params, "rule": rule,
                 "val_acc": float(best["last_val_acc"]), "val_loss": float(best["last_val_loss"]),
+                **({"repeats": repeated} if repeated else {}),
                 "train_config": best_cfg.to_dict()}, study_dir / "best_config.json")
     n_val = len(data.indices("val"))
     val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +72,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], bac
         _maybe_inject_fault(row["epoch"])
         with tempfile.TemporaryDirectory() as d:
             torch.save(state_fn(), Path(d) / STATE_FILE)
-            tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False},
+            tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False, "wall_time": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(d))
         last_epoch = row["epoch"]
 
@@ -83,4 +84,4 @@ def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], bac
         # again. Report it as the worst result instead: ASHA stops the trial, Optuna records the
         # value and TPE learns to avoid the region; `diverged` marks the row (trials.parquet: DIVERGED).
         tune.report({**{k: float("nan") for k in HISTORY_COLUMNS}, "epoch": last_epoch + 1, "val_acc": 0.0,
-                     "node_id": node_id, "pid": os.getpid(), "diverged": True})
+                     "node_id": node_id, "pid": os.getpid(), "diverged": True, "wall_time": time.time()})
