@@ -66,9 +66,13 @@ def test_random_parameters_have_the_intended_distribution() -> None:
     assert abs(p["hflip"].float().mean() - 0.5) < 0.02 and abs(p["vflip"].float().mean() - 0.5) < 0.02
     counts = torch.bincount(p["rot90"], minlength=4).float() / 20000
     assert (counts - 0.25).abs().max() < 0.02
+    for policy in ("color", "strong"):  # each factor ~ U(1 - b, 1 + b), as ColorJitter draws it
+        c = sample_params(policy, 20000, 32, torch.Generator().manual_seed(5))
+        for name in ("brightness", "contrast", "saturation"):
+            b, f = getattr(POLICIES[policy], name), c[name].double()
+            assert 1 - b <= f.min() < 1 - 0.95 * b and 1 + 0.95 * b < f.max() <= 1 + b, (policy, name)
+            assert abs(f.mean() - 1) < 0.01 * b + 0.002 and abs(f.std() - b / 3 ** 0.5) < 0.02 * b, (policy, name)
     c = sample_params("color", 20000, 32, torch.Generator().manual_seed(5))
-    b = POLICIES["color"].brightness
-    assert c["brightness"].min() >= 1 - b and c["brightness"].max() <= 1 + b
     # ColorJitter draws its order per image: every sample has its own uniform permutation
     orders = c["color_order"]
     assert orders.shape == (20000, 3) and torch.equal(orders.sort(1).values, torch.arange(3).expand(20000, 3))

@@ -2,6 +2,7 @@
 real test-split patches, and folder mode reproduces evaluate()'s accuracy."""
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -61,7 +62,9 @@ def test_mosaic_crack_tiles_are_found(run, mosaic: Path) -> None:
     print(f"\nmosaic tile accuracy {accuracy:.3f} ({len(tiles)} tiles), {len(tiles) / seconds:.0f} tiles/s on CPU")
     assert accuracy >= 0.9
     summary = photo_summary(tiles, photo.shape[1], photo.shape[2])
-    assert summary["tiles"] == 20 and 0 <= summary["crack_area_fraction"] <= 1
+    # non-overlapping tiles cover the photo exactly: the crack area is the share of crack tiles
+    assert summary["tiles"] == 20 and summary["crack_tiles"] == int((tiles["prob_crack"] >= 0.5).sum())
+    assert summary["crack_area_fraction"] == pytest.approx(summary["crack_tiles"] / 20)
 
 
 def test_edge_tiles_cover_an_odd_sized_photo(run, mosaic: Path, tmp_path: Path) -> None:
@@ -103,6 +106,13 @@ def test_folder_mode_reproduces_evaluate(run, tmp_path: Path, capsys) -> None:
     correct = int((df["pred_label"] == df["true_label"]).sum())
     assert correct == info["test"]["n"] - info["test"]["errors"]
     assert "labelled images: accuracy" in capsys.readouterr().out
+    # the temperature fitted at training time (final_metrics.json, model.pt) is what predict applies
+    temperature = json.loads((out / "final_metrics.json").read_text())["temperature"]
+    assert torch.load(out / "model.pt", weights_only=True)["temperature"] == temperature
+    logits = pd.read_parquet(out / "predictions.parquet").set_index("path")["logit_crack"]
+    served = df.assign(path=[str(Path(p).relative_to(labelled)) for p in df["path"]]).set_index("path")["prob_crack"]
+    expected = 1 / (1 + np.exp(-logits.loc[served.index] / temperature))
+    assert np.allclose(served.to_numpy(), expected.to_numpy(), atol=1e-4)
 
 
 def test_bad_inputs(run, tmp_path: Path, capsys) -> None:

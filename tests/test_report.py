@@ -129,9 +129,8 @@ def test_importance_attributes_variance_to_the_setting_that_drives_it(study: Pat
         optuna_study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))
     assert main([str(study)]) == 0
     assert (study / "report" / "importance.png").exists()
-    importance = optuna.importance.get_param_importances(
-        optuna_study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
-    assert max(importance, key=importance.get) == "augment_policy"
+    # the report's own ranking (the figure's numbers) puts the setting that drives accuracy first
+    assert "Ranking: augment_policy " in (study / "report" / "report.md").read_text()
 
 
 def test_roc_curve_area_matches_roc_auc_with_tied_scores() -> None:

@@ -121,7 +121,9 @@ def fig_importance(s: Study, path: Path) -> str:
     ax.set_title("Hyperparameter importance (completed trials)")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
-    return "Longer bars: that setting explains more of the differences in validation accuracy between completed trials."
+    ranking = ", ".join(f"{name} {share:.2f}" for name, share in importance.items())
+    return ("Longer bars: that setting explains more of the differences in validation accuracy between completed "
+            f"trials. Ranking: {ranking}.")
 
 
 def fig_final_history(s: Study, path: Path) -> str:
