@@ -473,3 +473,24 @@ def test_best_trial_rule_on_a_hand_made_table() -> None:
     assert pick_best(table[table["status"] != "COMPLETE"])["trial_id"] == "a"  # none complete: best that reported
     with pytest.raises(Exception, match="diverged"):
         pick_best(table[table["trial_id"].isin(["d", "e"])])
+
+
+def test_data_source_order_flag_env_download_folder_then_synthetic(tmp_path: Path, monkeypatch, capsys) -> None:
+    import tune.run as run
+    from crackcore.config import TrainConfig
+    from crackcore.data import prepare_data
+
+    def data_of(flags: list[str]) -> str | None:
+        return run.flag_overrides(run.build_parser().parse_args(flags))["train.data"]
+
+    downloaded = tmp_path / "data" / "concrete-crack-images"
+    monkeypatch.setattr(run, "DOWNLOAD_DEFAULT", downloaded)
+    monkeypatch.delenv("CRACK_DATA", raising=False)
+    assert data_of([]) is None  # nothing anywhere: the synthetic set
+    downloaded.mkdir(parents=True)
+    assert data_of([]) == str(downloaded)
+    monkeypatch.setenv("CRACK_DATA", "/from/env")
+    assert data_of([]) == "/from/env" and data_of(["--data", "/from/flag"]) == "/from/flag"
+    # and no data at all is said loudly, and recorded as synthetic
+    data = prepare_data(TrainConfig(data=None, image_size=32, synthetic_per_class=20))
+    assert data.source["kind"] == "synthetic" and "SYNTHETIC" in capsys.readouterr().err.upper()
