@@ -384,8 +384,9 @@ def test_default_named_rerun_gets_a_new_name(tmp_path: Path, crack_data: Path) -
 
 @pytest.mark.slow
 def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> None:
+    # the study itself on the grouped split; --compare-splits retrains the winner under random
     proc = run_study("--smoke-test", "--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "rep",
-                     "--repeat-top", "2", "--repeats", "2", "--compare-splits")
+                     "--repeat-top", "2", "--repeats", "2", "--compare-splits", "--split-strategy", "grouped")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "rep"
     repeats = pd.read_parquet(study_dir / "repeats.parquet")
@@ -400,6 +401,9 @@ def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> 
     assert best["repeats"]["mean_val_acc"] == pytest.approx(means.max())
     assert best["repeats"]["configs_repeated"] == repeats["trial_id"].nunique()
     assert repeats["ci95_low"].between(0, 1).all() and repeats["ci95_high"].between(0, 1).all()
+    split = pd.read_parquet(study_dir / "split.parquet")
+    assert split.groupby("group")["split"].nunique().max() == 1  # near-duplicate groups never straddle splits
+    assert json.loads((study_dir / "final_metrics.json").read_text())["split_strategy"] == "grouped"
     comparison = json.loads((study_dir / "final_metrics.json").read_text())["split_comparison"]
     assert set(comparison) == {"random", "grouped"}
     for side in comparison.values():
