@@ -52,6 +52,9 @@ def check_types(obj: Any, where: str) -> None:
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
+        if hasattr(value, "item") and getattr(value, "shape", None) == ():  # a NumPy/torch scalar from an API caller
+            value = value.item()
+            setattr(obj, f.name, value)
         if not _type_ok(value, hints[f.name]):
             hint = hints[f.name]
             want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("NoneType", "None")
@@ -122,8 +125,8 @@ class TrainConfig:
         if not (0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 <= self.label_smoothing < 1):
             raise ConfigError(f"momentum={self.momentum} and label_smoothing={self.label_smoothing} must be in [0, 1), "
                               f"weight_decay={self.weight_decay} >= 0")
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
-            raise ConfigError(f"device={self.device!r} is unknown; use auto, cpu, cuda or cuda:N")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device={self.device!r} is unknown; use auto, cpu, cuda, cuda:N or mps")
         if self.synthetic_per_class < 2 or (self.num_threads is not None and self.num_threads < 1):
             raise ConfigError("synthetic_per_class must be >= 2 and num_threads >= 1 (or unset)")
         if self.seed < 0 or self.split_seed < 0:
@@ -267,6 +270,8 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     values.pop("description", None)
     train = values.setdefault("train", {})
+    if not isinstance(values.get("space", {}), dict):
+        raise ConfigError(f"{path}: [space] must be a table of settings, not {values['space']!r}")
     if isinstance(train, dict):
         if "seed" in values and "seed" not in train:  # as --seed: one seed for the search and the training
             train["seed"] = values["seed"]

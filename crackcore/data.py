@@ -148,6 +148,10 @@ def pil_rgb(im: Any) -> torch.Tensor:
     if im.mode.startswith("I"):
         gray = torch.from_numpy((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
         return gray.expand(3, -1, -1).contiguous()
+    if im.mode == "F":  # float grayscale (TIFF): 0..1 as saved tensors are, else 0..255
+        f = np.asarray(im, dtype=np.float64)
+        f = f * 255 if f.size and f.max() <= 1 else f
+        return torch.from_numpy(f.round().clip(0, 255).astype(np.uint8)).expand(3, -1, -1).contiguous()
     return TF.pil_to_tensor(im.convert("RGB"))
 
 

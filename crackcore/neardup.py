@@ -52,7 +52,7 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
             img.load()
     except Exception:
         return None
-    if img.mode.startswith("I"):  # 16-bit: convert("L") would clip every pixel to white
+    if img.mode.startswith("I") or img.mode == "F":  # 16-bit or float: convert("L") would clip them
         img = Image.fromarray(pil_rgb(img)[0].numpy())
     gray = img.convert("L")
     phash = int(str(imagehash.phash(gray)), 16)

@@ -148,7 +148,8 @@ def test_16_bit_bmp_and_tiff_images_decode_like_their_8_bit_original(tmp_path: P
     Image.open(src).save(tmp_path / "rgb.bmp")
     Image.open(src).save(tmp_path / "rgb.tiff")
     reference = decode_file(tmp_path / "gray8.png", 64)
-    for name in ("gray16.png", "gray16.tif"):  # scaled to 8 bits, not wrapped or clipped
+    Image.fromarray(gray8.astype(np.float32) / 255).save(tmp_path / "float.tif")  # PIL mode F, 0..1
+    for name in ("gray16.png", "gray16.tif", "float.tif"):  # scaled to 8 bits, not wrapped or clipped
         assert torch.equal(decode_file(tmp_path / name, 64), reference), name
     rgb = read_rgb(tmp_path / "rgb.bmp")
     assert rgb.dtype == torch.uint8 and torch.equal(rgb, torch.from_numpy(np.asarray(Image.open(src).convert("RGB"))).permute(2, 0, 1))

@@ -495,6 +495,15 @@ def test_data_source_order_flag_env_download_folder_then_synthetic(tmp_path: Pat
     assert data_of([]) == str(downloaded)
     monkeypatch.setenv("CRACK_DATA", "/from/env")
     assert data_of([]) == "/from/env" and data_of(["--data", "/from/flag"]) == "/from/flag"
+    monkeypatch.chdir(tmp_path)  # a relative or slashed path is saved resolved, one spelling per folder
+    assert data_of(["--data", "data/concrete-crack-images/"]) == str(downloaded.resolve())
+    from crackcore.config import StudyConfig
+
+    saved = StudyConfig(train={"data": str(downloaded.resolve())})
+    same = run.build_parser().parse_args(["--data", "./data/concrete-crack-images", "--resume"])
+    assert run.resume_conflicts(same, saved, saved) == []
+    other = run.build_parser().parse_args(["--data", "/elsewhere", "--resume"])
+    assert run.resume_conflicts(other, saved, saved) == [f"train.data is {str(downloaded.resolve())!r} there, not '/elsewhere'"]
     # and no data at all is said loudly, and recorded as synthetic
     data = prepare_data(TrainConfig(data=None, image_size=32, synthetic_per_class=20))
     assert data.source["kind"] == "synthetic" and "SYNTHETIC" in capsys.readouterr().err.upper()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -199,6 +200,7 @@ def test_config_files_and_bad_values() -> None:
     ('name = ""', "is not a folder name"),
     ("seed = -1", "seed=-1"),
     ("repeat_top = 2\nrepeats = 1", "needs at least 2 seeds"),
+    ("space = 3", "[space] must be a table"),
 ])
 def test_bad_experiment_files_are_one_clear_error(toml: str, message: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
@@ -206,6 +208,11 @@ def test_bad_experiment_files_are_one_clear_error(toml: str, message: str, tmp_p
     with pytest.raises(ConfigError) as info:
         load_study_config(path)
     assert message in str(info.value)
+
+
+def test_api_callers_may_pass_numpy_scalars_and_mps() -> None:
+    cfg = TrainConfig(batch_size=np.int64(32), lr=np.float32(0.5), device="mps")
+    assert type(cfg.batch_size) is int and type(cfg.lr) is float and cfg.device == "mps"
 
 
 def test_experiment_file_seed_seeds_the_training_too(tmp_path: Path) -> None:

@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
     data = a.data or os.environ.get("CRACK_DATA") or (str(DOWNLOAD_DEFAULT) if DOWNLOAD_DEFAULT.is_dir() else None)
+    data = str(Path(data).expanduser().resolve()) if data else None  # one spelling, saved and compared on --resume
     return {"num_samples": a.num_samples, "name": a.study_name, "max_epochs": a.max_epochs,
             "grace_period": a.grace_period, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
             "cpus_per_trial": a.cpus_per_trial, "max_concurrent_trials": a.max_concurrent_trials, "seed": a.seed,
@@ -98,14 +99,13 @@ def setting(cfg: StudyConfig, key: str) -> Any:
 def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig) -> list[str]:
     """Flags given with --resume that disagree with the saved study: a resumed study keeps its
     settings, so such a flag would be silently ignored (the experiment file is not re-read)."""
-    keys = {k for k, v in flag_overrides(a).items() if v is not None}
-    keys.discard("name")
+    wanted = {k: v for k, v in flag_overrides(a).items() if v is not None and k != "name"}
     if a.data is None:
-        keys.discard("train.data")  # $CRACK_DATA or the download folder, not the user's words now
+        wanted.pop("train.data", None)  # $CRACK_DATA or the download folder, not the user's words now
     if a.smoke_test:
-        keys |= set(SMOKE)
-    return [f"{k} is {setting(saved, k)!r} there, not {setting(cfg, k)!r}" for k in sorted(keys)
-            if setting(saved, k) != setting(cfg, k)]
+        wanted = {**{k: setting(cfg, k) for k in SMOKE}, **wanted}
+    return [f"{k} is {setting(saved, k)!r} there, not {v!r}" for k, v in sorted(wanted.items())
+            if setting(saved, k) != v]
 
 
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool) -> StudyConfig:
