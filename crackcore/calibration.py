@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 
-
 def fit_temperature(y_true: np.ndarray, logit_crack: np.ndarray) -> float:
     """T minimising the negative log-likelihood of y_true under sigmoid(logit_crack / T). With
     no misclassified sample the likelihood keeps rising as T -> 0 (ever more confident), so

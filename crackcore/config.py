@@ -269,19 +269,18 @@ def load_study_config(path: str | Path) -> StudyConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     values.pop("description", None)
-    train = values.setdefault("train", {})
-    if not isinstance(values.get("space", {}), dict):
-        raise ConfigError(f"{path}: [space] must be a table of settings, not {values['space']!r}")
-    if isinstance(train, dict):
+    train, space = values.setdefault("train", {}), values.get("space", {})
+    if isinstance(train, dict) and isinstance(space, dict):  # other types: StudyConfig says "must be a table"
         if "seed" in values and "seed" not in train:  # as --seed: one seed for the search and the training
             train["seed"] = values["seed"]
-        searched = [*SEARCH_KEYS[:3], "epochs"] + [k for k, listed in (("weight_decay", "weight_decays"),
-                                                   ("batch_size", "batch_sizes")) if values.get("space", {}).get(listed)]
-        for key in [k for k in searched if k in train] + [k for profile in ("cpu", "gpu") if isinstance(
-                values.get(profile), dict) for k in (x.removeprefix("train.") for x in values[profile]) if k in searched]:
-            raise ConfigError(f"{path}: [train] {key} is set by the study, not the file: "
-                              + ("use max_epochs / final_epochs" if key == "epochs" else
-                                 "the search chooses it (bound it in [space], or give a space.start_points entry)"))
+        decided = {*SEARCH_KEYS[:3], "epochs"} | {key for key, listed in (("weight_decay", "weight_decays"),
+                                                                          ("batch_size", "batch_sizes")) if space.get(listed)}
+        profiles = [values[name] for name in ("cpu", "gpu") if isinstance(values.get(name), dict)]
+        for key in [*train, *(k.removeprefix("train.") for profile in profiles for k in profile)]:
+            if key in decided:
+                raise ConfigError(f"{path}: [train] {key} is set by the study, not the file: "
+                                  + ("use max_epochs / final_epochs" if key == "epochs" else
+                                     "the search chooses it (bound it in [space], or give a space.start_points entry)"))
     cfg = _from_dict(StudyConfig, values, path.name)
     for profile in ("cpu", "gpu"):  # both, whichever device this run has: a typo fails on every machine
         try:

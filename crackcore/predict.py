@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image
 
 from crackcore.data import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.errors import write_bytes, write_parquet
