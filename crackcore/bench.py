@@ -31,8 +31,11 @@ import torch
 from torch import nn
 
 from crackcore.config import TrainConfig
-from crackcore.data import IMAGENET_MEAN, IMAGENET_STD, BatchLoader, normalize, prepare_data
+from crackcore.data import BatchLoader, discover, normalize, prepare_data
+from crackcore.exceptions import DataError
+from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, io_workers
 from crackcore.model import build_model, trainable_parameters
+from crackcore.outputs import build_folder, write_text
 from crackcore.train import (available_cpus, evaluate, make_scheduler, model_inputs, precision_name, resolve_device,
                              train_one_epoch, training_precision, training_step)
 
@@ -206,9 +209,6 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
 
     from PIL import Image
 
-    from crackcore.data import CLASSES, DataError, cache_dir, discover, io_workers
-    from crackcore.errors import build_folder
-
     src = Path(source)
     samples, _ = discover(src)
     if count > 8 * len(samples):
@@ -335,8 +335,6 @@ def main(argv: list[str] | None = None) -> int:
     line = json.dumps(out)
     print(line)
     if a.json_out:
-        from crackcore.errors import write_text
-
         write_text(line + "\n", a.json_out)
     return 0
 

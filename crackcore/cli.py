@@ -5,19 +5,16 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from crackcore.config import ConfigError
-from crackcore.data import DataError
-from crackcore.model import WeightsError
+from crackcore.exceptions import CrackError
 
-KNOWN_ERRORS: tuple[type[BaseException], ...] = (ConfigError, DataError, WeightsError, FileNotFoundError,
-                                                 FileExistsError, PermissionError, FloatingPointError)
+# the project's own errors, and the file-system faults whose message already names the path
+KNOWN_ERRORS = (CrackError, FileNotFoundError, FileExistsError, PermissionError)
 
 
-def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
-             extra_errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     try:
         return main(argv)
-    except KNOWN_ERRORS + extra_errors as exc:
+    except KNOWN_ERRORS as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -12,14 +12,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from crackcore.exceptions import ConfigError
+
 AUGMENT_POLICIES = ("none", "flip", "flip_rotate", "color", "strong")
+FREEZE_DEPTHS = tuple(range(6))  # stages frozen: 0 = fine-tune all .. 5 = head only
 SPLIT_STRATEGIES = ("random", "grouped")
-SEARCH_KEYS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
+LR_SCHEDULES = ("cosine", "constant")
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
-class ConfigError(ValueError):
-    """A configuration value is out of range or unknown; the message names the key and the fix."""
+def check_choice(key: str, value: Any, allowed: tuple) -> None:
+    """The one check of a value that must be one of a fixed set (policy, depth, strategy)."""
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is unknown; use one of {', '.join(map(str, allowed))}")
 
 
 def _type_ok(value: Any, hint: Any) -> bool:
@@ -100,16 +105,10 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        if self.augment_policy not in AUGMENT_POLICIES:
-            raise ConfigError(
-                f"augment_policy={self.augment_policy!r} is unknown; use one of {', '.join(AUGMENT_POLICIES)}"
-            )
-        if self.split_strategy not in SPLIT_STRATEGIES:
-            raise ConfigError(
-                f"split_strategy={self.split_strategy!r} is unknown; use one of {', '.join(SPLIT_STRATEGIES)}"
-            )
-        if not 0 <= self.freeze_depth <= 5:
-            raise ConfigError(f"freeze_depth={self.freeze_depth} is out of range; use 0 (all trainable) .. 5 (head only)")
+        check_choice("augment_policy", self.augment_policy, AUGMENT_POLICIES)
+        check_choice("split_strategy", self.split_strategy, SPLIT_STRATEGIES)
+        check_choice("freeze_depth", self.freeze_depth, FREEZE_DEPTHS)
+        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         if not 16 <= self.image_size <= 1024:
             raise ConfigError(f"image_size={self.image_size} is out of range; use 16..1024 (native 227)")
         if not (self.lr > 0 and self.batch_size > 0 and self.epochs > 0):
@@ -120,8 +119,6 @@ class TrainConfig:
             raise ConfigError(f"subset={self.subset} must be at least 2 images per class")
         if not 0 < self.gpu_share <= 1:
             raise ConfigError(f"gpu_share={self.gpu_share} must be in (0, 1]")
-        if self.lr_schedule not in ("cosine", "constant"):
-            raise ConfigError(f"lr_schedule={self.lr_schedule!r} is unknown; use cosine or constant")
         if not (0 <= self.momentum < 1 and self.weight_decay >= 0 and 0 <= self.label_smoothing < 1):
             raise ConfigError(f"momentum={self.momentum} and label_smoothing={self.label_smoothing} must be in [0, 1), "
                               f"weight_decay={self.weight_decay} >= 0")
@@ -137,6 +134,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TrialParams:
+    """What the search decides for one trial: the one form a trial's settings take from the
+    sampler through Ray to the optimizer, and into the repeats and the final retrain. A key
+    left None is not searched and keeps the study's [train] value."""
+
+    lr: float
+    freeze_depth: int
+    augment_policy: str
+    weight_decay: float | None = None
+    batch_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+SEARCH_KEYS = tuple(f.name for f in fields(TrialParams))
+
+
+def trial_config(train: TrainConfig, params: TrialParams, epochs: int) -> TrainConfig:
+    """The training config of a trial, a repeat or the retrain: the study's [train] settings,
+    the searched values and the epoch budget (validated as any TrainConfig)."""
+    return train.replace(**params.to_dict(), epochs=epochs)
 
 
 @dataclass
@@ -157,11 +179,9 @@ class SearchSpace:
         if not self.freeze_depths or not self.augment_policies:
             raise ConfigError("space.freeze_depths and space.augment_policies need at least one value each")
         for p in self.augment_policies:
-            if p not in AUGMENT_POLICIES:
-                raise ConfigError(f"space.augment_policies has unknown policy {p!r}; use {', '.join(AUGMENT_POLICIES)}")
+            check_choice("space.augment_policies", p, AUGMENT_POLICIES)
         for d in self.freeze_depths:
-            if not 0 <= d <= 5:
-                raise ConfigError(f"space.freeze_depths has {d}; use 0..5")
+            check_choice("space.freeze_depths", d, FREEZE_DEPTHS)
         if not 0 < self.lr_min < self.lr_max:
             raise ConfigError("space.lr_min must be > 0 and < space.lr_max")
         if any(w < 0 for w in self.weight_decays) or any(b < 2 for b in self.batch_sizes):

@@ -19,27 +19,17 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
-import torchvision.transforms.v2.functional as TF
-from torchvision.io import ImageReadMode, decode_image
 
 from crackcore.config import TrainConfig
+from crackcore.exceptions import DataError
+from crackcore.hashing import content_digest, unit_hash
+from crackcore.images import (CLASSES, IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, TENSOR_SUFFIX, cache_dir,
+                              decode_file, io_workers)
+from crackcore.neardup import group_report, near_duplicate_groups
+from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
 
-CLASSES = ("Negative", "Positive")  # label = index: Negative (no crack) = 0, Positive (crack) = 1
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
-PIL_SUFFIXES = {".bmp", ".tif", ".tiff"}  # torchvision.io decodes the others
-TENSOR_SUFFIX = ".pt"
 SPLITS = ("train", "val", "test")
 CACHE_VERSION = 2  # 2: 16-bit images scaled to 8 bits (1 wrapped them)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class DataError(Exception):
-    """The data cannot be used as given; the message names the path and the fix."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("CRACK_CACHE", Path.home() / ".cache" / "crackcore"))
 
 
 def _warn(msg: str) -> None:
@@ -54,7 +44,7 @@ def check_root(root: str | Path) -> Path:
     root = Path(root).expanduser()
     if not root.exists():
         raise DataError(f"data folder {root} does not exist; pass --data PATH to a folder with Positive/ and Negative/, "
-                        "or get the public dataset with: python -m crackcore.data download --to data/")
+                        "or get the public dataset with: python -m crackcore.download --to data/")
     if not root.is_dir():
         raise DataError(f"data path {root} is not a folder; pass the folder that holds Positive/ and Negative/")
     for name in CLASSES:
@@ -90,21 +80,10 @@ def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return samples, {"skipped_non_image": len(skipped_non_image)}
 
 
-def _file_digest(path: Path) -> str:
-    return hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()
-
-
 def add_content_hashes(root: Path, samples: pd.DataFrame) -> pd.DataFrame:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        digests = list(pool.map(lambda rel: _file_digest(root / rel), samples["path"]))
+        digests = list(pool.map(lambda rel: content_digest(root / rel), samples["path"]))
     return samples.assign(content_hash=digests)
-
-
-def _unit_hash(seed: int, key: str) -> float:
-    """A number in [0, 1) fixed by (seed, key): the basis of subsets and splits, so neither
-    depends on file order or on which other files exist."""
-    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
 
 
 def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
@@ -113,7 +92,7 @@ def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], 
     duplicate group), so byte-identical copies share a split, and adding files never moves an
     existing one. The same thresholds apply to both classes, so the split is stratified in
     expectation (exactly, up to hash noise)."""
-    u = samples[group_column].map(lambda g: _unit_hash(seed, g))
+    u = samples[group_column].map(lambda g: unit_hash(seed, g))
     cut_train, cut_val = fractions[0], fractions[0] + fractions[1]
     return pd.Series(np.where(u < cut_train, "train", np.where(u < cut_val, "val", "test")), index=samples.index)
 
@@ -121,69 +100,9 @@ def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], 
 def select_subset(samples: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
     """The `per_class` images per class with the smallest hash(group, seed): stable and
     duplicates-together."""
-    ranked = samples.assign(_u=samples["group"].map(lambda g: _unit_hash(seed + 7919, g)))
+    ranked = samples.assign(_u=samples["group"].map(lambda g: unit_hash(seed + 7919, g)))
     ranked = ranked.sort_values(["label", "_u", "path"])
     return ranked.groupby("label", group_keys=False).head(per_class).drop(columns="_u").sort_values("path")
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-def read_rgb(path: Path) -> torch.Tensor:
-    """An image file -> uint8 [3, H, W] at its own size; grayscale/RGBA/palette become RGB.
-    torchvision decodes JPEG/PNG/WebP, PIL decodes BMP/TIFF. 16-bit images are scaled to 8
-    bits: a plain cast would wrap them."""
-    if path.suffix.lower() not in PIL_SUFFIXES:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-        return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return pil_rgb(im)
-
-
-def pil_rgb(im: Any) -> torch.Tensor:
-    """A PIL image -> uint8 [3, H, W]. 16-bit grayscale (modes I;16*, or I holding 0-65535) is
-    scaled to 8 bits: PIL's convert() would clip it to white."""
-    if im.mode.startswith("I"):
-        gray = torch.from_numpy((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8))
-        return gray.expand(3, -1, -1).contiguous()
-    if im.mode == "F":  # float grayscale (TIFF): 0..1 as saved tensors are, else 0..255
-        f = np.asarray(im, dtype=np.float64)
-        f = f * 255 if f.size and f.max() <= 1 else f
-        return torch.from_numpy(f.round().clip(0, 255).astype(np.uint8)).expand(3, -1, -1).contiguous()
-    return TF.pil_to_tensor(im.convert("RGB"))
-
-
-def decode_file(path: Path, image_size: int) -> torch.Tensor:
-    """One file -> uint8 [3, S, S]. Grayscale/RGBA become RGB; other sizes are resized on
-    the shorter side and centre-cropped (the dataset's patches are square)."""
-    if path.suffix.lower() == TENSOR_SUFFIX:
-        img = torch.load(path, weights_only=True, map_location="cpu")
-        if not isinstance(img, torch.Tensor):
-            raise ValueError(f"holds a {type(img).__name__}, not an image tensor")
-        if img.ndim == 2:
-            img = img.unsqueeze(0)
-        if img.ndim == 3 and img.shape[0] not in (1, 3) and img.shape[-1] in (1, 3):
-            img = img.permute(2, 0, 1)  # HWC -> CHW
-        if img.ndim != 3 or img.shape[0] not in (1, 3):
-            raise ValueError(f"tensor shape {tuple(img.shape)} is not [3,H,W], [1,H,W], [H,W] or [H,W,3]")
-        if img.dtype != torch.uint8:
-            # saved tensors hold uint8 0-255 or floats 0-1; anything else would be clamped or wrapped
-            lo, hi = (0.0, 1.0) if img.is_floating_point() else (0, 255)
-            if img.numel() and not (lo <= img.min().item() and img.max().item() <= hi):
-                raise ValueError(f"{img.dtype} values span {img.min().item():g}..{img.max().item():g}, outside {lo:g}..{hi:g}; "
-                                 "save uint8 0-255 or float 0-1 images")
-            img = (img * 255).round() if img.is_floating_point() else img
-        img = img.to(torch.uint8)
-        if img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
-    else:
-        img = read_rgb(path)
-    if tuple(img.shape[1:]) != (image_size, image_size):
-        img = TF.resize(img, [image_size], antialias=True)
-        img = TF.center_crop(img, [image_size, image_size])
-    return img.contiguous()
 
 
 def _cache_key(samples: pd.DataFrame, image_size: int) -> str:
@@ -192,11 +111,6 @@ def _cache_key(samples: pd.DataFrame, image_size: int) -> str:
     for digest, rel in zip(samples["content_hash"], samples["path"]):
         h.update(f"{digest}:{Path(rel).suffix.lower()};".encode())
     return h.hexdigest()
-
-
-def io_workers() -> int:
-    """Threads for decoding/hashing many files (PIL and torchvision release the GIL)."""
-    return max(1, min(16, os.cpu_count() or 1))
 
 
 def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
@@ -283,8 +197,6 @@ def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: in
         root = Path(data).expanduser()
         kind = "synthetic" if (root / "SYNTHETIC.json").exists() else "real"
         return root, kind
-    from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
-
     # Generated at 227 px like the real patches; the working size is applied by the decoder.
     root = make_synthetic_dataset(default_synthetic_root(synthetic_per_class, 227, seed), synthetic_per_class, 227, seed)
     print("=" * 78 + f"\n!! NO --data GIVEN: using the embedded SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
@@ -309,8 +221,6 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     n_exact_dupes = n_files - samples["content_hash"].nunique()
     near_duplicates = None
     if cfg.split_strategy == "grouped":
-        from crackcore.neardup import group_report, near_duplicate_groups
-
         samples = samples.assign(group=near_duplicate_groups(root, samples, progress=progress))
         near_duplicates = group_report(samples)
         print(f"[crackcore.data] near-duplicate groups: {near_duplicates['groups']} groups for "
@@ -464,19 +374,3 @@ class CrackDataset(torch.utils.data.Dataset):
         img = self.transform(self.images[row].float().div(255))
         return normalize(img.unsqueeze(0))[0], int(self.data.samples.at[row, "label"])
 
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m crackcore.data download --to DIR` (the only sub-command)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] != "download":
-        print("usage: python -m crackcore.data download --to DIR [--url URL] [--sha256 HEX]", file=sys.stderr)
-        return 2
-    from crackcore.download import main as download_main
-
-    return download_main(argv[1:])
-
-
-if __name__ == "__main__":
-    from crackcore.cli import run_main
-
-    sys.exit(run_main(main))

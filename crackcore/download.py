@@ -1,4 +1,4 @@
-"""Fetch the public dataset: `python -m crackcore.data download --to DIR [--url URL|FILE] [--sha256 HEX]`.
+"""Fetch the public dataset: `python -m crackcore.download --to DIR [--url URL|FILE] [--sha256 HEX]`.
 
 Downloads (or copies) the archive, verifies its SHA-256, extracts it (.rar as published, or
 .zip/.tar), finds the folder holding Positive/ and Negative/ and moves it into place as
@@ -21,7 +21,8 @@ import urllib.request
 import zipfile
 from pathlib import Path
 
-from crackcore.model import sha256_file
+from crackcore.exceptions import DownloadError
+from crackcore.hashing import sha256_file
 
 # Özgenel (2019), Mendeley Data V2, doi:10.17632/5y9wdsg2zt.2, CC BY 4.0:
 # "Concrete Crack Images for Classification.rar", 241,363,336 bytes.
@@ -35,10 +36,6 @@ FINAL_NAME = "concrete-crack-images"
 CITATION = ("Özgenel, Ç.F. (2019), Concrete Crack Images for Classification, Mendeley Data, V2, "
             "doi:10.17632/5y9wdsg2zt.2")
 LICENSE = "CC BY 4.0"
-
-
-class DownloadError(Exception):
-    pass
 
 
 def fetch(url: str, dest: Path) -> None:
@@ -175,20 +172,18 @@ def download(to: Path, url: str = OFFICIAL_URL, sha256: str | None = None, force
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m crackcore.data download",
+    p = argparse.ArgumentParser(prog="python -m crackcore.download",
                                 description="Download the Concrete Crack Images for Classification dataset.")
     p.add_argument("--to", type=Path, required=True, help="folder to put concrete-crack-images/ in")
     p.add_argument("--url", default=OFFICIAL_URL, help="mirror URL or local archive file (.rar/.zip/.tar)")
     p.add_argument("--sha256", help="expected SHA-256 of the archive")
     p.add_argument("--force", action="store_true", help="download again even if present")
     a = p.parse_args(argv)
-    try:
-        print(download(a.to, a.url, a.sha256, a.force))
-    except DownloadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    print(download(a.to, a.url, a.sha256, a.force))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from crackcore.cli import run_main
+
+    sys.exit(run_main(main))

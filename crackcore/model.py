@@ -7,7 +7,6 @@ the search. What was used (path + SHA-256, or "random") is recorded in every res
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import sys
@@ -19,15 +18,14 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from crackcore.exceptions import WeightsError
+from crackcore.hashing import sha256_file
+
 WEIGHTS_FILENAME = "resnet18-f37072fd.pth"
 WEIGHTS_URL = "https://download.pytorch.org/models/" + WEIGHTS_FILENAME
 WEIGHTS_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
 WEIGHTS_BYTES = 46_830_571
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # freeze_depth k freezes the first k
-
-
-class WeightsError(Exception):
-    """ImageNet weights were required but cannot be had, or a given file is wrong."""
 
 
 @dataclass
@@ -44,14 +42,6 @@ class WeightsInfo:
         if self.source == "random":
             return "random init (no ImageNet weights)"
         return f"{self.path} (sha256 {self.sha256[:12]}…, {'official torchvision' if self.official else 'user file'})"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_file(path: Path, source: str) -> WeightsInfo:
@@ -110,9 +100,7 @@ class CrackResNet(ResNet):
     stages really are fixed feature extractors."""
 
     def __init__(self, freeze_depth: int = 0, num_classes: int = 2):
-        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)
-        if not 0 <= freeze_depth <= 5:
-            raise ValueError(f"freeze_depth={freeze_depth} is out of range 0..5")
+        super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)  # freeze_depth: TrainConfig checks it
         self.freeze_depth = freeze_depth
 
     def stage_modules(self) -> list[list[nn.Module]]:

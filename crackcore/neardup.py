@@ -31,6 +31,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from crackcore.images import TENSOR_SUFFIX, cache_dir, decode_file, io_workers, pil_rgb
+from crackcore.outputs import write_parquet
+
 MAX_PHASH_DISTANCE = 10
 MAX_THUMB_MAD = 3.0  # grey levels (0-255), after removing each thumbnail's mean
 THUMB = 32
@@ -41,8 +44,6 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
     """None for a file that cannot be decoded: load_images reports and drops it later."""
     import imagehash
     from PIL import Image
-
-    from crackcore.data import TENSOR_SUFFIX, decode_file, pil_rgb
 
     try:
         if path.suffix.lower() == TENSOR_SUFFIX:
@@ -63,9 +64,6 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
 def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
     """pHash + thumbnail per unique content hash, cached under $CRACK_CACHE/phash. Contents
     that cannot be decoded have no row (and are not cached: tried again next time)."""
-    from crackcore.data import cache_dir, io_workers
-    from crackcore.errors import write_parquet
-
     cache_path = cache_dir() / "phash" / CACHE_FILE
     cached = pd.read_parquet(cache_path) if cache_path.is_file() else pd.DataFrame(
         {"content_hash": pd.Series(dtype=str), "phash": pd.Series(dtype="int64"), "thumb": pd.Series(dtype=object)})

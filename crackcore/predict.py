@@ -23,20 +23,16 @@ import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from crackcore.data import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
-from crackcore.errors import write_bytes, write_parquet
-from crackcore.fit import MODEL_FORMAT
+from crackcore.exceptions import ModelFileError
+from crackcore.images import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import CrackResNet
+from crackcore.outputs import MODEL_FORMAT, write_bytes, write_parquet
 from crackcore.train import resolve_device
 
 TILE = 227
 PATCH_MAX_SIDE = 1.5  # in tiles: an image whose sides are all below this is a patch, not a photo
 HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
-
-
-class ModelFileError(Exception):
-    pass
 
 
 def load_model(path: str | Path, device: torch.device | None = None) -> tuple[CrackResNet, dict[str, Any]]:
@@ -298,4 +294,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from crackcore.cli import run_main
 
-    sys.exit(run_main(main, extra_errors=(ModelFileError,)))
+    sys.exit(run_main(main))

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import pandas as pd
 
+from crackcore.exceptions import StudyFilesError
+
 TABLES = {"trials": "trials.parquet", "history": "history.parquet", "final_history": "final_history.parquet",
           "errors": "errors.parquet", "predictions": "predictions.parquet", "split": "split.parquet",
           "repeats": "repeats.parquet"}
@@ -23,10 +25,6 @@ DOCUMENTS = {"study": "study.json", "config": "study_config.json", "best_config"
              "final_metrics": "final_metrics.json"}
 OPTIONAL = {"repeats.parquet"}  # only with --repeat-top
 JOURNAL = "optuna_journal.log"
-
-
-class StudyFilesError(Exception):
-    """The folder is not a study (or not readable as one)."""
 
 
 @dataclass

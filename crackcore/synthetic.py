@@ -15,15 +15,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from crackcore.errors import build_folder
+from crackcore.images import cache_dir
+from crackcore.outputs import build_folder
 
 VERSION = 1
 MARKER = "SYNTHETIC.json"
 
 
 def default_synthetic_root(n_per_class: int, image_size: int, seed: int) -> Path:
-    from crackcore.data import cache_dir  # data imports this module when it needs the synthetic set
-
     return cache_dir() / f"synthetic-n{n_per_class}-s{image_size}-seed{seed}"
 
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import time
@@ -17,8 +16,10 @@ import pandas as pd
 import torch
 from torch import nn
 
+from crackcore import checkpoint
 from crackcore.augment import batch_augment
-from crackcore.config import ConfigError, TrainConfig
+from crackcore.config import TrainConfig
+from crackcore.exceptions import ConfigError, DivergedError
 from crackcore.data import BatchLoader, PreparedData, normalize, prepare_data
 from crackcore.metrics import binary_metrics, format_accuracy
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
@@ -127,7 +128,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     if not math.isfinite(loss_sum.item()):
-        raise FloatingPointError("training loss is not finite: the run diverged; lower the learning rate (--lr)")
+        raise DivergedError("training loss is not finite: the run diverged; lower the learning rate (--lr)")
     return {"loss": loss_sum.item() / seen, "accuracy": correct.item() / seen, "images": seen,
             "seconds": seconds, "img_s": seen / seconds, "last_lr": lr}
 
@@ -242,19 +243,8 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                                 nesterov=cfg.momentum > 0)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    history: list[dict[str, Any]] = []
-    start_epoch = 1
-    if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        scheduler.load_state_dict(resume_state["scheduler"])
-        aug_gen.set_state(resume_state["aug_rng"])
-        if resume_state.get("grad_scaler"):
-            scaler.load_state_dict(resume_state["grad_scaler"])
-        torch.set_rng_state(resume_state["torch_rng"])
-        history = list(resume_state["history"])
-        start_epoch = int(resume_state["epoch"]) + 1
-
+    history, start_epoch = ([], 1) if resume_state is None else checkpoint.restore(
+        resume_state, model, optimizer, scheduler, scaler, aug_gen)
     val: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
@@ -272,14 +262,8 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                 f"val loss {val['loss']:.4f} acc {format_accuracy(val['accuracy'], val['n'], val['ci95_low'], val['ci95_high'])}  "
                 f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s")
         if on_epoch:
-            def state_fn(epoch: int = epoch) -> dict[str, Any]:
-                # a snapshot, not live references: the caller may keep it while training goes on
-                return copy.deepcopy({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "grad_scaler": scaler.state_dict(),
-                        "aug_rng": aug_gen.get_state(),
-                        "torch_rng": torch.get_rng_state(), "history": list(history), "epoch": epoch,
-                        "config": cfg.to_dict()})
-            on_epoch(dict(row), state_fn)
+            on_epoch(dict(row), lambda epoch=epoch: checkpoint.capture(model, optimizer, scheduler, scaler, aug_gen,
+                                                                       history, epoch, cfg.to_dict()))
     if not val:  # resumed after the last epoch: evaluate the restored model
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
     test = None

@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 
 from crackcore.config import TrainConfig
-from crackcore.data import CrackDataset, DataError, decode_file, prepare_data, read_rgb
+from crackcore.data import CrackDataset, prepare_data
+from crackcore.exceptions import DataError
+from crackcore.images import decode_file, read_rgb
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from crackcore.data import main as data_main
-from crackcore.download import FINAL_NAME
+from crackcore.cli import run_main
+from crackcore.download import FINAL_NAME, main
 
 NESTED = "Concrete Crack Images for Classification"
 
@@ -52,7 +52,7 @@ def sha(path: Path) -> str:
 
 def test_download_verifies_and_extracts(served, tmp_path: Path, capsys) -> None:
     url, site = served
-    assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip", "--sha256", sha(site / "crack.zip")]) == 0
+    assert run_main(main, ["--to", str(tmp_path), "--url", f"{url}/crack.zip", "--sha256", sha(site / "crack.zip")]) == 0
     final = tmp_path / FINAL_NAME
     assert capsys.readouterr().out.strip().splitlines()[-1] == str(final)
     assert len(list((final / "Positive").iterdir())) == 5 and len(list((final / "Negative").iterdir())) == 5
@@ -62,7 +62,7 @@ def test_download_verifies_and_extracts(served, tmp_path: Path, capsys) -> None:
 
 def test_wrong_checksum_keeps_nothing(served, tmp_path: Path, capsys) -> None:
     url, _ = served
-    assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip", "--sha256", "0" * 64]) == 1
+    assert run_main(main, ["--to", str(tmp_path), "--url", f"{url}/crack.zip", "--sha256", "0" * 64]) == 1
     assert "SHA-256 mismatch" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -71,7 +71,7 @@ def test_wrong_checksum_keeps_nothing(served, tmp_path: Path, capsys) -> None:
                                               ("noclasses.zip", "no folder with both Positive/ and Negative/")])
 def test_bad_archives_are_refused(served, tmp_path: Path, capsys, archive: str, message: str) -> None:
     url, _ = served
-    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", f"{url}/{archive}"]) == 1
+    assert run_main(main, ["--to", str(tmp_path / "d"), "--url", f"{url}/{archive}"]) == 1
     assert message in capsys.readouterr().err
     assert not (tmp_path / "d" / FINAL_NAME).exists() and not (tmp_path / "escaped.jpg").exists()
 
@@ -80,7 +80,7 @@ def test_unreachable_url_fails_fast(tmp_path: Path, capsys) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # closed once the block ends
-    assert data_main(["download", "--to", str(tmp_path), "--url", f"http://127.0.0.1:{port}/x.zip"]) == 1
+    assert run_main(main, ["--to", str(tmp_path), "--url", f"http://127.0.0.1:{port}/x.zip"]) == 1
     assert "could not download" in capsys.readouterr().err
 
 
@@ -88,11 +88,11 @@ def test_local_tar_gz_and_idempotence(served, tmp_path: Path, capsys) -> None:
     _, site = served
     local = tmp_path / "copy.tar.gz"
     shutil.copy(site / "crack.tar.gz", local)
-    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 0
+    assert run_main(main, ["--to", str(tmp_path / "d"), "--url", str(local)]) == 0
     assert "not verified" in capsys.readouterr().err
     marker = tmp_path / "d" / FINAL_NAME / "SOURCE.json"
     before = marker.stat().st_mtime_ns
-    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 0
+    assert run_main(main, ["--to", str(tmp_path / "d"), "--url", str(local)]) == 0
     assert marker.stat().st_mtime_ns == before
 
 
@@ -108,7 +108,7 @@ def test_damaged_archive_is_one_line_error(served, tmp_path: Path, capsys, damag
         data = bytes(data)
     local = tmp_path / "damaged.bin"
     local.write_bytes(data)
-    assert data_main(["download", "--to", str(tmp_path / "d"), "--url", str(local)]) == 1
+    assert run_main(main, ["--to", str(tmp_path / "d"), "--url", str(local)]) == 1
     assert "the archive is damaged" in capsys.readouterr().err
     assert list((tmp_path / "d").iterdir()) == []
 
@@ -133,7 +133,7 @@ def test_connection_dropped_mid_download_keeps_nothing(tmp_path: Path, capsys, r
 
     threading.Thread(target=serve_once, daemon=True).start()
     url = f"http://127.0.0.1:{server.getsockname()[1]}/crack.zip"
-    assert data_main(["download", "--to", str(tmp_path), "--url", url]) == 1
+    assert run_main(main, ["--to", str(tmp_path), "--url", url]) == 1
     server.close()
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
@@ -145,7 +145,7 @@ def test_an_existing_folder_not_made_by_download_is_kept(served, tmp_path: Path,
     mine = tmp_path / FINAL_NAME / "Positive" / "my_photo.jpg"
     mine.parent.mkdir(parents=True)
     mine.write_bytes(b"mine")
-    assert data_main(["download", "--to", str(tmp_path), "--url", f"{url}/crack.zip"]) == 1
+    assert run_main(main, ["--to", str(tmp_path), "--url", f"{url}/crack.zip"]) == 1
     assert "pass --force" in capsys.readouterr().err and mine.read_bytes() == b"mine"
 
 
@@ -156,15 +156,15 @@ def test_the_published_checksum_verifies_the_official_archive_and_its_copies(ser
     url, site = served
     monkeypatch.setattr(dl, "OFFICIAL_URL", f"{url}/crack.zip")  # stands in for Mendeley
     monkeypatch.setattr(dl, "OFFICIAL_SHA256", "0" * 64)
-    assert data_main(["download", "--to", str(tmp_path / "a")]) == 1
+    assert run_main(main, ["--to", str(tmp_path / "a")]) == 1
     [line] = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error: ")]  # besides progress
     assert "SHA-256 mismatch" in line and line.endswith(f"--sha256 {sha(site / 'crack.zip')}")
     assert not (tmp_path / "a" / FINAL_NAME).exists()
     monkeypatch.setattr(dl, "OFFICIAL_SHA256", sha(site / "crack.zip"))
-    assert data_main(["download", "--to", str(tmp_path / "b")]) == 0
+    assert run_main(main, ["--to", str(tmp_path / "b")]) == 0
     local = tmp_path / "copy.zip"  # a local copy of the official archive is recognised as such
     shutil.copy(site / "crack.zip", local)
-    assert data_main(["download", "--to", str(tmp_path / "c"), "--url", str(local)]) == 0
+    assert run_main(main, ["--to", str(tmp_path / "c"), "--url", str(local)]) == 0
     assert "the archive is the official one" in capsys.readouterr().err
     for d in ("b", "c"):
         assert json.loads((tmp_path / d / FINAL_NAME / "SOURCE.json").read_text())["verified"] is True

@@ -15,7 +15,7 @@ from PIL import Image
 
 from crackcore.config import TrainConfig
 from crackcore.data import prepare_data
-from crackcore.fit import write_run_outputs
+from crackcore.outputs import write_run_outputs
 from crackcore.predict import load_model, main, photo_summary, predict_photo
 from crackcore.train import fit
 
@@ -121,11 +121,10 @@ def test_bad_inputs(run, tmp_path: Path, capsys) -> None:
     torch.save({"foo": 1}, foreign)
     corrupt.write_bytes(np.random.default_rng(0).bytes(1000))
     from crackcore.cli import run_main
-    from crackcore.predict import ModelFileError
 
     img = next((Path(run[1]["root"]) / "Positive").iterdir())
     for bad in (foreign, corrupt):
-        assert run_main(main, ["--model", str(bad), str(img), "--out", str(tmp_path / "x")], (ModelFileError,)) == 1
+        assert run_main(main, ["--model", str(bad), str(img), "--out", str(tmp_path / "x")]) == 1
         assert "is not a crackcore model" in capsys.readouterr().err
     folder = tmp_path / "mixed"
     folder.mkdir()
@@ -143,7 +142,6 @@ def test_16_bit_patches_score_like_8_bit_and_bad_flags_are_one_line(run, tmp_pat
     from PIL import Image
 
     from crackcore.cli import run_main
-    from crackcore.predict import ModelFileError
 
     model_path = run[0] / "model.pt"
     src = next((Path(run[1]["root"]) / "Positive").iterdir())
@@ -158,7 +156,7 @@ def test_16_bit_patches_score_like_8_bit_and_bad_flags_are_one_line(run, tmp_pat
     capsys.readouterr()
     for flags, message in ((["--batch-size", "0"], "--batch-size must be >= 1"), (["--out", f"{tmp_path}/.."], "names a folder")):
         args = ["--model", str(model_path), str(src), "--out", str(tmp_path / "x"), *flags]
-        assert run_main(main, args, (ModelFileError,)) == 1
+        assert run_main(main, args) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and message in err[0], err
     # nothing readable: exit 1 and an earlier result is kept, not replaced by an empty table

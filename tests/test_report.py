@@ -148,18 +148,17 @@ def test_roc_curve_area_matches_roc_auc_with_tied_scores() -> None:
 
 def test_error_grid_flag_and_damaged_files_are_one_line(study: Path, capsys) -> None:
     from crackcore.cli import run_main
-    from crackcore.results import StudyFilesError
 
     assert main([str(study), "--max-errors", "0"]) == 0
     assert not (study / "report" / "errors_grid.png").exists()
     assert "errors.parquet" in (study / "report" / "report.md").read_text()
-    assert run_main(main, [str(study), "--max-errors", "-1"], (StudyFilesError,)) == 1
+    assert run_main(main, [str(study), "--max-errors", "-1"]) == 1
     assert "--max-errors must be >= 0" in capsys.readouterr().err
     good = (study / "report" / "report.md").read_text()
     for name, damage in (("errors.parquet", b""), ("study.json", b'{"name": "tin')):
         saved = (study / name).read_bytes()
         (study / name).write_bytes(damage)
-        assert run_main(main, [str(study)], (StudyFilesError,)) == 1
+        assert run_main(main, [str(study)]) == 1
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"{name} is damaged" in err[0], err
         (study / name).write_bytes(saved)

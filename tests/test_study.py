@@ -21,7 +21,7 @@ import pytest
 import torch
 import torchvision
 
-from tune.search import open_storage
+from crackcore.results import open_journal
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(REPO / "tune" / "run.py")]
@@ -36,7 +36,7 @@ def run_study(*args: str, env: dict | None = None, timeout: int = 600) -> subpro
 
 
 def optuna_trials(study_dir: Path, name: str) -> list[optuna.trial.FrozenTrial]:
-    return optuna.load_study(study_name=name, storage=open_storage(study_dir)).trials
+    return optuna.load_study(study_name=name, storage=open_journal(study_dir)).trials
 
 
 def reported_epochs(study_dir: Path) -> dict[str, list[int]]:
@@ -463,7 +463,7 @@ def test_gpu_profile_and_gpus_per_trial_resolve_by_precedence(tmp_path: Path) ->
 
 
 def test_best_trial_rule_on_a_hand_made_table() -> None:
-    from tune.run import pick_best
+    from tune.trials import pick_best
 
     table = pd.DataFrame([
         # trial_id, status, epochs, last_val_acc, last_val_loss

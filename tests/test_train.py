@@ -13,7 +13,7 @@ import torch
 
 from crackcore.config import ConfigError, TrainConfig, apply_overrides, load_study_config
 from crackcore.data import prepare_data
-from crackcore.errors import errors_from_predictions, write_json, write_parquet
+from crackcore.outputs import errors_from_predictions, write_json, write_parquet
 from crackcore.metrics import expected_calibration_error, reliability_table, roc_auc, wilson_interval
 from crackcore.train import autocast_dtype, fit, precision_name, training_step
 
@@ -120,7 +120,7 @@ def test_written_files_and_folders_get_ordinary_permissions(tmp_path: Path) -> N
     import os
     import stat
 
-    from crackcore.errors import build_folder
+    from crackcore.outputs import build_folder
 
     umask = os.umask(0o022)
     os.umask(umask)

@@ -23,9 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from crackcore.errors import DIR_MODE  # noqa: E402
+from crackcore.exceptions import StudyFilesError  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve, wilson_interval  # noqa: E402
-from crackcore.results import Study, StudyFilesError, load_optuna_study, load_study  # noqa: E402
+from crackcore.outputs import DIR_MODE  # noqa: E402
+from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
 STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
@@ -363,4 +364,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from crackcore.cli import run_main
 
-    sys.exit(run_main(main, extra_errors=(StudyFilesError,)))
+    sys.exit(run_main(main))

@@ -4,13 +4,16 @@ Ray 2.60's OptunaSearch reports intermediate values by Ray's `training_iteration
 Optuna COMPLETE for every trial that returned a metric, including trials ASHA stopped early.
 `EpochAwareOptunaSearch` reports each epoch's value at step = epoch and marks trials that
 stopped before `max_epochs` as PRUNED, so the persisted Optuna study (a JournalStorage file
-next to the results) is a faithful record for optuna.visualization and optuna-dashboard."""
+next to the results) is a faithful record for optuna.visualization and optuna-dashboard.
+
+Private members used here, read from the pinned ray 2.60.0 and optuna 5.0.0 (each marked
+"private:" below); tests/test_search.py fails loudly if one disappears in an upgrade."""
 from __future__ import annotations
 
 import pickle
 import sys
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -18,6 +21,8 @@ from optuna.trial import TrialState
 from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
+from crackcore.results import open_journal
+
 
 def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
     s = cfg.space
@@ -39,7 +44,7 @@ def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
 def _in_space(dist: BaseDistribution, value: Any) -> bool:
     if isinstance(dist, CategoricalDistribution):
         return value in dist.choices  # to_internal_repr raises for a value outside the choices
-    try:
+    try:  # private: optuna 5.0.0 BaseDistribution._contains (no public membership test)
         return dist._contains(dist.to_internal_repr(value))
     except (TypeError, ValueError):
         return False
@@ -60,12 +65,6 @@ def start_points(cfg: StudyConfig, space: dict[str, BaseDistribution]) -> list[d
     return points
 
 
-def open_storage(study_dir: Path):
-    from crackcore.results import open_journal
-
-    return open_journal(study_dir)
-
-
 JOURNAL_REF = "study-journal"  # what a pickled searcher holds instead of its journal (and its path)
 
 
@@ -81,7 +80,7 @@ class _JournalByReference(pickle.Pickler):
 class _JournalAt(pickle.Unpickler):
     def __init__(self, file: Any, study_dir: Path):
         super().__init__(file)
-        self._journal = open_storage(study_dir)
+        self._journal = open_journal(study_dir)
 
     def persistent_load(self, pid: Any) -> Any:
         if pid != JOURNAL_REF:
@@ -92,22 +91,26 @@ class _JournalAt(pickle.Unpickler):
 class EpochAwareOptunaSearch(OptunaSearch):
     # Ray pickles the searcher into its experiment and unpickles it on --resume, maybe in a
     # driver whose study folder is elsewhere (a new pod or machine, another working folder).
-    # The journal is pickled by reference, so the study, its trials and this searcher all get
-    # the journal in the resuming driver's folder, which sets `resume_study_dir`.
-    resume_study_dir: ClassVar[Path | None] = None
+    # The journal is pickled by reference; `resume_in` tells the restored searcher where the
+    # resuming driver's journal is, before Ray restores its state (see `resume_search`).
+    # private: ray 2.60.0 OptunaSearch's _storage, _ot_trials, _ot_study, _completed_trials and
+    # its save/restore of __dict__; optuna 5.0.0 Trial._trial_id.
 
     def __init__(self, *args: Any, study_dir: Path, max_epochs: int, epoch_key: str = "epoch", **kwargs: Any):
         self._study_dir = Path(study_dir)
         self._max_epochs = max_epochs
         self._epoch_key = epoch_key
-        super().__init__(*args, storage=open_storage(study_dir), **kwargs)
+        super().__init__(*args, storage=open_journal(study_dir), **kwargs)
+
+    def resume_in(self, study_dir: Path) -> None:
+        self._study_dir = Path(study_dir)
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as f:
             _JournalByReference(f, self._storage).dump(self.__dict__.copy())
 
     def restore(self, checkpoint_path: str) -> None:
-        study_dir = self.resume_study_dir or self._study_dir
+        study_dir = self._study_dir
         with open(checkpoint_path, "rb") as f:
             self.__dict__.update(_JournalAt(f, study_dir).load())
         self._study_dir = study_dir
@@ -148,12 +151,25 @@ def make_searcher(cfg: StudyConfig, study_dir: Path) -> EpochAwareOptunaSearch:
                                   max_epochs=cfg.max_epochs)
 
 
+def resume_search(experiment: str, trainable: Any, study_dir: Path) -> Any:
+    """Ray's Tuner for an interrupted experiment, its searcher pointed at this driver's journal."""
+    from ray import tune
+
+    tuner = tune.Tuner.restore(experiment, trainable=trainable)
+    # private: ray 2.60.0 Tuner._local_tuner (TunerInternal) keeps the unpickled TuneConfig, whose
+    # search_alg is the searcher Ray restores its state into when fit() starts
+    tuner._local_tuner._tune_config.search_alg.resume_in(study_dir)
+    return tuner
+
+
 def fail_orphaned_trials(study_dir: Path, study_name: str) -> int:
     """After a search every trial has ended, so an Optuna trial still RUNNING was asked by a
     driver that was killed before its Ray trial started. Mark it FAIL (Optuna's convention
     for abandoned trials) so the study holds no phantom work. Returns how many."""
-    study = optuna.load_study(study_name=study_name, storage=open_storage(study_dir))
+    study = optuna.load_study(study_name=study_name, storage=open_journal(study_dir))
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    # private: optuna 5.0.0 Study._storage and FrozenTrial._trial_id (no public way to fail a trial
+    # another process asked, with a note on it)
     for t in orphans:
         study._storage.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted driver; never ran")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)

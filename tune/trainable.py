@@ -1,8 +1,8 @@
 """The Ray Tune function trainable: one trial = crackcore.fit with per-epoch tune.report.
 
 Everything a trial does, crackcore.fit does without Ray; this layer only adds per-epoch
-reports with a checkpoint (model + optimizer + scheduler + RNG state) and resumes from
-`tune.get_checkpoint()` when Ray restarts a failed trial."""
+reports with a checkpoint (crackcore.checkpoint) and resumes from `tune.get_checkpoint()`
+when Ray restarts a failed trial."""
 from __future__ import annotations
 
 import os
@@ -12,13 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from ray import tune
 
-from crackcore.config import TrainConfig
+from crackcore import checkpoint
+from crackcore.config import TrainConfig, TrialParams, trial_config
 from crackcore.train import HISTORY_COLUMNS, fit
 
-STATE_FILE = "state.pt"
 # Test-only fault injection, recorded in marker files under CRACK_FAULT_DIR: at epoch
 # CRACK_FAULT_EPOCH a trial raises once (tests resume-from-checkpoint); at epoch
 # CRACK_DIVERGE_EPOCH it diverges every time, one marker line per attempt (tests no-retry).
@@ -29,10 +28,6 @@ def within_resources(cfg: TrainConfig, cpus: float, gpus: float) -> TrainConfig:
     """`cfg` for a Ray task or trial holding `cpus` CPUs and `gpus` GPUs: torch threads = its
     CPUs (Ray sets OMP_NUM_THREADS=1), GPU-resident data planned against its share of a GPU."""
     return cfg.replace(num_threads=max(1, int(cpus)), gpu_share=min(1.0, gpus) if gpus > 0 else 1.0)
-
-
-def trial_config(base: dict[str, Any], params: dict[str, Any], epochs: int, cpus: float, gpus: float) -> TrainConfig:
-    return within_resources(TrainConfig(**{**base, **params, "epochs": epochs}), cpus, gpus)
 
 
 def _maybe_inject_fault(epoch: int) -> None:
@@ -52,26 +47,24 @@ def _maybe_inject_fault(epoch: int) -> None:
         raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_EPOCH_ENV})")
 
 
-def train_trial(params: dict[str, Any], data_ref: Any, base: dict[str, Any], backbone_ref: Any, max_epochs: int,
+def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backbone_ref: Any, max_epochs: int,
                 cpus: float, gpus: float) -> None:
     # data and ImageNet backbone travel once per node through the object store (data zero-copy):
     # a weights path resolved on the driver need not exist on the node running this trial
     data, (weights, backbone) = ray.get([data_ref[0], backbone_ref[0]])
-    cfg = trial_config(base, params, max_epochs, cpus, gpus)
+    cfg = within_resources(trial_config(train, TrialParams(**params), max_epochs), cpus, gpus)
     node_id = ray.get_runtime_context().get_node_id()
     resume_state = None
-    checkpoint = tune.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            resume_state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+    if saved := tune.get_checkpoint():
+        with saved.as_directory() as d:
+            resume_state = checkpoint.load(Path(d))
+    last_epoch = checkpoint.epoch_of(resume_state) if resume_state else 0
 
-    last_epoch = int(resume_state["epoch"]) if resume_state else 0
-
-    def on_epoch(row: dict[str, Any], state_fn) -> None:
+    def on_epoch(row: dict[str, Any], capture) -> None:
         nonlocal last_epoch
         _maybe_inject_fault(row["epoch"])
         with tempfile.TemporaryDirectory() as d:
-            torch.save(state_fn(), Path(d) / STATE_FILE)
+            checkpoint.save(capture(), Path(d))
             tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False, "wall_time": time.time()},
                         checkpoint=tune.Checkpoint.from_directory(d))
         last_epoch = row["epoch"]

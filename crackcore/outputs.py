@@ -1,0 +1,179 @@
+"""Every file a run writes, and the atomic writers they all go through: a reader never sees a
+half-written file, as each writer writes a temp file in the same folder and renames it over
+the target (atomic on POSIX). `write_run_outputs` writes a finished run's files, the same for
+`python -m crackcore.fit` and the study's final retrain; `model.pt` is read by crackcore.predict."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+from crackcore.calibration import apply_temperature, fit_temperature
+from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD
+from crackcore.metrics import expected_calibration_error, format_accuracy, reliability_table
+
+MODEL_FORMAT = "crackcore-model"
+
+PREDICTION_COLUMNS = ["sample", "path", "true_label", "pred_label", "prob_crack"]
+
+
+def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
+    """The misclassified rows of evaluate()'s predictions, most confident mistakes first."""
+    wrong = predictions[predictions["true_label"] != predictions["pred_label"]]
+    # |logit| ranks mistakes whose float32 probability saturated at 0 or 1
+    confidence = (wrong["logit_crack"] if "logit_crack" in wrong else wrong["prob_crack"] - 0.5).abs()
+    return wrong.assign(_c=confidence).sort_values(["_c", "sample"], ascending=[False, True]).drop(columns="_c")[
+        PREDICTION_COLUMNS].reset_index(drop=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp/mkdtemp create 0600/0700 for privacy while being written; the renamed result gets
+# the permissions an ordinary open()/mkdir() would have given it
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
+def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, FILE_MODE)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def build_folder(root: str | Path, marker: str, meta: dict[str, Any], what: str,
+                 build: Callable[[Path], None]) -> Path:
+    """A generated folder, whole or not at all: `build(tmp)` fills a temp folder next to `root`,
+    `marker` (JSON of `meta`) is written last and the folder renamed into place. An existing
+    folder whose marker matches `meta` is reused as is; any other one is an error."""
+    root = Path(root)
+
+    def complete() -> bool:
+        return (root / marker).is_file() and json.loads((root / marker).read_text()) == meta
+
+    if complete():
+        return root
+    if root.exists():
+        raise FileExistsError(f"{root} exists but is not this {what}; remove it or choose another folder")
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}."))
+    try:
+        build(tmp)
+        (tmp / marker).write_text(json.dumps(meta, indent=2))
+        tmp.chmod(DIR_MODE)
+        os.replace(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if complete():  # another process finished the same folder first
+            return root
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n"))
+
+
+def write_text(text: str, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_bytes(data: bytes, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def versions() -> dict[str, str]:
+    import numpy, pandas, pyarrow, torchvision
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "numpy": numpy.__version__, "pandas": pandas.__version__, "pyarrow": pyarrow.__version__}
+
+
+def model_payload(result: Any, cfg: Any) -> dict[str, Any]:
+    """What `model.pt` holds for a train.FitResult and its TrainConfig; loadable with torch.load(weights_only=True). The state_dict
+    has torchvision resnet18 names, so `resnet18(num_classes=2).load_state_dict` works too."""
+    return {"format": MODEL_FORMAT, "version": 1,
+            "state_dict": {k: v.detach().cpu() for k, v in result.model.state_dict().items()},
+            "arch": "resnet18", "classes": list(CLASSES), "image_size": cfg.image_size,
+            "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "config": cfg.to_dict(),
+            "weights": result.weights.to_dict(),
+            "test_metrics": {k: v for k, v in (result.test or {}).items() if k != "predictions"}}
+
+
+def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
+                      extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """final_history.parquet, final_metrics.json, errors.parquet, predictions.parquet,
+    split.parquet, model.pt, config.json of a train.FitResult on data.PreparedData - each
+    written atomically. Returns final metrics."""
+    assert result.test is not None, "write_run_outputs needs a fit(..., evaluate_test=True) result"
+    test = result.test
+    predictions = test["predictions"]
+    errors = errors_from_predictions(predictions)
+    # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
+    val_preds = result.val["predictions"]
+    temperature = fit_temperature(val_preds["true_label"], val_preds["logit_crack"])
+    calibrated = apply_temperature(predictions["logit_crack"], temperature)
+    metrics = {
+        "test_accuracy": test["accuracy"], "n_test": test["n"], "errors": len(errors),
+        "ci95_low": test["ci95_low"], "ci95_high": test["ci95_high"], "precision": test["precision"],
+        "recall": test["recall"], "f1": test["f1"], "roc_auc": test["roc_auc"], "ece": test["ece"],
+        "test_loss": test["loss"], "confusion": {"tp": test["tp"], "fp": test["fp"], "fn": test["fn"], "tn": test["tn"]},
+        "val_accuracy": result.val["accuracy"], "n_val": result.val["n"], "val_loss": result.val["loss"],
+        "reliability": reliability_table(predictions["true_label"], predictions["prob_crack"]).to_dict("records"),
+        "temperature": temperature,
+        "ece_calibrated": expected_calibration_error(predictions["true_label"], calibrated),
+        "reliability_calibrated": reliability_table(predictions["true_label"], calibrated).to_dict("records"),
+        "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
+        "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,
+        "train_seconds": result.seconds,
+        "epochs": len(result.history), "image_size": cfg.image_size,
+    }
+    metrics.update(extra_metrics or {})
+    out.mkdir(parents=True, exist_ok=True)
+    write_parquet(result.history, out / "final_history.parquet")
+    write_parquet(predictions, out / "predictions.parquet")
+    write_parquet(errors, out / "errors.parquet")
+    write_parquet(data.split_table(), out / "split.parquet")
+    save_torch({**model_payload(result, cfg), "temperature": temperature}, out / "model.pt")
+    write_json(cfg.to_dict(), out / "config.json")
+    write_json(metrics, out / "final_metrics.json")
+    return metrics
+
+
+def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
+    return [f"test accuracy {format_accuracy(metrics['test_accuracy'], metrics['n_test'], metrics['ci95_low'], metrics['ci95_high'])}",
+            f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
+            f"ROC-AUC {metrics['roc_auc']:.4f}  ECE {metrics['ece']:.4f} (temperature {metrics['temperature']:.2f} "
+            f"fitted on val: ECE {metrics['ece_calibrated']:.4f})",
+            f"misclassified test images: {metrics['errors']} -> {out / 'errors.parquet'}",
+            f"outputs: {out}/ (model.pt, final_metrics.json, final_history.parquet, predictions.parquet, split.parquet)"]

@@ -1,0 +1,117 @@
+"""The search's results as tables (trials.parquet, history.parquet) with each trial's
+TrialParams, and the choice of the trial to retrain: by its last val accuracy, or by the
+mean over seeds of the top trials re-run (--repeat-top)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from crackcore.config import StudyConfig, TrialParams, trial_config
+from crackcore.exceptions import StudyError
+from tune.cluster import fit_remote
+
+
+def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialParams]]:
+    """trials.parquet (one row per trial), history.parquet (one row per trial-epoch) and the
+    TrialParams of each trial that started, by trial id."""
+    trials, history, params_of = [], [], {}
+    for r in results:
+        hist = r.metrics_dataframe if r.metrics_dataframe is not None else pd.DataFrame()
+        trial_id = (r.metrics or {}).get("trial_id") or Path(r.path).name
+        if r.config:  # None for a trial still pending when the study was interrupted
+            params_of[trial_id] = TrialParams(**r.config)
+        params = params_of[trial_id].to_dict() if r.config else {}
+        if len(hist) and "epoch" in hist:
+            hist = hist.drop_duplicates("epoch", keep="last").sort_values("epoch")
+            h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
+                      "node_id", "timestamp"]].assign(trial_id=trial_id, **params)
+            history.append(h)
+        epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
+        diverged = "diverged" in hist and bool(hist["diverged"].iloc[-1] == True)  # noqa: E712 (NaN: False)
+        # not done: stopped by Ctrl-C / a lost driver, not by ASHA (--resume continues it)
+        status = ("ERROR" if r.error else "DIVERGED" if diverged else "COMPLETE" if epochs >= cfg.max_epochs else
+                  "PRUNED" if (r.metrics or {}).get("done") else "INTERRUPTED")
+        last = hist.iloc[-1] if len(hist) else None
+        clock = hist["wall_time"] if "wall_time" in hist else hist.get("timestamp")
+        trials.append({
+            "trial_id": trial_id, **params, "status": status, "epochs": epochs,
+            "best_val_acc": float(hist["val_acc"].max()) if last is not None else np.nan,
+            "last_val_acc": float(last["val_acc"]) if last is not None else np.nan,
+            "last_val_loss": float(last["val_loss"]) if last is not None else np.nan,
+            "seconds": float(hist["seconds"].sum()) if last is not None else np.nan,
+            # wall_time: the trial's float clock at each report (Ray's timestamp is whole seconds)
+            "start_time": float(clock.min() - hist["seconds"].iloc[0]) if last is not None else np.nan,
+            "end_time": float(clock.max()) if last is not None else np.nan,
+            "node_id": str(last["node_id"]) if last is not None else None,
+            "error": str(r.error).splitlines()[0][:300] if r.error else None,
+        })
+    trials_df = pd.DataFrame(trials).sort_values("trial_id").reset_index(drop=True)
+    history_df = pd.concat(history, ignore_index=True) if history else pd.DataFrame()
+    return trials_df, history_df, params_of
+
+
+def max_parallel(trials: pd.DataFrame) -> int:
+    """Most trials running at the same moment, from their start/end times."""
+    ok = trials.dropna(subset=["start_time", "end_time"])
+    events = sorted([(t, 1) for t in ok["start_time"]] + [(t, -1) for t in ok["end_time"]], key=lambda e: (e[0], e[1]))
+    running = best = 0
+    for _, step in events:
+        running += step
+        best = max(best, running)
+    return best
+
+
+BEST_RULE = ("highest val accuracy at the last epoch among trials that ran all max_epochs (ties: lower val loss, "
+             "then lower trial id); if none did, among all trials that reported and did not diverge")
+
+
+def pick_best(trials: pd.DataFrame) -> pd.Series:
+    reported = trials[(trials["epochs"] > 0) & (trials["status"] != "DIVERGED")]
+    if reported.empty and (trials["status"] == "DIVERGED").any():
+        raise StudyError("every trial that reported diverged (non-finite training loss); lower space.lr_max in the "
+                         "experiment file")
+    if reported.empty:
+        raise StudyError("every trial failed before reporting a metric; see errors in trials.parquet and Ray's logs")
+    pool = reported[reported["status"] == "COMPLETE"]
+    pool = pool if len(pool) else reported
+    return pool.sort_values(["last_val_acc", "last_val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]
+
+
+def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, params_of: dict[str, TrialParams], data_ref: Any,
+               backbone_ref: Any) -> pd.DataFrame:
+    """Re-run the top-K configs R times with fresh seeds (same split) for max_epochs. One
+    seed cannot rank trials that differ by a few errors in a thousand."""
+    done = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
+    top = done.head(cfg.repeat_top)
+    cfgs, rows = [], []
+    for rank, row in enumerate(top.itertuples(index=False), start=1):
+        params = params_of[row.trial_id]
+        for r in range(cfg.repeats):
+            seed = cfg.seed + 1000 * rank + r + 1
+            cfgs.append(trial_config(cfg.train.replace(seed=seed), params, cfg.max_epochs))
+            rows.append({"config_rank": rank, "trial_id": row.trial_id, "seed": seed, **params.to_dict()})
+    results = fit_remote(data_ref, cfgs, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat",
+                         diverged_ok=True)
+    for row, res in zip(rows, results):
+        if res is None:  # as in the search: a diverged seed counts as the worst result
+            row.update(val_acc=0.0, val_loss=float("nan"), n_val=0, diverged=True)
+        else:
+            row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"], diverged=False)
+    return pd.DataFrame(rows)
+
+
+def rank_repeats(repeats: pd.DataFrame) -> pd.DataFrame:
+    """Mean val accuracy per config with a 95 % t-interval over seeds, best first."""
+    from scipy.stats import t
+
+    g = repeats.groupby(["config_rank", "trial_id"], sort=False)
+    ranked = g.agg(mean_val_acc=("val_acc", "mean"), sd_val_acc=("val_acc", "std"), repeats=("val_acc", "size"),
+                   mean_val_loss=("val_loss", "mean")).reset_index()
+    half = t.ppf(0.975, (ranked["repeats"] - 1).clip(lower=1)) * ranked["sd_val_acc"].fillna(0) / ranked["repeats"] ** 0.5
+    # an accuracy interval stays within [0, 1] (a t-interval over 2 seeds is wider than that)
+    ranked = ranked.assign(ci95_low=(ranked["mean_val_acc"] - half).clip(lower=0),
+                           ci95_high=(ranked["mean_val_acc"] + half).clip(upper=1))
+    return ranked.sort_values(["mean_val_acc", "mean_val_loss"], ascending=[False, True]).reset_index(drop=True)
