@@ -85,10 +85,6 @@ def sample_params(policy: str, batch: int, image_size: int, generator: torch.Gen
     """Draw one set of random parameters per sample (on the CPU: tiny tensors)."""
     p = get_policy(policy)
     g = generator
-
-    def u(lo: float, hi: float) -> torch.Tensor:
-        return lo + (hi - lo) * torch.rand(batch, generator=g)
-
     out: dict[str, torch.Tensor] = {}
     if p.crop_scale:
         out["crop"] = _crop_boxes(p, batch, image_size, g)
@@ -100,7 +96,8 @@ def sample_params(policy: str, batch: int, image_size: int, generator: torch.Gen
     for name in ("brightness", "contrast", "saturation"):
         amount = getattr(p, name)
         if amount:
-            out[name] = u(max(0.0, 1 - amount), 1 + amount)
+            lo = max(0.0, 1 - amount)
+            out[name] = lo + (1 + amount - lo) * torch.rand(batch, generator=g)
     if "brightness" in out or "contrast" in out or "saturation" in out:
         # ColorJitter applies its operations in an order drawn per image: one permutation per row
         out["color_order"] = torch.argsort(torch.rand(batch, 3, generator=g), dim=1)
@@ -220,8 +217,7 @@ def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tens
 
 def batch_augment(x: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augment a [B,3,S,S] batch (uint8, or float in [0,1]) on whatever device it lives on;
-    returns float in [0,1]."""
-    get_policy(policy)
+    returns float in [0,1]; an unknown policy is a ValueError (get_policy)."""
     params = sample_params(policy, x.shape[0], x.shape[-1], generator) if policy != "none" else {}
     return apply_params(x, params)
 

@@ -24,12 +24,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from PIL import Image
 from torch import nn
+from torchvision import transforms as T
 
+from crackcore.augment import per_image_transform
 from crackcore.config import TrainConfig
 from crackcore.data import BatchLoader, discover, normalize, prepare_data
 from crackcore.exceptions import DataError
@@ -48,12 +52,10 @@ def _sync(device: torch.device) -> None:
 def _model_and_opt(cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
     model, _ = build_model(cfg.freeze_depth, "random")
     model.to(device)
-    channels_last = cfg.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
     step_model = torch.compile(model) if cfg.compile else model
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.01, momentum=0.9)
-    return model, step_model, opt, make_scheduler(opt, cfg, steps_per_epoch), channels_last
+    return model, step_model, opt, make_scheduler(opt, cfg, steps_per_epoch), cfg.channels_last
 
 
 def model_only_bench(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> Callable[[], float]:
@@ -92,7 +94,7 @@ def pipeline_bench(cfg: TrainConfig, data, device: torch.device, rounds: int) ->
     epochs = itertools.count(1)
 
     def run() -> float:
-        loader.set_epoch(next(epochs))
+        loader.epoch = next(epochs)
         return train_one_epoch(step_model, opt, sched, loader, cfg.augment_policy, gen, amp=cfg.amp,
                                channels_last=channels_last, scaler=scaler)["img_s"]
 
@@ -108,11 +110,6 @@ def pil_loader(cfg: TrainConfig, root: Path, paths: list[str], device: torch.dev
                workers: int) -> torch.utils.data.DataLoader:
     """ImageFolder-style loading: PIL decode + per-image transforms in DataLoader workers, with
     the per-image form of the same augmentation policy."""
-    from PIL import Image
-    from torchvision import transforms as T
-
-    from crackcore.augment import per_image_transform
-
     tf = T.Compose([T.Resize(cfg.image_size), T.CenterCrop(cfg.image_size), T.ToTensor(),
                     per_image_transform(cfg.augment_policy, cfg.image_size), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
@@ -187,8 +184,7 @@ def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_tr
                    "--final-epochs", "1", "--cpus-per-trial", str(cpus_per_trial), "--seed", "0"]
             cmd += ["--image-size", str(32 if quick else image_size), "--subset", str(60 if quick else subset)]
             cmd += ["--data", data] if data else []
-            if gpus:
-                cmd += ["--gpus-per-trial", str(gpus)]
+            cmd += ["--gpus-per-trial", str(gpus)] if gpus else []
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 raise RuntimeError(f"bench study failed: {proc.stderr[-1500:]}")
@@ -205,10 +201,6 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
     flips/rotations of each image re-encoded (quality 95), so no two files share bytes and each is
     decoded on its own. They are near-duplicates of each other, so accuracies measured on it
     mean nothing. Built next to `root` and renamed into place; an existing matching one is reused."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from PIL import Image
-
     src = Path(source)
     samples, _ = discover(src)
     if count > 8 * len(samples):
@@ -216,9 +208,7 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
                         f"({8 * len(samples)}); lower --replicate or use a larger source")
     meta = {"source": str(src.resolve()), "source_files": len(samples), "source_bytes": int(samples["bytes"].sum()),
             "count": count, "variants": "original, then 7 flips/rotations re-encoded as JPEG q95"}
-    ops = [None, Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.ROTATE_90,
-           Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270, Image.Transpose.TRANSPOSE,
-           Image.Transpose.TRANSVERSE]
+    ops = [None, *Image.Transpose]  # the original, then PIL's 7 flips/rotations
     # classes interleaved, so a partial last round of variants keeps the class balance
     rows = samples.assign(rank=samples.groupby("label").cumcount()).sort_values(["rank", "label"]).to_dict("records")
 

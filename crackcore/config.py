@@ -33,22 +33,13 @@ def _type_ok(value: Any, hint: Any) -> bool:
         return True
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in args)
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if isinstance(value, bool) and hint in (int, float):  # True is an int to Python, not a size or a rate
+        return False
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
+        return isinstance(value, (int, float))
     if origin in (list, tuple):
-        item = args[0] if args else Any
-        return isinstance(value, (list, tuple)) and all(_type_ok(v, item) for v in value)
-    if origin is dict or hint is dict:
-        return isinstance(value, dict)
-    return isinstance(value, hint)
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0] if args else Any) for v in value)
+    return isinstance(value, origin or hint)  # dict[str, Any] -> dict; NoneType, bool, int, str as they are
 
 
 def check_types(obj: Any, where: str) -> None:
@@ -102,9 +93,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_types(self, "train")
         self.split_fractions = tuple(float(f) for f in self.split_fractions)  # TOML gives lists
-        self.validate()
-
-    def validate(self) -> None:
         check_choice("augment_policy", self.augment_policy, AUGMENT_POLICIES)
         check_choice("split_strategy", self.split_strategy, SPLIT_STRATEGIES)
         check_choice("freeze_depth", self.freeze_depth, FREEZE_DEPTHS)
@@ -171,8 +159,7 @@ class SearchSpace:
     batch_sizes: list[int] = field(default_factory=list)  # empty = not searched
     # The seed notebook's setting, evaluated first so the study always beats (or matches) it.
     start_points: list[dict[str, Any]] = field(
-        default_factory=lambda: [{"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"}]
-    )
+        default_factory=lambda: [{"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"}])
 
     def __post_init__(self) -> None:
         check_types(self, "space")

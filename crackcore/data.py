@@ -195,8 +195,7 @@ def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: in
     (root, kind) where kind is "real" or "synthetic"."""
     if data:
         root = Path(data).expanduser()
-        kind = "synthetic" if (root / "SYNTHETIC.json").exists() else "real"
-        return root, kind
+        return root, "synthetic" if (root / "SYNTHETIC.json").exists() else "real"
     # Generated at 227 px like the real patches; the working size is applied by the decoder.
     root = make_synthetic_dataset(default_synthetic_root(synthetic_per_class, 227, seed), synthetic_per_class, 227, seed)
     print("=" * 78 + f"\n!! NO --data GIVEN: using the embedded SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
@@ -318,18 +317,10 @@ class BatchLoader:
         n = len(self.index)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        n = len(self.index)
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-            order = torch.randperm(n, generator=g)
-        else:
-            order = torch.arange(n)
-        stop = n - n % self.batch_size if self.drop_last else n
-        for start in range(0, stop, self.batch_size):
+        n, g = len(self.index), torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):  # drop_last: whole batches only
             pos = order[start:start + self.batch_size]
             if self.on_device is not None:
                 pos_d = pos.to(self.device, non_blocking=True)

@@ -52,77 +52,61 @@ def fetch(url: str, dest: Path) -> None:
 
             with urllib.request.urlopen(url, timeout=30) as resp, open(part, "wb") as out:
                 total = int(resp.headers.get("Content-Length") or 0) or None
-                got = 0
                 with tqdm(total=total, unit="B", unit_scale=True, desc="download", file=sys.stderr) as bar:
                     for chunk in iter(lambda: resp.read(1 << 20), b""):
-                        out.write(chunk)
-                        got += len(chunk)
-                        bar.update(len(chunk))
+                        bar.update(out.write(chunk))
+                got = out.tell()
             # http.client ends a dropped connection as a normal end of file: compare with the header
             if total is not None and got != total:
                 raise DownloadError(f"download of {url} stopped after {got} of {total} bytes; run the command "
                                     "again (nothing was kept)")
         os.replace(part, dest)
     except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException) as exc:  # IncompleteRead too
-        part.unlink(missing_ok=True)
         raise DownloadError(f"could not download {url} ({exc}); pass --url with a mirror or a local archive "
                             "file") from None
-    except BaseException:
+    finally:  # after the rename there is no .part: this only removes what a failure left
         part.unlink(missing_ok=True)
-        raise
 
 
-def _archive_errors() -> tuple[type[BaseException], ...]:
-    import rarfile
-
-    return (zipfile.BadZipFile, tarfile.TarError, rarfile.Error, EOFError, ValueError)
-
-
-def _safe_target(base: Path, name: str) -> Path:
-    target = (base / name).resolve()
-    if os.path.isabs(name) or not target.is_relative_to(base.resolve()):
+def _safe_target(base: Path, name: str) -> None:
+    if os.path.isabs(name) or not (base / name).resolve().is_relative_to(base.resolve()):
         raise DownloadError(f"archive member {name!r} would be written outside the target folder; refusing it")
-    return target
 
 
 def extract(archive: Path, into: Path) -> None:
     """Extract by content type (magic bytes), refusing absolute paths and `..` members."""
+    import rarfile
+
     try:
-        _extract(archive, into)
-    except _archive_errors() as exc:  # a truncated or damaged archive: CRC, EOF, bad headers
+        with open(archive, "rb") as f:
+            head = f.read(8)
+        if head.startswith(b"Rar!"):
+            try:
+                with rarfile.RarFile(archive) as rf:
+                    for name in rf.namelist():
+                        _safe_target(into, name)
+                    rf.extractall(into)
+            except rarfile.RarCannotExec:
+                raise DownloadError("extracting .rar needs the `unrar` (or `unar`/`bsdtar`) tool: install it "
+                                    "(apt-get install unrar-free or libarchive-tools), or extract the archive "
+                                    "yourself and pass the folder as --data") from None
+        elif zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for name in zf.namelist():
+                    _safe_target(into, name)
+                zf.extractall(into)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                for member in tf.getmembers():
+                    _safe_target(into, member.name)
+                    if member.issym() or member.islnk():
+                        raise DownloadError(f"archive member {member.name!r} is a link; refusing it")
+                tf.extractall(into, filter="data")
+        else:
+            raise DownloadError(f"{archive.name} is not a .rar, .zip or .tar archive")
+    except (zipfile.BadZipFile, tarfile.TarError, rarfile.Error, EOFError, ValueError) as exc:  # CRC, EOF, bad headers
         raise DownloadError(f"the archive is damaged ({type(exc).__name__}: {str(exc)[:120]}); download it again "
                             "or pass --url with another copy (nothing was kept)") from None
-
-
-def _extract(archive: Path, into: Path) -> None:
-    with open(archive, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"Rar!"):
-        import rarfile
-
-        try:
-            with rarfile.RarFile(archive) as rf:
-                for name in rf.namelist():
-                    _safe_target(into, name)
-                rf.extractall(into)
-        except rarfile.RarCannotExec:
-            raise DownloadError("extracting .rar needs the `unrar` (or `unar`/`bsdtar`) tool: install it "
-                                "(apt-get install unrar-free or libarchive-tools), or extract the archive yourself "
-                                "and pass the folder as --data") from None
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for name in zf.namelist():
-                _safe_target(into, name)
-            zf.extractall(into)
-    elif tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tf:
-            for member in tf.getmembers():
-                _safe_target(into, member.name)
-                if member.issym() or member.islnk():
-                    raise DownloadError(f"archive member {member.name!r} is a link; refusing it")
-            tf.extractall(into, filter="data")
-    else:
-        raise DownloadError(f"{archive.name} is not a .rar, .zip or .tar archive")
 
 
 def find_dataset_root(base: Path) -> Path:

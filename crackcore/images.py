@@ -24,7 +24,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CRACK_CACHE", Path.home() / ".cache" / "crackcore"))
 
 
-
 def io_workers() -> int:
     """Threads for decoding/hashing many files (PIL and torchvision release the GIL)."""
     return max(1, min(16, os.cpu_count() or 1))

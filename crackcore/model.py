@@ -24,7 +24,6 @@ from crackcore.hashing import sha256_file
 WEIGHTS_FILENAME = "resnet18-f37072fd.pth"
 WEIGHTS_URL = "https://download.pytorch.org/models/" + WEIGHTS_FILENAME
 WEIGHTS_SHA256 = "f37072fd47e89c5e827621c5baffa7500819f7896bbacec160b1a16c560e07ec"
-WEIGHTS_BYTES = 46_830_571
 STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")  # freeze_depth k freezes the first k
 
 
@@ -48,17 +47,12 @@ def _check_file(path: Path, source: str) -> WeightsInfo:
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist; pass a resnet18 .pth, or --weights random")
     digest = sha256_file(path)
-    official = digest == WEIGHTS_SHA256
     # torchvision names files <arch>-<first 8 hex of sha256>.pth: a mismatch means a corrupt download.
     m = re.fullmatch(r"resnet18-([0-9a-f]{8})\.pth", path.name)
     if m and not digest.startswith(m.group(1)):
         raise WeightsError(f"weights file {path} is corrupt: its SHA-256 {digest[:12]}… does not match the "
                            f"{m.group(1)} in its name; delete it and download again")
-    return WeightsInfo(source=source, path=str(path.resolve()), sha256=digest, official=official)
-
-
-def _hub_cache_file() -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
+    return WeightsInfo(source=source, path=str(path.resolve()), sha256=digest, official=digest == WEIGHTS_SHA256)
 
 
 def resolve_weights(weights: str | Path | None = "auto", download: bool = True) -> WeightsInfo:
@@ -70,7 +64,7 @@ def resolve_weights(weights: str | Path | None = "auto", download: bool = True) 
         return _check_file(Path(spec).expanduser(), "path")
     if os.environ.get("CRACK_WEIGHTS"):
         return _check_file(Path(os.environ["CRACK_WEIGHTS"]).expanduser(), "env")
-    cached = _hub_cache_file()
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / WEIGHTS_FILENAME
     if cached.is_file():
         return _check_file(cached, "hub_cache")
     url = os.environ.get("CRACK_WEIGHTS_URL", WEIGHTS_URL)
@@ -103,11 +97,9 @@ class CrackResNet(ResNet):
         super().__init__(BasicBlock, [2, 2, 2, 2], num_classes=num_classes)  # freeze_depth: TrainConfig checks it
         self.freeze_depth = freeze_depth
 
-    def stage_modules(self) -> list[list[nn.Module]]:
-        return [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
-
     def frozen_modules(self) -> list[nn.Module]:
-        return [m for stage in self.stage_modules()[: self.freeze_depth] for m in stage]
+        stages = [[self.conv1, self.bn1], [self.layer1], [self.layer2], [self.layer3], [self.layer4]]
+        return [m for stage in stages[: self.freeze_depth] for m in stage]
 
     def apply_freeze(self) -> None:
         for m in self.frozen_modules():

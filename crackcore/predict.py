@@ -12,9 +12,11 @@ OUT_heatmaps/. Image size, normalisation and temperature come from model.pt.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,12 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from tqdm.auto import tqdm
 
 from crackcore.exceptions import ModelFileError
 from crackcore.images import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
-from crackcore.metrics import format_accuracy, wilson_interval
+from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.model import CrackResNet
 from crackcore.outputs import MODEL_FORMAT, write_bytes, write_parquet
 from crackcore.train import resolve_device
@@ -48,10 +52,9 @@ def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Cr
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a crackcore model (no '{MODEL_FORMAT}' format tag); {hint}")
     model = CrackResNet(freeze_depth=0)
-    model.load_state_dict(meta["state_dict"])
+    model.load_state_dict(meta.pop("state_dict"))
     device = device or resolve_device("auto")
     model.to(device).eval()
-    meta = {k: v for k, v in meta.items() if k != "state_dict"}
     meta["device"] = device
     return model, meta
 
@@ -71,23 +74,16 @@ def classify(model: CrackResNet, meta: dict[str, Any], batch_u8: torch.Tensor) -
 def image_size_of(path: Path) -> tuple[int, int]:
     if path.suffix.lower() == TENSOR_SUFFIX:
         return (0, 0)  # saved tensors are patches
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.size
 
 
 def true_label(path: Path) -> int | None:
-    for part in reversed(path.parts[:-1]):
-        if part in CLASSES:
-            return CLASSES.index(part)
-    return None
+    return next((CLASSES.index(part) for part in reversed(path.parts[:-1]) if part in CLASSES), None)
 
 
 def predict_patches(model: CrackResNet, meta: dict[str, Any], paths: list[Path], batch_size: int = 128,
                     progress: bool = True) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
-    from tqdm.auto import tqdm
-
     rows, failed = [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="patches", disable=not progress or len(paths) <= batch_size,
                       file=sys.stderr):
@@ -153,8 +149,7 @@ def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame) -> bytes:
         heat[y0:y1, x0:x1] = np.maximum(heat[y0:y1, x0:x1], t.prob_crack)
     fig, ax = plt.subplots(figsize=(10, 10 * small.shape[1] / small.shape[2] + 0.5), dpi=100)
     ax.imshow(small.permute(1, 2, 0).numpy())
-    overlay = np.ma.masked_less(heat, 0.5)
-    im = ax.imshow(overlay, cmap="Reds", vmin=0.5, vmax=1.0, alpha=0.55, interpolation="nearest")
+    im = ax.imshow(np.ma.masked_less(heat, 0.5), cmap="Reds", vmin=0.5, vmax=1.0, alpha=0.55, interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="crack probability (tiles >= 0.5)")
     ax.set_title(f"{Path(tiles['photo'].iloc[0]).name}: {int((tiles['prob_crack'] >= 0.5).sum())} of {len(tiles)} "
                  f"tiles flagged as crack")
@@ -185,22 +180,16 @@ def print_labelled_metrics(df: pd.DataFrame) -> None:
     labelled = df.dropna(subset=["true_label"])
     if labelled.empty:
         return
-    y, pred = labelled["true_label"].astype(int).to_numpy(), labelled["pred_label"].to_numpy()
-    correct, n = int((y == pred).sum()), len(y)
-    tp = int(((pred == 1) & (y == 1)).sum())
-    flagged, actual = int((pred == 1).sum()), int((y == 1).sum())
-    print(f"labelled images: accuracy {format_accuracy(correct / n, n, *wilson_interval(correct, n))}")
-    for name, k, m in (("precision", tp, flagged), ("recall", tp, actual)):
-        if m:
-            print(f"  {name} {format_accuracy(k / m, m, *wilson_interval(k, m))}")
+    m = binary_metrics(labelled["true_label"].astype(int), labelled["pred_label"], labelled["prob_crack"])
+    print(f"labelled images: accuracy {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])}")
+    for name, k, total in (("precision", m["tp"], m["tp"] + m["fp"]), ("recall", m["tp"], m["tp"] + m["fn"])):
+        if total:
+            print(f"  {name} {format_accuracy(k / total, total, *wilson_interval(k, total))}")
 
 
 def heatmap_names(photos: list[Path]) -> dict[Path, str]:
     """`<stem>_heatmap.png` per photo; photos sharing a stem (a/IMG_1.jpg, b/IMG_1.jpg) get a
     hash of their path too, so no heat map overwrites another."""
-    import hashlib
-    from collections import Counter
-
     stems = Counter(f.stem for f in photos)
     return {f: f"{f.stem}_heatmap.png" if stems[f.stem] == 1 else
             f"{f.stem}-{hashlib.blake2b(str(f.resolve()).encode(), digest_size=4).hexdigest()}_heatmap.png"
@@ -258,8 +247,6 @@ def main(argv: list[str] | None = None) -> int:
               f"({len(df) / seconds:.0f} patches/s, decoding included) -> {a.out}.parquet")
         print_labelled_metrics(df)
     if photos:
-        from tqdm.auto import tqdm
-
         all_tiles, summaries, tile_seconds = [], [], 0.0
         heat_dir = a.out.with_name(a.out.name + "_heatmaps")
         heat_names = heatmap_names(photos)

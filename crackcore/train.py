@@ -67,24 +67,20 @@ def precision_name(dtype: torch.dtype | None) -> str:
     return f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-
-
-def model_inputs(x_u8: torch.Tensor, augment_policy: str = "none",
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+def model_inputs(x_u8: torch.Tensor, augment_policy: str = "none", generator: torch.Generator | None = None,
+                 channels_last: bool = False) -> torch.Tensor:
     """uint8 [B,3,S,S] batch -> augmented, ImageNet-normalised float, on the batch's device."""
     if x_u8.dtype != torch.uint8:  # a float batch could come back unchanged and be normalised in place
         raise TypeError(f"model_inputs takes the uint8 batches of BatchLoader, not {x_u8.dtype}")
-    x = batch_augment(x_u8, augment_policy, generator)  # a new float tensor: ours to modify
-    return normalize(x, inplace=True)
+    x = normalize(batch_augment(x_u8, augment_policy, generator), inplace=True)  # a new float tensor: ours to modify
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
                   criterion: nn.Module, dtype: torch.dtype | None = None,
                   scaler: torch.amp.GradScaler | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward under autocast `dtype`, backward, optimizer step; returns (logits, loss)."""
-    with _autocast(x.device, dtype):
+    with torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext():
         logits = model(x)
         loss = criterion(logits.float(), y)
     optimizer.zero_grad(set_to_none=True)
@@ -115,9 +111,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     seen = 0
     start = time.perf_counter()
     for x_u8, y, _ in loader:
-        x = model_inputs(x_u8, augment_policy, generator)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_inputs(x_u8, augment_policy, generator, channels_last)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on)
         logits, loss = training_step(model, optimizer, x, y, criterion, dtype, scaler)
         scheduler.step()
@@ -143,9 +137,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
     losses, probs, margins, labels, rows = [], [], [], [], []
     start = time.perf_counter()
     for x_u8, y, idx in loader:
-        x = model_inputs(x_u8)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = model_inputs(x_u8, channels_last=channels_last)
         logits = model(x).float()
         losses.append(nn.functional.cross_entropy(logits, y, reduction="sum"))
         probs.append(torch.softmax(logits, 1)[:, 1])
@@ -167,12 +159,8 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
         "prob_crack": prob,
         "logit_crack": torch.cat(margins).cpu().numpy().astype(np.float64),
     })
-    metrics = binary_metrics(y_true, y_pred, prob)
-    metrics["loss"] = float(torch.stack(losses).sum().item() / max(1, len(row)))
-    metrics["seconds"] = seconds
-    metrics["img_s"] = len(row) / seconds if seconds else float("nan")
-    metrics["predictions"] = predictions
-    return metrics
+    return {**binary_metrics(y_true, y_pred, prob), "loss": float(torch.stack(losses).sum().item() / max(1, len(row))),
+            "seconds": seconds, "img_s": len(row) / seconds if seconds else float("nan"), "predictions": predictions}
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -222,13 +210,11 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    if data is None:
-        data = prepare_data(cfg)
+    data = data or prepare_data(cfg)
     model, info = build_model(cfg.freeze_depth, cfg.weights, weights_info, backbone)
     model.to(device)
     channels_last = cfg.channels_last
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
     step_model: nn.Module = torch.compile(model) if cfg.compile else model
     dtype, scaler = training_precision(device, cfg.amp)
 
@@ -238,8 +224,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=lone_last,
                                gpu_share=cfg.gpu_share)
     val_loader = BatchLoader(data, "val", max(256, cfg.batch_size), device, shuffle=False, gpu_share=cfg.gpu_share)
-    params = trainable_parameters(model)
-    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.momentum > 0)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
@@ -248,7 +233,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     val: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
-        train_loader.set_epoch(epoch)
+        train_loader.epoch = epoch
         tr = train_one_epoch(step_model, optimizer, scheduler, train_loader, cfg.augment_policy, aug_gen,
                              amp=cfg.amp, channels_last=channels_last, label_smoothing=cfg.label_smoothing,
                              scaler=scaler)

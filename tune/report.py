@@ -53,8 +53,7 @@ def fig_learning_curves(s: Study, path: Path) -> str:
             ax.plot(h["epoch"], h[col], marker=".", **style)
     for ax, label in zip(axes, ("validation accuracy (fraction)", "validation loss (cross-entropy)")):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.grid(alpha=0.3)
     axes[1].set_yscale("log")
     handles = [plt.Line2D([], [], color="C0" if k == "COMPLETE" else v.get("color"), ls=v["ls"], label=k.lower())
@@ -70,12 +69,10 @@ def fig_lr_vs_acc(s: Study, path: Path) -> str:
     t = s.trials.dropna(subset=["best_val_acc"])
     norm = plt.Normalize(0, 5)
     for policy, g in t.groupby("augment_policy"):
-        sc = ax.scatter(g["lr"], g["best_val_acc"], c=g["freeze_depth"], cmap="plasma", norm=norm, s=60,
+        ax.scatter(g["lr"], g["best_val_acc"], c=g["freeze_depth"], cmap="plasma", norm=norm, s=60,
                         marker=MARKERS.get(policy, "o"), edgecolor="k", label=policy)
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate (log scale)")
-    ax.set_ylabel("best validation accuracy (fraction)")
-    ax.set_title("Learning rate vs best validation accuracy")
+    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="best validation accuracy (fraction)",
+           title="Learning rate vs best validation accuracy")
     ax.legend(title="augmentation", fontsize=8)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=ax, label="freeze depth (0 = all trainable)")
     ax.grid(alpha=0.3)
@@ -92,8 +89,7 @@ def fig_by_category(s: Study, path: Path) -> str:
         for i, g in enumerate(groups, start=1):
             y = t.loc[t[col] == g, "best_val_acc"]
             ax.scatter(np.full(len(y), i) + np.random.default_rng(i).uniform(-0.12, 0.12, len(y)), y, s=18, alpha=0.7)
-        ax.set_xlabel(title)
-        ax.set_title(f"best validation accuracy by {title}")
+        ax.set(xlabel=title, title=f"best validation accuracy by {title}")
         ax.grid(alpha=0.3, axis="y")
     axes[0].set_ylabel("best validation accuracy (fraction)")
     _save(fig, path)
@@ -106,8 +102,7 @@ def fig_importance(s: Study, path: Path) -> str:
     study = load_optuna_study(s)
     if study is None:
         raise ValueError("no Optuna journal in the study folder")
-    finished = [t for t in study.trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
-    completed = [t for t in finished if t.state == optuna.trial.TrialState.COMPLETE]
+    completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     if len(completed) < 2:
         raise ValueError("fewer than 2 completed trials")
     if len({t.value for t in completed}) == 1:  # fANOVA has no variance to attribute
@@ -118,8 +113,8 @@ def fig_importance(s: Study, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(importance)[::-1]
     ax.barh(names, [importance[n] for n in names], color="C2")
-    ax.set_xlabel("importance (fANOVA share of val-accuracy variance)")
-    ax.set_title("Hyperparameter importance (completed trials)")
+    ax.set(xlabel="importance (fANOVA share of val-accuracy variance)",
+           title="Hyperparameter importance (completed trials)")
     ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
     ranking = ", ".join(f"{name} {share:.2f}" for name, share in importance.items())
@@ -135,8 +130,7 @@ def fig_final_history(s: Study, path: Path) -> str:
         ax.plot(h["epoch"], h[tr], marker="o", label="train")
         ax.plot(h["epoch"], h[va], marker="o", label="validation")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(label)
+        ax.set(xlabel="epoch", ylabel=label)
         ax.legend()
         ax.grid(alpha=0.3)
     fig.suptitle("Final retrain of the best configuration")
@@ -153,17 +147,12 @@ def fig_confusion_roc(s: Study, path: Path) -> str:
     for (i, j), v in np.ndenumerate(cm):
         a1.text(j, i, f"{v}\n({100 * v / max(1, cm[i].sum()):.1f} % of row)", ha="center", va="center",
                 color="white" if v > cm.max() / 2 else "black")
-    a1.set_xticks([0, 1], ["no crack", "crack"])
-    a1.set_yticks([0, 1], ["no crack", "crack"])
-    a1.set_xlabel("predicted")
-    a1.set_ylabel("true")
-    a1.set_title(f"Confusion matrix (test, n={len(p)})")
+    a1.set(xticks=[0, 1], xticklabels=["no crack", "crack"], yticks=[0, 1], yticklabels=["no crack", "crack"],
+           xlabel="predicted", ylabel="true", title=f"Confusion matrix (test, n={len(p)})")
     fpr, tpr = roc_curve(y == 1, prob)  # tied (saturated) probabilities are one step
     a2.plot(fpr, tpr, label=f"ROC-AUC {s.final_metrics.get('roc_auc', float('nan')):.4f}")
     a2.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
-    a2.set_xlabel("false positive rate")
-    a2.set_ylabel("true positive rate (recall)")
-    a2.set_title("ROC curve (test split)")
+    a2.set(xlabel="false positive rate", ylabel="true positive rate (recall)", title="ROC curve (test split)")
     a2.legend(loc="lower right")
     a2.grid(alpha=0.3)
     _save(fig, path)
@@ -203,7 +192,7 @@ def _table(df: pd.DataFrame) -> str:
 
 def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list[str], list[str]]:
     """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
-    md, notes, figures = [f"# Study report: {s.name}", ""], [], []
+    md, notes = [f"# Study report: {s.name}", ""], []
     src, weights = s.study.get("data_source", {}), s.study.get("weights", {})
     if src.get("kind") == "synthetic":
         md += ["> **SYNTHETIC DATA.** This study ran on the embedded synthetic crack set; its numbers say nothing "
@@ -269,7 +258,6 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             continue
         try:
             sentence = draw(out / name)
-            figures.append(name)
             md += [f"### {title}", "", f"![{title}]({name})", "", sentence, ""]
         except Exception as exc:  # a figure that cannot be drawn is explained, not fatal
             md += [f"### {title}", "", f"Not drawn: {str(exc).rstrip('.')}.", ""]
@@ -281,7 +269,6 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             md += [f"{len(s.errors)} misclassified test images, listed in errors.parquet (grid off: --max-errors 0).", ""]
         else:
             sentence, shown = fig_error_grid(s, out / "errors_grid.png", cap)
-            figures.append("errors_grid.png")
             md += [f"![Misclassified test images](errors_grid.png)", "",
                    f"{sentence} Showing {shown} of {len(s.errors)}.", ""]
     (out / "report.md").write_text("\n".join(md))

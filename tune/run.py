@@ -16,6 +16,7 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from crackcore.data import PreparedData, check_root, prepare_data
 from crackcore.exceptions import ConfigError, StudyError
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import WeightsInfo, load_backbone, resolve_weights
+from crackcore.neardup import near_duplicate_leaks
 from crackcore.outputs import summary_lines, versions, write_json, write_parquet, write_run_outputs
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
@@ -42,9 +44,6 @@ DEFAULT_EXPERIMENT = REPO / "experiments" / "study.toml"
 DOWNLOAD_DEFAULT = REPO / "data" / "concrete-crack-images"
 SMOKE = {"num_samples": 4, "max_epochs": 2, "grace_period": 1, "final_epochs": 2, "train.image_size": 32,
          "train.subset": 40, "train.synthetic_per_class": 60}
-
-
-# --------------------------------------------------------------------------- configuration
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,14 +89,6 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
             "train.seed": a.seed}
 
 
-def setting(cfg: StudyConfig, key: str) -> Any:
-    """The value of a dotted key ("max_epochs", "train.image_size")."""
-    value: Any = cfg
-    for part in key.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig,
                      flags: dict[str, Any] | None = None) -> list[str]:
     """Flags given with --resume that disagree with the saved study: a resumed study keeps its
@@ -106,9 +97,9 @@ def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig
     if a.data is None:
         wanted.pop("train.data", None)  # $CRACK_DATA or the download folder, not the user's words now
     if a.smoke_test:
-        wanted = {**{k: setting(cfg, k) for k in SMOKE}, **wanted}
-    return [f"{k} is {setting(saved, k)!r} there, not {v!r}" for k, v in sorted(wanted.items())
-            if setting(saved, k) != v]
+        wanted = {**{k: attrgetter(k)(cfg) for k in SMOKE}, **wanted}
+    return [f"{k} is {attrgetter(k)(saved)!r} there, not {v!r}" for k, v in sorted(wanted.items())
+            if attrgetter(k)(saved) != v]
 
 
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
@@ -118,8 +109,7 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
     flag, trials pack 4 per GPU."""
     cfg = apply_overrides(from_file, from_file.gpu if has_gpu else from_file.cpu)
     if a.smoke_test:
-        cfg = apply_overrides(cfg, {k: v for k, v in SMOKE.items() if k != "num_samples"})
-        cfg = apply_overrides(cfg, {"num_samples": min(cfg.num_samples, SMOKE["num_samples"])})
+        cfg = apply_overrides(cfg, {**SMOKE, "num_samples": min(cfg.num_samples, SMOKE["num_samples"])})
     flags = dict(flags or flag_overrides(a))
     if flags["max_epochs"] is not None and flags["grace_period"] is None:
         flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
@@ -168,12 +158,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
     return tuner.fit()
 
 
-# --------------------------------------------------------------------------- stages
-
-
 def split_summary(test: dict[str, Any], data: Any, near_groups: pd.Series) -> dict[str, Any]:
-    from crackcore.neardup import near_duplicate_leaks
-
     return {"test_accuracy": test["accuracy"], "n_test": test["n"], "ci95_low": test["ci95_low"],
             "ci95_high": test["ci95_high"], "errors": test["errors"], "groups": data.source["groups"],
             "exact_duplicate_files": data.source["exact_duplicate_files"],
@@ -366,9 +351,6 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         "best_trial_id": best_trial_id, "best_rule": rule, "config": run.cfg.to_dict(),
         "resumed": run.resumed,
     }
-
-
-# --------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:

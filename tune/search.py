@@ -34,10 +34,9 @@ def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
         else CategoricalDistribution(depths),
         "augment_policy": CategoricalDistribution(list(s.augment_policies)),
     }
-    if s.weight_decays:
-        space["weight_decay"] = CategoricalDistribution(list(s.weight_decays))
-    if s.batch_sizes:
-        space["batch_size"] = CategoricalDistribution(list(s.batch_sizes))
+    for key, values in (("weight_decay", s.weight_decays), ("batch_size", s.batch_sizes)):
+        if values:  # searched only when listed
+            space[key] = CategoricalDistribution(list(values))
     return space
 
 
@@ -96,10 +95,9 @@ class EpochAwareOptunaSearch(OptunaSearch):
     # private: ray 2.60.0 OptunaSearch's _storage, _ot_trials, _ot_study, _completed_trials and
     # its save/restore of __dict__; optuna 5.0.0 Trial._trial_id.
 
-    def __init__(self, *args: Any, study_dir: Path, max_epochs: int, epoch_key: str = "epoch", **kwargs: Any):
+    def __init__(self, *args: Any, study_dir: Path, max_epochs: int, **kwargs: Any):
         self._study_dir = Path(study_dir)
         self._max_epochs = max_epochs
-        self._epoch_key = epoch_key
         super().__init__(*args, storage=open_journal(study_dir), **kwargs)
 
     def resume_in(self, study_dir: Path) -> None:
@@ -118,7 +116,7 @@ class EpochAwareOptunaSearch(OptunaSearch):
     def _report(self, trial_id: str, result: dict | None) -> None:
         if not result or self.metric not in result:
             return
-        step = int(result.get(self._epoch_key, result.get("training_iteration", 0)))
+        step = int(result.get("epoch", result.get("training_iteration", 0)))
         ot_trial = self._ot_trials[trial_id]
         if step not in ot_trial.storage.get_trial(ot_trial._trial_id).intermediate_values:  # a restored trial repeats none
             ot_trial.report(float(result[self.metric]), step)
@@ -133,7 +131,7 @@ class EpochAwareOptunaSearch(OptunaSearch):
         # Ray hands a trial's last result only to on_trial_complete, never to on_trial_result
         self._report(trial_id, result)
         stopped_early = (not error and result is not None and self.metric in result
-                         and int(result.get(self._epoch_key, self._max_epochs)) < self._max_epochs)
+                         and int(result.get("epoch", self._max_epochs)) < self._max_epochs)
         if not stopped_early:
             return super().on_trial_complete(trial_id, result, error)
         # PRUNED with the last intermediate value, as Optuna's own pruners record it
@@ -162,10 +160,10 @@ def resume_search(experiment: str, trainable: Any, study_dir: Path) -> Any:
     return tuner
 
 
-def fail_orphaned_trials(study_dir: Path, study_name: str) -> int:
+def fail_orphaned_trials(study_dir: Path, study_name: str) -> None:
     """After a search every trial has ended, so an Optuna trial still RUNNING was asked by a
     driver that was killed before its Ray trial started. Mark it FAIL (Optuna's convention
-    for abandoned trials) so the study holds no phantom work. Returns how many."""
+    for abandoned trials) so the study holds no phantom work."""
     study = optuna.load_study(study_name=study_name, storage=open_journal(study_dir))
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     # private: optuna 5.0.0 Study._storage and FrozenTrial._trial_id (no public way to fail a trial
@@ -173,4 +171,3 @@ def fail_orphaned_trials(study_dir: Path, study_name: str) -> int:
     for t in orphans:
         study._storage.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted driver; never ran")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    return len(orphans)

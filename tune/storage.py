@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pyarrow.fs as pafs
 from ray import tune
@@ -80,9 +79,7 @@ def study_started(study_dir: Path, storage: str) -> bool:
     if (study_dir / RAY_DIR).exists() or (study_dir / JOURNAL).exists():
         return True
     remote = _remote_file(storage, JOURNAL)
-    if remote is None:
-        return False
-    return _exists(remote) or tune.Tuner.can_restore(f"{storage}/{RAY_DIR}")
+    return remote is not None and (_exists(remote) or tune.Tuner.can_restore(f"{storage}/{RAY_DIR}"))
 
 
 class SyncStudyFiles(tune.Callback):
