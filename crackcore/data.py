@@ -23,9 +23,9 @@ import torch
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DataError
 from crackcore.hashing import content_digest, unit_hash
-from crackcore.images import (CLASSES, IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD, TENSOR_SUFFIX, cache_dir,
-                              decode_file, io_workers)
+from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, decode_file, io_workers
 from crackcore.neardup import group_report, near_duplicate_groups
+from crackcore.sources import discover
 from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
 
 SPLITS = ("train", "val", "test")
@@ -36,48 +36,7 @@ def _warn(msg: str) -> None:
     print(f"[crackcore.data] WARNING: {msg}", file=sys.stderr, flush=True)
 
 
-# --------------------------------------------------------------------------- discovery
-
-
-def check_root(root: str | Path) -> Path:
-    """Fail fast (before any work) on a data folder that cannot be the dataset."""
-    root = Path(root).expanduser()
-    if not root.exists():
-        raise DataError(f"data folder {root} does not exist; pass --data PATH to a folder with Positive/ and Negative/, "
-                        "or get the public dataset with: python -m crackcore.download --to data/")
-    if not root.is_dir():
-        raise DataError(f"data path {root} is not a folder; pass the folder that holds Positive/ and Negative/")
-    for name in CLASSES:
-        if not (root / name).is_dir():
-            raise DataError(f"class folder {root / name} is missing; the data folder must hold Positive/ (crack) "
-                            "and Negative/ (no crack) sub-folders")
-    return root
-
-
-def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """List the images of a `Positive/` + `Negative/` folder (JPEG/PNG files or saved `.pt`
-    tensors). Returns one row per file (path relative to root, label, bytes) and counts of
-    what was skipped. Raises DataError for a missing root or a missing/empty class folder."""
-    root = check_root(root)
-    rows: list[tuple[str, int, int]] = []
-    skipped_non_image: list[str] = []
-    for label, name in enumerate(CLASSES):
-        class_dir = root / name
-        found = 0
-        for p in sorted(class_dir.rglob("*")):
-            if not p.is_file() or p.name.startswith("."):
-                continue
-            if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() == TENSOR_SUFFIX:
-                rows.append((p.relative_to(root).as_posix(), label, p.stat().st_size))
-                found += 1
-            else:
-                skipped_non_image.append(p.relative_to(root).as_posix())
-        if found == 0:
-            raise DataError(f"class folder {class_dir} has no images (.jpg/.png/.pt); add images or fix --data")
-    if skipped_non_image:
-        _warn(f"skipped {len(skipped_non_image)} non-image file(s) under {root}, e.g. {skipped_non_image[0]}")
-    samples = pd.DataFrame(rows, columns=["path", "label", "bytes"])
-    return samples, {"skipped_non_image": len(skipped_non_image)}
+# --------------------------------------------------------------------------- hashing and splits
 
 
 def add_content_hashes(root: Path, samples: pd.DataFrame) -> pd.DataFrame:
@@ -242,7 +201,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
         images = np.ascontiguousarray(images[keep])
     for label, name in enumerate(CLASSES):
         if not (samples["label"] == label).any():
-            raise DataError(f"no readable {name} images left under {root / name}; every file failed to decode")
+            raise DataError(f"no readable {name} images left under {root}; every file failed to decode")
 
     samples = samples.assign(split=assign_splits(samples, cfg.split_fractions, cfg.split_seed))
     for split in SPLITS:

@@ -26,12 +26,13 @@ import ray
 
 from crackcore.config import (SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
                               load_study_config, trial_config)
-from crackcore.data import PreparedData, check_root, prepare_data
+from crackcore.data import PreparedData, prepare_data
 from crackcore.exceptions import ConfigError, StudyError
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import WeightsInfo, load_backbone, resolve_weights
 from crackcore.neardup import near_duplicate_leaks
 from crackcore.outputs import summary_lines, versions, write_json, write_parquet, write_run_outputs
+from crackcore.sources import check_root
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
 from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, SyncStudyFiles, fetch_saved_study,

@@ -1,0 +1,135 @@
+"""Data sources: which sub-folders of a dataset hold crack and no-crack images (the class-folder
+layouts public crack datasets ship in), the listing of their files, and `--data NAME=PATH` specs."""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from crackcore.exceptions import ConfigError, DataError
+from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX
+
+CRACK_FOLDERS = ("Positive", "crack", "cracked", "CD", "CW", "CP")  # label 1; matched in any case
+NO_CRACK_FOLDERS = ("Negative", "no_crack", "nocrack", "no-crack", "uncracked", "UD", "UW", "UP")  # label 0
+FOLDER_LABEL = {**{n.lower(): 1 for n in CRACK_FOLDERS}, **{n.lower(): 0 for n in NO_CRACK_FOLDERS}}
+LAYOUTS = ("Positive/Negative, crack/no_crack (or nocrack, no-crack), cracked/uncracked, or SDNET2018's "
+           "CD,CW,CP/UD,UW,UP (directly or under D/, W/, P/)")
+SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _warn(msg: str) -> None:
+    print(f"[crackcore.sources] WARNING: {msg}", file=sys.stderr, flush=True)
+
+
+def _subdirs(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _listing(names: list[str]) -> str:
+    more = f", ... ({len(names) - 10} more)" if len(names) > 10 else ""
+    return ", ".join(names[:10]) + more if names else "none"
+
+
+def _class_folders(root: Path) -> list[tuple[int, Path]]:
+    """(label, folder) of every class folder of an existing folder, ordered by label then path;
+    looked for one level down only when the root holds none (SDNET2018's D/CD, ...)."""
+    found = [d for d in _subdirs(root) if d.name.lower() in FOLDER_LABEL]
+    if not found:
+        found = [d for top in _subdirs(root) for d in _subdirs(top) if d.name.lower() in FOLDER_LABEL]
+    if not found:
+        names = [d.name + "/" for d in _subdirs(root)]
+        raise DataError(f"no class folders in {root} (sub-folders: {_listing(names)}); --data must hold a crack "
+                        f"and a no-crack folder in one of these layouts (names in any case): {LAYOUTS}")
+    labelled = sorted(((FOLDER_LABEL[d.name.lower()], d) for d in found), key=lambda t: (t[0], t[1].relative_to(root)))
+    missing = {0, 1} - {label for label, _ in labelled}
+    if missing:
+        label = missing.pop()
+        have = [d for _, d in labelled]
+        if any(d.name.lower() in ("positive", "negative") for d in have):  # today's wording for Positive/Negative
+            raise DataError(f"class folder {have[0].parent / ('Positive' if label else 'Negative')} is missing; the "
+                            "data folder must hold Positive/ (crack) and Negative/ (no crack) sub-folders")
+        kind, names = ("crack", CRACK_FOLDERS) if label else ("no-crack", NO_CRACK_FOLDERS)
+        raise DataError(f"{root} has no {kind} class folder (found only "
+                        f"{', '.join(d.relative_to(root).as_posix() for d in have)}); add one named "
+                        f"{', '.join(names)} (any case) or fix --data")
+    return labelled
+
+
+def _existing_folder(root: str | Path) -> Path:
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist; pass --data PATH to a folder with Positive/ and Negative/, "
+                        "or get the public dataset with: python -m crackcore.download --to data/")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder; pass the folder that holds Positive/ and Negative/")
+    return root
+
+
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() == TENSOR_SUFFIX
+
+
+def _no_images(class_dir: Path) -> DataError:
+    return DataError(f"class folder {class_dir} has no images (.jpg/.png/.pt); add images or fix --data")
+
+
+def check_root(root: str | Path) -> Path:
+    """Fail fast (before any work) on a data folder that cannot be the dataset; reads each class
+    folder only up to its first image."""
+    root = _existing_folder(root)
+    for _, class_dir in _class_folders(root):
+        if not any(p.is_file() and not p.name.startswith(".") and _is_image(p) for p in class_dir.rglob("*")):
+            raise _no_images(class_dir)
+    return root
+
+
+def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """List the images (JPEG/PNG/... files or saved `.pt` tensors) under the class folders of `root`:
+    one row per file (path relative to root, label 1 = crack, bytes), and counts of what was
+    skipped. Class folders (any case), directly under root or else one level down:
+    Positive/Negative; crack/no_crack, nocrack, no-crack; cracked/uncracked; SDNET2018 CD, CW, CP
+    (crack) / UD, UW, UP (no crack), flat or as D/CD, W/UW, ... Raises DataError for a missing root,
+    no recognised class folder, a missing class, or an empty class folder."""
+    root = _existing_folder(root)
+    rows: list[tuple[str, int, int]] = []
+    skipped_non_image: list[str] = []
+    for label, class_dir in _class_folders(root):
+        found = 0
+        for p in sorted(class_dir.rglob("*")):
+            if not p.is_file() or p.name.startswith("."):
+                continue
+            if _is_image(p):
+                rows.append((p.relative_to(root).as_posix(), label, p.stat().st_size))
+                found += 1
+            else:
+                skipped_non_image.append(p.relative_to(root).as_posix())
+        if found == 0:
+            raise _no_images(class_dir)
+    if skipped_non_image:
+        _warn(f"skipped {len(skipped_non_image)} non-image file(s) under {root}, e.g. {skipped_non_image[0]}")
+    samples = pd.DataFrame(rows, columns=["path", "label", "bytes"])
+    return samples, {"skipped_non_image": len(skipped_non_image)}
+
+
+def parse_sources(specs: list[str]) -> dict[str, str]:
+    """`NAME=PATH` or a bare `PATH` (named after its folder) -> {name: absolute path}, in order.
+    The paths are not checked here: discover() does that."""
+    sources: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        path = path if sep else spec
+        if not path:
+            raise ConfigError(f"data source {spec!r} has no path; write NAME=PATH")
+        resolved = Path(path).expanduser().resolve()
+        name = name if sep else resolved.name
+        if not SOURCE_NAME.fullmatch(name):
+            raise ConfigError(f"data source name {name!r} (from {spec!r}) must start with a letter or digit and hold "
+                              "only letters, digits, '.', '_' and '-'; write NAME=PATH")
+        if name in sources:
+            raise ConfigError(f"data source name {name!r} is given twice ({sources[name]} and {resolved}); "
+                              "name one of them with NAME=PATH")
+        sources[name] = str(resolved)
+    return sources
