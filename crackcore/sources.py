@@ -14,6 +14,7 @@ from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX
 
 CRACK_FOLDERS = ("Positive", "crack", "cracked", "CD", "CW", "CP")  # label 1; matched in any case
 NO_CRACK_FOLDERS = ("Negative", "no_crack", "nocrack", "no-crack", "uncracked", "UD", "UW", "UP")  # label 0
+SDNET_FOLDERS = ("cd", "cw", "cp", "ud", "uw", "up")
 FOLDER_LABEL = {**{n.lower(): 1 for n in CRACK_FOLDERS}, **{n.lower(): 0 for n in NO_CRACK_FOLDERS}}
 LAYOUTS = ("Positive/Negative, crack/no_crack (or nocrack, no-crack), cracked/uncracked, or SDNET2018's "
            "CD,CW,CP/UD,UW,UP (directly or under D/, W/, P/)")
@@ -35,10 +36,10 @@ def _listing(names: list[str]) -> str:
 
 def _class_folders(root: Path) -> list[tuple[int, Path]]:
     """(label, folder) of every class folder of an existing folder, ordered by label then path;
-    looked for one level down only when the root holds none (SDNET2018's D/CD, ...)."""
+    SDNET2018's are looked for one level down (D/CD, ...) when the root holds none."""
     found = [d for d in _subdirs(root) if d.name.lower() in FOLDER_LABEL]
-    if not found:
-        found = [d for top in _subdirs(root) for d in _subdirs(top) if d.name.lower() in FOLDER_LABEL]
+    if not found:  # only SDNET2018's codes nest: a folder of whole datasets must not merge into one
+        found = [d for top in _subdirs(root) for d in _subdirs(top) if d.name.lower() in SDNET_FOLDERS]
     if not found:
         names = [d.name + "/" for d in _subdirs(root)]
         raise DataError(f"no class folders in {root} (sub-folders: {_listing(names)}); --data must hold a crack "

@@ -164,3 +164,12 @@ def test_parse_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         with pytest.raises(ConfigError) as err:
             parse_sources(specs)
         assert str(err.value).startswith(message), specs
+
+
+def test_a_folder_of_whole_datasets_is_not_merged_into_one(tmp_path: Path, crack_data: Path) -> None:
+    for name in ("concrete", "masonry"):
+        for cls in ("Positive", "Negative"):
+            (tmp_path / name / cls).mkdir(parents=True)
+            shutil.copy(next((crack_data / cls).glob("*.jpg")), tmp_path / name / cls)
+    with pytest.raises(DataError, match=r"no class folders in .* \(sub-folders: concrete/, masonry/\)"):
+        discover(tmp_path)
