@@ -18,7 +18,7 @@ AUGMENT_POLICIES = ("none", "flip", "flip_rotate", "color", "strong")
 FREEZE_DEPTHS = tuple(range(6))  # stages frozen: 0 = fine-tune all .. 5 = head only
 SPLIT_STRATEGIES = ("random", "grouped")
 LR_SCHEDULES = ("cosine", "constant")
-STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # of a study or a data source: a folder name
 
 
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
@@ -62,7 +62,11 @@ class TrainConfig:
     """Everything one training run (a trial, the final retrain, the baseline) depends on."""
 
     # data
-    data: str | None = None  # JPEG/tensor folder with Positive/ Negative/; None = synthetic set
+    data: str | dict[str, str] | None = None  # a folder (one source), {name: folder} (several), None = synthetic set
+    group_by: str | None = None  # regex: file names with the same first capture group (a photo) share a split
+    val_source: str | None = None  # a source never trained on: trials and the best trial are scored on it
+    test_source: str | None = None  # a source never trained on nor selected on: the final evaluation's
+    external: dict[str, str] = field(default_factory=dict)  # {name: labelled folder} evaluated after training
     image_size: int = 64
     subset: int | None = None  # images per class (deterministic by hash); None = all
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
@@ -116,12 +120,67 @@ class TrainConfig:
             raise ConfigError("synthetic_per_class must be >= 2 and num_threads >= 1 (or unset)")
         if self.seed < 0 or self.split_seed < 0:
             raise ConfigError(f"seed={self.seed} and split_seed={self.split_seed} must be >= 0")
+        self._check_sources()
+
+    def _check_sources(self) -> None:
+        names = list(self.sources())
+        for name, path in [*(self.data.items() if isinstance(self.data, dict) else []), *self.external.items()]:
+            if not NAME.fullmatch(name) or not path:
+                raise ConfigError(f"data source {name!r} = {path!r}: a source needs a folder name (letters, digits, "
+                                  "'.', '_', '-') and a path; write NAME=PATH")
+        if isinstance(self.data, dict) and not self.data:
+            raise ConfigError("data = {} names no source; give at least one NAME=PATH")
+        if set(self.external) & set(names):
+            raise ConfigError(f"--eval name(s) {sorted(set(self.external) & set(names))} are data sources already; "
+                              "name the external set differently (--eval NAME=PATH)")
+        for key in ("val_source", "test_source"):
+            if getattr(self, key) is not None and getattr(self, key) not in names:
+                raise ConfigError(f"{key}={getattr(self, key)!r} names no data source; the sources are "
+                                  f"{', '.join(names)} (name them with --data NAME=PATH)")
+        if self.val_source is not None and self.val_source == self.test_source:
+            raise ConfigError(f"val_source and test_source are both {self.val_source!r}; a source is either scored "
+                              "for selection or kept for the final evaluation, not both")
+        if not set(names) - {self.val_source, self.test_source}:
+            raise ConfigError(f"held out {', '.join(n for n in names)}, the only source(s) there are: nothing is "
+                              "left to train on; add a training source with --data NAME=PATH")
+        if self.group_by is not None:
+            try:
+                groups = re.compile(self.group_by).groups
+            except re.error as exc:
+                raise ConfigError(f"group_by={self.group_by!r} is not a regular expression ({exc})") from None
+            if groups < 1:
+                raise ConfigError(f"group_by={self.group_by!r} has no capture group; mark the photo part of the file "
+                                  "name, e.g. '^(.*)__'")
+
+    def sources(self) -> dict[str, str | None]:
+        """{name: folder} of the training data: a bare folder is named after itself, no data at all is
+        the synthetic set (folder None)."""
+        if isinstance(self.data, dict):
+            return dict(self.data)
+        return {Path(self.data).expanduser().resolve().name: self.data} if self.data else {"synthetic": None}
+
+    def held_out(self) -> set[str]:
+        return {s for s in (self.val_source, self.test_source) if s is not None}
+
+    def selection(self) -> str:
+        """What trials and the best trial are scored on, in words."""
+        if self.val_source:
+            return f"all of source {self.val_source!r} (never trained on)"
+        return f"the val split of {', '.join(s for s in self.sources() if s not in self.held_out())}"
 
     def replace(self, **changes: Any) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def leave_one_out(cfg: TrainConfig) -> dict[str, TrainConfig]:
+    """Per source, the same setting trained on every other source and scored on all of that one:
+    the standard table of domain-generalisation work."""
+    if len(cfg.sources()) < 2:
+        raise ConfigError("leave-one-out needs at least two data sources; give them as --data NAME=PATH")
+    return {name: cfg.replace(val_source=None, test_source=name, external={}) for name in cfg.sources()}
 
 
 @dataclass(frozen=True)
@@ -196,6 +255,7 @@ class StudyConfig:
     repeat_top: int = 0  # honest evaluation: re-run the top-K configs ...
     repeats: int = 3  # ... R times with different seeds
     compare_splits: bool = False
+    leave_one_out: bool = False  # retrain the chosen setting once per source with it held out (loso.parquet)
     # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
     # budgets adapt to the device without a second experiment file.
     cpu: dict[str, Any] = field(default_factory=dict)
@@ -210,7 +270,7 @@ class StudyConfig:
             elif not isinstance(getattr(self, key), cls):
                 raise ConfigError(f"[{key}] must be a table of settings, not {getattr(self, key)!r}")
         check_types(self, "study")
-        if not STUDY_NAME.fullmatch(self.name):
+        if not NAME.fullmatch(self.name):
             raise ConfigError(f"study name {self.name!r} is not a folder name; use letters, digits, '.', '_', '-' "
                               "(starting with a letter or digit)")
         if self.seed < 0:
@@ -233,6 +293,8 @@ class StudyConfig:
             raise ConfigError("final_epochs must be >= 1, and max_failures, repeat_top, repeats >= 0")
         if self.repeat_top > 0 and self.repeats < 2:
             raise ConfigError(f"repeats={self.repeats}: ranking by the mean over seeds needs at least 2 seeds")
+        if self.leave_one_out:
+            leave_one_out(self.train)  # at least two sources
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
 

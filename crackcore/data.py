@@ -19,6 +19,8 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 import torch
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DataError
@@ -28,7 +30,7 @@ from crackcore.neardup import group_report, near_duplicate_groups
 from crackcore.sources import discover
 from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
 
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test")  # and "external": --eval folders, evaluated after training only
 CACHE_VERSION = 2  # 2: 16-bit images scaled to 8 bits (1 wrapped them)
 
 
@@ -57,11 +59,12 @@ def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], 
 
 
 def select_subset(samples: pd.DataFrame, per_class: int, seed: int) -> pd.DataFrame:
-    """The `per_class` images per class with the smallest hash(group, seed): stable and
-    duplicates-together."""
+    """The `per_class` images per class of each source with the smallest hash(group, seed):
+    stable and duplicates-together."""
     ranked = samples.assign(_u=samples["group"].map(lambda g: unit_hash(seed + 7919, g)))
     ranked = ranked.sort_values(["label", "_u", "path"])
-    return ranked.groupby("label", group_keys=False).head(per_class).drop(columns="_u").sort_values("path")
+    chosen = ranked.groupby(["source", "label"], group_keys=False).head(per_class).drop(columns="_u")
+    return chosen.sort_values(["source", "path"], kind="stable")
 
 
 def _cache_key(samples: pd.DataFrame, image_size: int) -> str:
@@ -72,8 +75,9 @@ def _cache_key(samples: pd.DataFrame, image_size: int) -> str:
     return h.hexdigest()
 
 
-def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
-    """Decode every sample once into a memory-mapped uint8 [N, 3, S, S] file keyed by the
+def load_images(files: list[Path], samples: pd.DataFrame, image_size: int,
+                progress: bool = True) -> tuple[np.ndarray, dict[int, str]]:
+    """Decode every sample (`files`, row by row) once into a memory-mapped uint8 [N, 3, S, S] file keyed by the
     files' content and the size, so every later run (and every trial on the node) reads the
     page-cached array instead of decoding JPEGs. Returns the array and {row: error} for
     files that could not be decoded (their rows hold zeros and must be dropped)."""
@@ -88,7 +92,7 @@ def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bo
     tmp = folder / f"{key}.{os.getpid()}.tmp.npy"
     meta_tmp = meta_path.with_suffix(f".{os.getpid()}.tmp")
     try:
-        bad = _decode_into(tmp, root, samples, image_size, progress)
+        bad = _decode_into(tmp, files, image_size, progress)
         meta_tmp.write_text(json.dumps({"n": len(samples), "image_size": image_size, "bad": bad}))
         os.replace(tmp, array_path)  # array first: the meta file marks a complete cache
         os.replace(meta_tmp, meta_path)
@@ -99,10 +103,9 @@ def load_images(root: Path, samples: pd.DataFrame, image_size: int, progress: bo
     return np.load(array_path, mmap_mode="r"), bad
 
 
-def _decode_into(tmp: Path, root: Path, samples: pd.DataFrame, image_size: int, progress: bool) -> dict[int, str]:
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(samples), 3, image_size, image_size))
+def _decode_into(tmp: Path, paths: list[Path], image_size: int, progress: bool) -> dict[int, str]:
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size))
     bad: dict[int, str] = {}
-    paths = [root / rel for rel in samples["path"]]
 
     def work(i: int) -> None:
         try:
@@ -128,25 +131,32 @@ class PreparedData:
     """Samples table (one row per usable image, index = position in `images`) plus the
     decoded uint8 images and a description of where they came from."""
 
-    samples: pd.DataFrame  # path, label, bytes, content_hash, group, split
+    samples: pd.DataFrame  # source, path, file, label, bytes, content_hash, group, split
     images: np.ndarray  # uint8 [N, 3, S, S]
     image_size: int
     source: dict[str, Any] = field(default_factory=dict)
 
-    def indices(self, split: str) -> np.ndarray:
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}")
-        return np.flatnonzero(self.samples["split"].to_numpy() == split)
+    def indices(self, split: str, sources: list[str] | None = None) -> np.ndarray:
+        """Rows of a split, of some sources only if given."""
+        if split not in (*SPLITS, "external"):
+            raise ValueError(f"split must be one of {SPLITS} or external")
+        mask = self.samples["split"].to_numpy() == split
+        return np.flatnonzero(mask if sources is None else mask & self.samples["source"].isin(sources).to_numpy())
+
+    def roles(self, role: str) -> list[str] | None:
+        """The sources whose role is train (split 70/15/15), val, test or external; None: all rows."""
+        return [n for n, r in self.source.get("sources", {}).items() if r["role"] == role] or None
 
     def split_table(self) -> pd.DataFrame:
         """What `split.parquet` holds: one row per image, `sample` = row in `images`."""
         t = self.samples.reset_index(drop=True)
         return t.assign(sample=np.arange(len(t)), class_name=t["label"].map(dict(enumerate(CLASSES))))[
-            ["sample", "path", "label", "class_name", "split", "group", "content_hash", "bytes"]]
+            ["sample", "path", "label", "class_name", "split", "group", "content_hash", "bytes", "source"]]
 
     def counts(self) -> dict[str, dict[str, int]]:
         tab = self.samples.groupby(["split", "label"]).size()
-        return {s: {CLASSES[l]: int(tab.get((s, l), 0)) for l in (0, 1)} for s in SPLITS}
+        splits = [*SPLITS, *(["external"] if (self.samples["split"] == "external").any() else [])]
+        return {s: {CLASSES[l]: int(tab.get((s, l), 0)) for l in (0, 1)} for s in splits}
 
 
 def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: int, seed: int) -> tuple[Path, str]:
@@ -163,10 +173,46 @@ def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: in
     return root, "synthetic"
 
 
-def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
-    root, kind = resolve_data_root(cfg.data, cfg.synthetic_per_class, cfg.image_size, cfg.seed)
+def photo_groups(samples: pd.DataFrame, pattern: str) -> pd.Series:
+    """`group` merged with --group-by: images whose file names give the same first capture group
+    (the windows of one photo) join one group, transitively with near-duplicate groups, so no
+    photo straddles two splits. The merged key is the smallest group key of its members."""
+    names = samples["path"].map(lambda p: Path(p).name)
+    photo = names.str.extract(pattern, expand=True).iloc[:, 0]  # re.search, as Python's re does
+    matched = int(photo.notna().sum())
+    if matched == 0:
+        raise DataError(f"--group-by {pattern!r} matches none of the {len(names)} file names (e.g. {names.iloc[0]}); "
+                        "fix the regex, e.g. '^(.*)__' for PHOTO__rYcX.jpg windows")
+    if matched < len(names):
+        _warn(f"--group-by {pattern!r} matched {matched} of {len(names)} file names; the others keep their own groups")
+    photo = (samples["source"] + "/" + photo).fillna(samples["group"])
+    g, p = pd.factorize(samples["group"])[0], pd.factorize(photo)[0]
+    n = len(samples)
+    # nodes: images, then group keys, then photo keys; an image links its group and its photo
+    edges = np.r_[np.arange(n), np.arange(n)], np.r_[n + g, n + g.max() + 1 + p]
+    size = n + g.max() + p.max() + 2
+    _, component = connected_components(coo_matrix((np.ones(2 * n), edges), shape=(size, size)), directed=False)
+    return samples["group"].groupby(component[:n]).transform("min")
+
+
+def _source_files(name: str, path: str | None, cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One source's files (with their `source` and absolute `file`) and what was found there."""
+    root, kind = resolve_data_root(path, cfg.synthetic_per_class, cfg.image_size, cfg.seed)
     samples, skipped = discover(root)
-    samples = add_content_hashes(root, samples)
+    samples = add_content_hashes(root, samples).assign(source=name, file=[str(root / p) for p in samples["path"]])
+    role = ("external" if name in cfg.external else "val" if name == cfg.val_source else
+            "test" if name == cfg.test_source else "train")
+    return samples, {"kind": kind, "root": str(root.resolve()), "role": role, "files": len(samples),
+                     "skipped_non_image": skipped["skipped_non_image"]}
+
+
+def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
+    """Every source (and --eval folder) listed, hashed, grouped, split and decoded into one array.
+    A held-out source's images are all val (val_source) or all test (test_source), an --eval
+    folder's all external: never in train."""
+    found = {name: _source_files(name, path, cfg) for name, path in {**cfg.sources(), **cfg.external}.items()}
+    samples = pd.concat([rows for rows, _ in found.values()], ignore_index=True)
+    records = {name: record for name, (_, record) in found.items()}
 
     # Byte-identical copies: one content hash in both classes means the label cannot be trusted.
     labels_per_hash = samples.groupby("content_hash")["label"].nunique()
@@ -179,7 +225,8 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     n_exact_dupes = n_files - samples["content_hash"].nunique()
     near_duplicates = None
     if cfg.split_strategy == "grouped":
-        samples = samples.assign(group=near_duplicate_groups(root, samples, progress=progress))
+        samples = samples.assign(group=pd.concat([near_duplicate_groups(Path(records[name]["root"]), rows, progress=progress)
+                                                  for name, rows in samples.groupby("source", sort=False)]))
         near_duplicates = group_report(samples)
         print(f"[crackcore.data] near-duplicate groups: {near_duplicates['groups']} groups for "
               f"{near_duplicates['images']} images, {near_duplicates['multi_image_groups']} with several images "
@@ -187,41 +234,49 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
               f"{[g['size'] for g in near_duplicates['largest_groups']]}", file=sys.stderr)
     else:
         samples = samples.assign(group=samples["content_hash"])
+    if cfg.group_by is not None:
+        samples = samples.assign(group=photo_groups(samples, cfg.group_by))
 
-    if cfg.subset is not None:
-        samples = select_subset(samples, cfg.subset, cfg.split_seed)
+    if cfg.subset is not None:  # an --eval folder is scored whole
+        external = samples["source"].isin(list(cfg.external))
+        samples = pd.concat([select_subset(samples[~external], cfg.subset, cfg.split_seed), samples[external]])
     samples = samples.reset_index(drop=True)
 
-    images, bad = load_images(root, samples, cfg.image_size, progress=progress)
+    images, bad = load_images([Path(f) for f in samples["file"]], samples, cfg.image_size, progress=progress)
     if bad:
         first = next(iter(bad))
         _warn(f"skipped {len(bad)} unreadable image file(s), e.g. {samples.at[first, 'path']} ({bad[first]})")
         keep = np.array([i not in bad for i in range(len(samples))])
         samples = samples[keep].reset_index(drop=True)
         images = np.ascontiguousarray(images[keep])
-    for label, name in enumerate(CLASSES):
-        if not (samples["label"] == label).any():
-            raise DataError(f"no readable {name} images left under {root}; every file failed to decode")
+    for name, record in records.items():
+        for label, class_name in enumerate(CLASSES):
+            if not ((samples["source"] == name) & (samples["label"] == label)).any():
+                raise DataError(f"no readable {class_name} images left under {record['root']}; every file failed to "
+                                "decode")
 
-    samples = samples.assign(split=assign_splits(samples, cfg.split_fractions, cfg.split_seed))
+    role = samples["source"].map({name: r["role"] for name, r in records.items()})
+    samples = samples.assign(split=assign_splits(samples, cfg.split_fractions, cfg.split_seed).where(role == "train", role))
     for split in SPLITS:
-        have = set(samples.loc[samples["split"] == split, "label"])
+        have = set(samples.loc[(samples["split"] == split) & (role == "train"), "label"])
         if have != {0, 1}:
             raise DataError(f"the {split} split has no {'/'.join(CLASSES[l] for l in {0, 1} - have)} images with "
                             f"{len(samples)} images in all; use a larger --subset or more data")
+    kinds = {r["kind"] for r in records.values()}
     source = {
-        "kind": kind,
-        "root": str(root.resolve()),
-        "files_found": n_files + skipped["skipped_non_image"] + n_conflicting,
+        "kind": kinds.pop() if len(kinds) == 1 else "mixed",
+        "root": records[samples["source"].iat[0]]["root"] if len(records) == 1 else {n: r["root"] for n, r in records.items()},
+        "files_found": n_files + sum(r["skipped_non_image"] for r in records.values()) + n_conflicting,
         "images_used": len(samples),
         "exact_duplicate_files": int(n_exact_dupes),
-        "skipped_non_image": skipped["skipped_non_image"],
+        "skipped_non_image": sum(r["skipped_non_image"] for r in records.values()),
         "skipped_unreadable": len(bad),
         "split_strategy": cfg.split_strategy,
         "groups": int(samples["group"].nunique()),
         "subset_per_class": cfg.subset,
         "near_duplicates": near_duplicates,
         "image_size": cfg.image_size,
+        "sources": {n: {**r, "images": int((samples["source"] == n).sum())} for n, r in records.items()},
     }
     data = PreparedData(samples=samples, images=images, image_size=cfg.image_size, source=source)
     data.source["counts"] = data.counts()
@@ -258,8 +313,9 @@ class BatchLoader:
     gathered, pinned and copied asynchronously."""
 
     def __init__(self, data: PreparedData, split: str, batch_size: int, device: torch.device,
-                 shuffle: bool, seed: int = 0, drop_last: bool = False, gpu_share: float = 1.0):
-        self.index = torch.from_numpy(data.indices(split))
+                 shuffle: bool, seed: int = 0, drop_last: bool = False, gpu_share: float = 1.0,
+                 sources: list[str] | None = None):
+        self.index = torch.from_numpy(data.indices(split, sources))
         self.labels = torch.from_numpy(data.samples["label"].to_numpy()[self.index.numpy()])
         self.images = as_tensor(data.images)
         self.batch_size, self.device, self.shuffle, self.seed, self.drop_last = batch_size, device, shuffle, seed, drop_last

@@ -8,9 +8,11 @@ import sys
 import time
 from pathlib import Path
 
-from crackcore.config import AUGMENT_POLICIES, FREEZE_DEPTHS, LR_SCHEDULES, SPLIT_STRATEGIES, TrainConfig, config_json
+from crackcore.config import (AUGMENT_POLICIES, FREEZE_DEPTHS, LR_SCHEDULES, SPLIT_STRATEGIES, TrainConfig, config_json,
+                              leave_one_out)
 from crackcore.data import prepare_data
-from crackcore.outputs import summary_lines, versions, write_run_outputs
+from crackcore.outputs import loso_table, summary_lines, versions, write_parquet, write_run_outputs
+from crackcore.sources import data_setting, parse_sources
 from crackcore.train import fit
 
 
@@ -18,8 +20,16 @@ def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m crackcore.fit", description="Train one ResNet-18 crack classifier "
                                 "(the baseline) and write its metrics, errors and model.")
-    p.add_argument("--data", default=os.environ.get("CRACK_DATA"),
-                   help="folder with Positive/ and Negative/ (default $CRACK_DATA; none = synthetic set)")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                   help="a crack/no-crack folder, repeatable for several sources (default $CRACK_DATA; none = synthetic)")
+    p.add_argument("--group-by", help="regex: file names with the same first capture group share a split, "
+                   "e.g. '^(.*)__' for PHOTO__rYcX.jpg windows")
+    p.add_argument("--val-source", help="a --data source never trained on: the val figures are its images")
+    p.add_argument("--test-source", help="a --data source used only for the final evaluation")
+    p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", help="labelled folder evaluated after "
+                   "training (repeatable)")
+    p.add_argument("--leave-one-out", action="store_true", help="also retrain once per source with it held out "
+                   "(loso.parquet)")
     p.add_argument("--out", type=Path, default=Path("results/baseline"))
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -38,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    cfg = TrainConfig(data=a.data, epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, freeze_depth=a.freeze_depth,
+    data = data_setting(a.data) or os.environ.get("CRACK_DATA")
+    cfg = TrainConfig(data=data, group_by=a.group_by, val_source=a.val_source, test_source=a.test_source,
+                      external=parse_sources(a.eval), epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, freeze_depth=a.freeze_depth,
                       augment_policy=a.augment_policy, image_size=a.image_size, subset=a.subset, weights=a.weights,
                       seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule)
     print("config:", config_json(cfg), flush=True)
@@ -50,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                                                             "data_source": data.source, "command": sys.argv})
     print(f"\nweights: {result.weights.describe()}  device: {result.device} ({result.precision})  wall {time.time() - t0:.0f}s")
     print("\n".join(summary_lines(metrics, a.out)))
+    if a.leave_one_out:
+        results = {}
+        for name, held_cfg in leave_one_out(cfg).items():
+            print(f"\nleave-one-out: training without {name} ...", flush=True)
+            results[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
+        table = loso_table(results)
+        write_parquet(table, a.out / "loso.parquet")
+        print(table.to_string(index=False))
     return 0
 
 

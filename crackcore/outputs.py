@@ -17,11 +17,30 @@ import torch
 
 from crackcore.calibration import apply_temperature, fit_temperature
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD
-from crackcore.metrics import expected_calibration_error, format_accuracy, reliability_table
+from crackcore.metrics import binary_metrics, expected_calibration_error, format_accuracy, reliability_table
 
 MODEL_FORMAT = "crackcore-model"
 
-PREDICTION_COLUMNS = ["sample", "path", "true_label", "pred_label", "prob_crack"]
+PREDICTION_COLUMNS = ["sample", "path", "true_label", "pred_label", "prob_crack", "source"]
+SET_METRICS = ("n", "accuracy", "ci95_low", "ci95_high", "precision", "recall", "f1", "roc_auc", "ece")
+
+
+def set_metrics(m: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """The figures final_metrics.json gives each evaluated set (a source, an --eval folder)."""
+    return {**{k: m[k] for k in SET_METRICS}, "false_positive_rate": m["fp"] / max(1, m["fp"] + m["tn"]), **extra}
+
+
+def per_source_metrics(result: Any) -> dict[str, Any]:
+    """Each source side by side: the test split of every source trained on (when there are
+    several) and every held-out source, all of whose images were scored."""
+    rows = {}
+    test_preds = result.test["predictions"]
+    if test_preds["source"].nunique() > 1:
+        for name, g in test_preds.groupby("source"):
+            rows[name] = set_metrics(binary_metrics(g["true_label"], g["pred_label"], g["prob_crack"]), role="test split")
+    for name, m in result.held_out.items():
+        rows[name] = set_metrics(m, role=f"held out, {'selection' if m is result.val else 'final evaluation'} only")
+    return rows
 
 
 def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -30,7 +49,7 @@ def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
     # |logit| ranks mistakes whose float32 probability saturated at 0 or 1
     confidence = (wrong["logit_crack"] if "logit_crack" in wrong else wrong["prob_crack"] - 0.5).abs()
     return wrong.assign(_c=confidence).sort_values(["_c", "sample"], ascending=[False, True]).drop(columns="_c")[
-        PREDICTION_COLUMNS].reset_index(drop=True)
+        [c for c in PREDICTION_COLUMNS if c in wrong]].reset_index(drop=True)
 
 
 def _umask() -> int:
@@ -130,6 +149,11 @@ def model_payload(result: Any, cfg: Any) -> dict[str, Any]:
             "test_metrics": {k: v for k, v in (result.test or {}).items() if k != "predictions"}}
 
 
+def loso_table(results: dict[str, Any]) -> pd.DataFrame:
+    """loso.parquet: one row per held-out source, from train.FitResults of config.leave_one_out."""
+    return pd.DataFrame([{"held_out_source": name, **set_metrics(r.held_out[name])} for name, r in results.items()])
+
+
 def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
                       extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """final_history.parquet, final_metrics.json, errors.parquet, predictions.parquet,
@@ -137,22 +161,26 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     written atomically. Returns final metrics."""
     assert result.test is not None, "write_run_outputs needs a fit(..., evaluate_test=True) result"
     test = result.test
-    predictions = test["predictions"]
+    predictions = pd.concat([test["predictions"], *(m["predictions"] for m in result.held_out.values()),
+                             *(m["predictions"] for m in result.external.values())], ignore_index=True)
     errors = errors_from_predictions(predictions)
     # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
     val_preds = result.val["predictions"]
     temperature = fit_temperature(val_preds["true_label"], val_preds["logit_crack"])
-    calibrated = apply_temperature(predictions["logit_crack"], temperature)
+    test_preds = test["predictions"]
+    calibrated = apply_temperature(test_preds["logit_crack"], temperature)
     metrics = {
-        "test_accuracy": test["accuracy"], "n_test": test["n"], "errors": len(errors),
+        "test_accuracy": test["accuracy"], "n_test": test["n"], "errors": test["errors"],
         "ci95_low": test["ci95_low"], "ci95_high": test["ci95_high"], "precision": test["precision"],
         "recall": test["recall"], "f1": test["f1"], "roc_auc": test["roc_auc"], "ece": test["ece"],
         "test_loss": test["loss"], "confusion": {"tp": test["tp"], "fp": test["fp"], "fn": test["fn"], "tn": test["tn"]},
         "val_accuracy": result.val["accuracy"], "n_val": result.val["n"], "val_loss": result.val["loss"],
-        "reliability": reliability_table(predictions["true_label"], predictions["prob_crack"]).to_dict("records"),
+        "reliability": reliability_table(test_preds["true_label"], test_preds["prob_crack"]).to_dict("records"),
         "temperature": temperature,
-        "ece_calibrated": expected_calibration_error(predictions["true_label"], calibrated),
-        "reliability_calibrated": reliability_table(predictions["true_label"], calibrated).to_dict("records"),
+        "ece_calibrated": expected_calibration_error(test_preds["true_label"], calibrated),
+        "reliability_calibrated": reliability_table(test_preds["true_label"], calibrated).to_dict("records"),
+        "selection": cfg.selection(), "per_source": per_source_metrics(result),
+        "external": {name: set_metrics(m) for name, m in result.external.items()},
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
         "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,
         "train_seconds": result.seconds,
@@ -171,9 +199,14 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
 
 
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
+    sets = [(f"{name}, {m['role']}", m) for name, m in metrics.get("per_source", {}).items()]
+    sets += [(f"external {name}", m) for name, m in metrics.get("external", {}).items()]
     return [f"test accuracy {format_accuracy(metrics['test_accuracy'], metrics['n_test'], metrics['ci95_low'], metrics['ci95_high'])}",
             f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
             f"ROC-AUC {metrics['roc_auc']:.4f}  ECE {metrics['ece']:.4f} (temperature {metrics['temperature']:.2f} "
             f"fitted on val: ECE {metrics['ece_calibrated']:.4f})",
-            f"misclassified test images: {metrics['errors']} -> {out / 'errors.parquet'}",
+            *(f"{label}: accuracy {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])}  recall "
+              f"{m['recall']:.3f}  false alarms {m['false_positive_rate']:.3f}  F1 {m['f1']:.3f}" for label, m in sets),
+            f"misclassified test images: {metrics['errors']} -> {out / 'errors.parquet'}"
+            + (" (with those of the sets above)" if sets else ""),
             f"outputs: {out}/ (model.pt, final_metrics.json, final_history.parquet, predictions.parquet, split.parquet)"]

@@ -28,10 +28,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from crackcore.exceptions import ModelFileError
-from crackcore.images import CLASSES, IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
+from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.model import CrackResNet
 from crackcore.outputs import MODEL_FORMAT, write_bytes, write_parquet
+from crackcore.sources import FOLDER_LABEL
 from crackcore.train import resolve_device
 
 TILE = 227
@@ -79,7 +80,8 @@ def image_size_of(path: Path) -> tuple[int, int]:
 
 
 def true_label(path: Path) -> int | None:
-    return next((CLASSES.index(part) for part in reversed(path.parts[:-1]) if part in CLASSES), None)
+    """The label its class folder gives (any layout crackcore.sources reads), else None."""
+    return next((FOLDER_LABEL[p.lower()] for p in reversed(path.parts[:-1]) if p.lower() in FOLDER_LABEL), None)
 
 
 def predict_patches(model: CrackResNet, meta: dict[str, Any], paths: list[Path], batch_size: int = 128,

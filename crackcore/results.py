@@ -20,10 +20,10 @@ from crackcore.exceptions import StudyFilesError
 
 TABLES = {"trials": "trials.parquet", "history": "history.parquet", "final_history": "final_history.parquet",
           "errors": "errors.parquet", "predictions": "predictions.parquet", "split": "split.parquet",
-          "repeats": "repeats.parquet"}
+          "repeats": "repeats.parquet", "loso": "loso.parquet"}
 DOCUMENTS = {"study": "study.json", "config": "study_config.json", "best_config": "best_config.json",
              "final_metrics": "final_metrics.json"}
-OPTIONAL = {"repeats.parquet"}  # only with --repeat-top
+OPTIONAL = {"repeats.parquet", "loso.parquet"}  # only with --repeat-top / --leave-one-out
 JOURNAL = "optuna_journal.log"
 
 
@@ -41,6 +41,7 @@ class Study:
     predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
     split: pd.DataFrame = field(default_factory=pd.DataFrame)
     repeats: pd.DataFrame = field(default_factory=pd.DataFrame)
+    loso: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing: list[str] = field(default_factory=list)
 
     @property
@@ -54,6 +55,24 @@ class Study:
     @property
     def model_path(self) -> Path:
         return self.path / "model.pt"
+
+    def test_predictions(self) -> pd.DataFrame:
+        """predictions.parquet's rows of the in-domain test split (not of held-out or --eval sets)."""
+        roles = {n: r["role"] for n, r in self.study.get("data_source", {}).get("sources", {}).items()}
+        p = self.predictions
+        return p[p["source"].map(roles) == "train"] if roles and "source" in p else p
+
+    def per_set(self) -> pd.DataFrame:
+        """The final model on every evaluated set, one row each: the test split of the sources
+        trained on, each held-out source, each --eval folder (final_metrics.json)."""
+        m = self.final_metrics
+        if not m:
+            return pd.DataFrame()
+        rows = [{"set": "test split", "role": "in-domain test", "n": m["n_test"], "accuracy": m["test_accuracy"],
+                 **{k: m[k] for k in ("ci95_low", "ci95_high", "precision", "recall", "f1", "roc_auc")}}]
+        rows += [{"set": name, **s} for name, s in m.get("per_source", {}).items()]
+        rows += [{"set": name, "role": "external (--eval)", **s} for name, s in m.get("external", {}).items()]
+        return pd.DataFrame(rows)
 
 
 def _read(f: Path, read: Callable[[], Any]) -> Any:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 
+from crackcore.config import NAME
 from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX
 
@@ -18,7 +19,6 @@ SDNET_FOLDERS = ("cd", "cw", "cp", "ud", "uw", "up")
 FOLDER_LABEL = {**{n.lower(): 1 for n in CRACK_FOLDERS}, **{n.lower(): 0 for n in NO_CRACK_FOLDERS}}
 LAYOUTS = ("Positive/Negative, crack/no_crack (or nocrack, no-crack), cracked/uncracked, or SDNET2018's "
            "CD,CW,CP/UD,UW,UP (directly or under D/, W/, P/)")
-SOURCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def _warn(msg: str) -> None:
@@ -115,6 +115,14 @@ def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     return samples, {"skipped_non_image": len(skipped_non_image)}
 
 
+def data_setting(specs: list[str] | None) -> str | dict[str, str] | None:
+    """TrainConfig.data from repeated --data flags: one bare PATH stays a path (one source, as
+    always), anything else is {name: path}."""
+    if not specs:
+        return None
+    return specs[0] if len(specs) == 1 and "=" not in specs[0] else parse_sources(specs)
+
+
 def parse_sources(specs: list[str]) -> dict[str, str]:
     """`NAME=PATH` or a bare `PATH` (named after its folder) -> {name: absolute path}, in order.
     The paths are not checked here: discover() does that."""
@@ -126,7 +134,7 @@ def parse_sources(specs: list[str]) -> dict[str, str]:
             raise ConfigError(f"data source {spec!r} has no path; write NAME=PATH")
         resolved = Path(path).expanduser().resolve()
         name = name if sep else resolved.name
-        if not SOURCE_NAME.fullmatch(name):
+        if not NAME.fullmatch(name):
             raise ConfigError(f"data source name {name!r} (from {spec!r}) must start with a letter or digit and hold "
                               "only letters, digits, '.', '_' and '-'; write NAME=PATH")
         if name in sources:

@@ -130,7 +130,7 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
 @torch.inference_mode()
 def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, channels_last: bool = False) -> dict[str, Any]:
     """Loss, accuracy (Wilson CI), precision/recall/F1, ROC-AUC, ECE, and per-sample
-    `predictions` (sample = position in the evaluated split, path, true/pred label, prob_crack).
+    `predictions` (sample = position in the evaluated rows, path, true/pred label, prob_crack, source).
     Float32, as torchvision's references evaluate: reported probabilities stay exact and match
     what `crackcore.predict` computes for the same images."""
     model.eval()
@@ -158,6 +158,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
         "pred_label": y_pred,
         "prob_crack": prob,
         "logit_crack": torch.cat(margins).cpu().numpy().astype(np.float64),
+        "source": data.samples["source"].to_numpy()[row],
     })
     return {**binary_metrics(y_true, y_pred, prob), "loss": float(torch.stack(losses).sum().item() / max(1, len(row))),
             "seconds": seconds, "img_s": len(row) / seconds if seconds else float("nan"), "predictions": predictions}
@@ -184,7 +185,9 @@ class FitResult:
     history: pd.DataFrame
     weights: WeightsInfo
     val: dict[str, Any]  # evaluate() on val after the last epoch
-    test: dict[str, Any] | None = None
+    test: dict[str, Any] | None = None  # evaluate() on the test split of the sources trained on
+    held_out: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate() on each val/test source
+    external: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate() on each --eval folder
     device: str = "cpu"
     precision: str = "float32"  # of the training forward pass; evaluation is always float32
     seconds: float = 0.0
@@ -223,7 +226,15 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     lone_last = len(data.indices("train")) % cfg.batch_size == 1
     train_loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=cfg.seed, drop_last=lone_last,
                                gpu_share=cfg.gpu_share)
-    val_loader = BatchLoader(data, "val", max(256, cfg.batch_size), device, shuffle=False, gpu_share=cfg.gpu_share)
+
+    def loader(split: str, sources: list[str] | None) -> BatchLoader:
+        return BatchLoader(data, split, max(256, cfg.batch_size), device, shuffle=False, gpu_share=cfg.gpu_share,
+                           sources=sources)
+
+    # selection is scored on the val source when one is held out; the in-domain val rows then
+    # give one more per-source accuracy
+    val_loader = loader("val", [cfg.val_source] if cfg.val_source else None)
+    domain_val = loader("val", data.roles("train")) if cfg.val_source else None
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.momentum > 0)
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
@@ -238,9 +249,11 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                              amp=cfg.amp, channels_last=channels_last, label_smoothing=cfg.label_smoothing,
                              scaler=scaler)
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
+        per_source = val_by_source(val, None if domain_val is None else evaluate(step_model, domain_val, data,
+                                                                                  channels_last=channels_last))
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["accuracy"], "val_loss": val["loss"],
                "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
-               "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"]}
+               "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"], **per_source}
         history.append(row)
         if log:
             log(f"epoch {epoch:>3}/{cfg.epochs}  train loss {tr['loss']:.4f} acc {tr['accuracy']:.4f}  "
@@ -251,9 +264,22 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                                                                        history, epoch, cfg.to_dict()))
     if not val:  # resumed after the last epoch: evaluate the restored model
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
-    test = None
+    test, held_out, external = None, {}, {}
     if evaluate_test:
-        test_loader = BatchLoader(data, "test", max(256, cfg.batch_size), device, shuffle=False, gpu_share=cfg.gpu_share)
-        test = evaluate(step_model, test_loader, data, channels_last=channels_last)
-    return FitResult(model=model, history=pd.DataFrame(history, columns=HISTORY_COLUMNS), weights=info, val=val,
-                     test=test, device=str(device), precision=precision_name(dtype), seconds=time.perf_counter() - t0)
+        test = evaluate(step_model, loader("test", data.roles("train")), data, channels_last=channels_last)
+        held_out = {**({cfg.val_source: val} if cfg.val_source else {}), **({cfg.test_source: evaluate(
+            step_model, loader("test", [cfg.test_source]), data, channels_last=channels_last)} if cfg.test_source else {})}
+        external = {name: evaluate(step_model, loader("external", [name]), data, channels_last=channels_last)
+                    for name in cfg.external}
+    columns = [*HISTORY_COLUMNS, *sorted({k for row in history for k in row} - set(HISTORY_COLUMNS))]
+    return FitResult(model=model, history=pd.DataFrame(history, columns=columns), weights=info, val=val, test=test,
+                     held_out=held_out, external=external, device=str(device), precision=precision_name(dtype),
+                     seconds=time.perf_counter() - t0)
+
+
+def val_by_source(*evaluations: dict[str, Any] | None) -> dict[str, float]:
+    """val_acc_<source> for each source in val, when val holds several."""
+    preds = pd.concat([e["predictions"] for e in evaluations if e])
+    if preds["source"].nunique() < 2:
+        return {}
+    return {f"val_acc_{s}": float((g["true_label"] == g["pred_label"]).mean()) for s, g in preds.groupby("source")}

@@ -58,3 +58,22 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if proc.returncode != 0:
         raise RuntimeError(f"tiny study failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return storage / "tiny"
+
+
+@pytest.fixture(scope="session")
+def walls(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two more sources whose images are windows of photos (PHOTO__rYcX.jpg): the shared masonry
+    and quay-wall sets, else windows made from the test data (4 per photo) where they are missing."""
+    shared = {name: REPO.parent / "shared" / "data" / f"{name}-crack-sample" for name in ("masonry", "quay-wall")}
+    if all((root / "Positive").is_dir() for root in shared.values()):
+        return shared
+    import shutil
+
+    built = {}
+    for k, name in enumerate(shared):
+        built[name] = root = tmp_path_factory.mktemp(name)
+        for cls in ("Positive", "Negative"):
+            (root / cls).mkdir()
+            for i, f in enumerate(sorted((TEST_DATA / cls).glob("*.jpg"))[40 * k:40 * k + 40]):
+                shutil.copy(f, root / cls / f"{name}{i // 4}__r0c{i % 4}.jpg")
+    return built

@@ -64,7 +64,7 @@ def test_local_study_writes_every_output(tiny_study: Path) -> None:
     predictions = pd.read_parquet(tiny_study / "predictions.parquet")
     errors = pd.read_parquet(tiny_study / "errors.parquet")
     wrong = predictions[predictions["true_label"] != predictions["pred_label"]]
-    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack"]
+    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack", "source"]
     assert sorted(errors["sample"]) == sorted(wrong["sample"])
     metrics = json.loads((tiny_study / "final_metrics.json").read_text())
     assert metrics["errors"] == len(errors) and metrics["n_test"] == len(predictions)
@@ -333,6 +333,10 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--smoke-test", "--weights", "/nonexistent/resnet18.pth"], "weights file /nonexistent/resnet18.pth does not exist"),
     (["--smoke-test", "--cpus-per-trial", "64"], "one trial needs 64 CPU"),
     (["--smoke-test", "--study-name", ".."], "is not a folder name"),
+    (["--data", "a=/x", "--data", "a=/y"], "data source name 'a' is given twice"),
+    (["--data", "a=/x", "--val-source", "b"], "val_source='b' names no data source"),
+    (["--eval", "site=/nonexistent/site"], "data folder /nonexistent/site does not exist"),
+    (["--leave-one-out"], "leave-one-out needs at least two data sources"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
@@ -507,3 +511,40 @@ def test_data_source_order_flag_env_download_folder_then_synthetic(tmp_path: Pat
     # and no data at all is said loudly, and recorded as synthetic
     data = prepare_data(TrainConfig(data=None, image_size=32, synthetic_per_class=20))
     assert data.source["kind"] == "synthetic" and "SYNTHETIC" in capsys.readouterr().err.upper()
+
+
+def test_study_selects_on_a_held_out_source_and_reports_each_source(crack_data: Path, walls: dict[str, Path],
+                                                                      tmp_path: Path) -> None:
+    proc = run_study("--smoke-test", "--data", f"concrete={crack_data}", "--data", f"masonry={walls['masonry']}",
+                     "--data", f"quay={walls['quay-wall']}", "--val-source", "masonry", "--test-source", "quay",
+                     "--group-by", "^(.*)__", "--eval", f"site={walls['quay-wall']}", "--leave-one-out",
+                     "--storage-path", str(tmp_path), "--study-name", "sources", "--weights", "random")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    study_dir = tmp_path / "sources"
+    split = pd.read_parquet(study_dir / "split.parquet")
+    assert set(split.loc[split["source"] == "masonry", "split"]) == {"val"}
+    assert set(split.loc[split["source"] == "quay", "split"]) == {"test"}
+    assert set(split.loc[split["source"] == "site", "split"]) == {"external"}
+    # every trial and the choice of the best were scored on the masonry images alone
+    history = pd.read_parquet(study_dir / "history.parquet")
+    assert (history["val_acc"] == history["val_acc_masonry"]).all() and "val_acc_concrete" in history
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    last = history.sort_values("epoch").groupby("trial_id").last()
+    best = json.loads((study_dir / "best_config.json").read_text())
+    complete = trials[trials["status"] == "COMPLETE"]["trial_id"]
+    assert last.loc[best["trial_id"], "val_acc_masonry"] == last.loc[complete, "val_acc_masonry"].max()
+    assert "masonry" in best["selection"] and "masonry" in json.loads((study_dir / "study.json").read_text())["selection"]
+    metrics = json.loads((study_dir / "final_metrics.json").read_text())
+    assert set(metrics["per_source"]) == {"masonry", "quay"} and set(metrics["external"]) == {"site"}
+    assert "quay, held out, final evaluation only: accuracy" in proc.stdout and "external site: accuracy" in proc.stdout
+    loso = pd.read_parquet(study_dir / "loso.parquet")
+    assert loso["held_out_source"].tolist() == ["concrete", "masonry", "quay"]
+    from crackcore.results import load_study
+
+    s = load_study(study_dir)
+    assert len(s.loso) == 3 and s.per_set()["set"].tolist() == ["test split", "masonry", "quay", "site"]
+    from tune.report import main as report_main
+
+    assert report_main([str(study_dir)]) == 0
+    assert (study_dir / "report" / "per_set.png").is_file()
+    assert "## Other structures" in (study_dir / "report" / "report.md").read_text()

@@ -141,7 +141,7 @@ def test_baseline_cli_writes_consistent_outputs(crack_data: Path, tmp_path: Path
         assert (out / name).exists(), name
     preds = pd.read_parquet(out / "predictions.parquet")
     errors = pd.read_parquet(out / "errors.parquet")
-    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack"]
+    assert list(errors.columns) == ["sample", "path", "true_label", "pred_label", "prob_crack", "source"]
     wrong = preds[preds["true_label"] != preds["pred_label"]]
     assert sorted(errors["sample"]) == sorted(wrong["sample"])
     m = json.loads((out / "final_metrics.json").read_text())

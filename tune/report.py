@@ -139,7 +139,7 @@ def fig_final_history(s: Study, path: Path) -> str:
 
 
 def fig_confusion_roc(s: Study, path: Path) -> str:
-    p = s.predictions
+    p = s.test_predictions()
     y, pred, prob = p["true_label"].to_numpy(), p["pred_label"].to_numpy(), p["prob_crack"].to_numpy()
     cm = np.array([[((y == t) & (pred == q)).sum() for q in (0, 1)] for t in (0, 1)])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
@@ -161,7 +161,8 @@ def fig_confusion_roc(s: Study, path: Path) -> str:
 
 def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
     errors = s.errors.head(cap)
-    root = Path(s.study.get("data_source", {}).get("root", ""))
+    src = s.study.get("data_source", {})
+    roots = {name: r["root"] for name, r in src.get("sources", {}).items()}
     cols = min(6, len(errors))
     rows = -(-len(errors) // cols)
     # at least two columns' width, so the title fits above a grid of one or two images
@@ -174,13 +175,32 @@ def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
         try:
             from PIL import Image
 
-            ax.imshow(Image.open(root / e.path).convert("RGB"))
+            ax.imshow(Image.open(Path(roots.get(getattr(e, "source", None), src.get("root", ""))) / e.path).convert("RGB"))
         except Exception:  # moved, unreadable, or a decompression bomb: the grid still shows the rest
             ax.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(f"true {names[e.true_label]}\npred {names[e.pred_label]}, p={e.prob_crack:.2f}", fontsize=8)
+        where = f"{e.source}: " if len(roots) > 1 else ""
+        ax.set_title(f"{where}true {names[e.true_label]}\npred {names[e.pred_label]}, p={e.prob_crack:.2f}", fontsize=8)
     fig.suptitle(f"Misclassified test images\n{len(errors)} of {len(s.errors)} shown, most confident first", fontsize=10)
     _save(fig, path)
     return "The final model's mistakes on the test split, most confident first.", len(errors)
+
+
+def fig_per_set(s: Study, path: Path) -> str:
+    t = s.per_set()
+    if len(s.loso):
+        t = pd.concat([t, s.loso.rename(columns={"held_out_source": "set"}).assign(role="leave-one-out")])
+    labels = [f"{r.set} ({r.role})" for r in t.itertuples()]
+    fig, ax = plt.subplots(figsize=(8, 0.5 * len(t) + 1.5))
+    y = np.arange(len(t))[::-1]
+    ax.errorbar(t["accuracy"], y, xerr=[t["accuracy"] - t["ci95_low"], t["ci95_high"] - t["accuracy"]], fmt="o",
+                capsize=4)
+    ax.set(yticks=y, yticklabels=labels, xlim=(0, 1), xlabel="accuracy with Wilson 95 % interval",
+           title="Final model on each evaluated set")
+    ax.axvline(0.5, ls="--", color="0.6")
+    ax.grid(alpha=0.3, axis="x")
+    _save(fig, path)
+    return ("Accuracy of the final model on the in-domain test split, each held-out source and each external set "
+            "(leave-one-out rows: the same setting retrained without that source); bars are 95 % intervals.")
 
 
 def _table(df: pd.DataFrame) -> str:
@@ -238,6 +258,13 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             if comparison.get("random", {}).get("test_images_with_near_duplicate_in_train") == 0:
                 md += ["No test image of the random split has a near-duplicate in train, so here the two strategies "
                        "cannot differ by leakage; any difference is the split's sampling noise.", ""]
+    per_set = s.per_set()
+    if len(per_set) > 1 or len(s.loso):
+        md += ["## Other structures", "", f"Selected on {s.best_config.get('selection', 'the val split')}.", "",
+               _table(per_set[["set", "role", "n", "accuracy", "ci95_low", "ci95_high", "precision", "recall", "f1"]]), ""]
+        if len(s.loso):
+            md += ["### Leave one source out", "", _table(s.loso[["held_out_source", "n", "accuracy", "ci95_low",
+                                                                  "ci95_high", "precision", "recall", "f1", "roc_auc"]]), ""]
     if len(s.repeats):
         r = s.repeats.groupby("trial_id").agg(mean_val_acc=("val_acc", "mean"), ci95_low=("ci95_low", "first"),
                                               ci95_high=("ci95_high", "first"), seeds=("seed", "nunique"))
@@ -251,6 +278,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
         ("importance.png", "Hyperparameter importance", lambda p: fig_importance(s, p), len(s.trials) > 0),
         ("final_history.png", "Final retrain", lambda p: fig_final_history(s, p), len(s.final_history) > 0),
         ("confusion_roc.png", "Confusion matrix and ROC", lambda p: fig_confusion_roc(s, p), len(s.predictions) > 0),
+        ("per_set.png", "Accuracy on each evaluated set", lambda p: fig_per_set(s, p), len(per_set) > 1 or len(s.loso) > 0),
     ]
     md += ["## Figures", ""]
     for name, title, draw, possible in plans:

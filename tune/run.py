@@ -25,14 +25,15 @@ import pandas as pd
 import ray
 
 from crackcore.config import (SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
+                              leave_one_out,
                               load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
 from crackcore.exceptions import ConfigError, StudyError
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import WeightsInfo, load_backbone, resolve_weights
 from crackcore.neardup import near_duplicate_leaks
-from crackcore.outputs import summary_lines, versions, write_json, write_parquet, write_run_outputs
-from crackcore.sources import check_root
+from crackcore.outputs import loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
+from crackcore.sources import check_root, data_setting, parse_sources
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
 from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, SyncStudyFiles, fetch_saved_study,
@@ -52,8 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", type=Path, default=DEFAULT_EXPERIMENT, help="experiment TOML under experiments/")
     p.add_argument("--num-samples", type=int, help="number of trials")
-    p.add_argument("--data", help="folder with Positive/ Negative/ (default $CRACK_DATA, then data/concrete-crack-images, "
-                   "else the synthetic set)")
+    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
+                   help="a crack/no-crack folder, repeatable for several sources (default $CRACK_DATA, then "
+                   "data/concrete-crack-images, else the synthetic set)")
+    p.add_argument("--group-by", help="regex: file names with the same first capture group (one photo) share a split")
+    p.add_argument("--val-source", help="a --data source never trained on: trials and the best trial are scored on it")
+    p.add_argument("--test-source", help="a --data source used only for the final evaluation")
+    p.add_argument("--eval", action="append", metavar="NAME=PATH", help="labelled folder the final model is evaluated on")
+    p.add_argument("--leave-one-out", action="store_true", default=None,
+                   help="retrain the chosen setting once per source with that source held out (loso.parquet)")
     p.add_argument("--study-name", help="results go to STORAGE/STUDY-NAME")
     p.add_argument("--storage-path", default="results", help="local folder or URI (s3://, gs://) shared by all nodes")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
@@ -79,12 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
-    data = a.data or os.environ.get("CRACK_DATA") or (str(DOWNLOAD_DEFAULT) if DOWNLOAD_DEFAULT.is_dir() else None)
-    data = str(Path(data).expanduser().resolve()) if data else None  # one spelling, saved and compared on --resume
+    data = data_setting(a.data) or os.environ.get("CRACK_DATA") or (str(DOWNLOAD_DEFAULT) if DOWNLOAD_DEFAULT.is_dir()
+                                                                     else None)
+    if isinstance(data, str):  # one spelling, saved and compared on --resume (parse_sources resolves the others)
+        data = str(Path(data).expanduser().resolve())
     return {"num_samples": a.num_samples, "name": a.study_name, "max_epochs": a.max_epochs,
             "grace_period": a.grace_period, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
             "cpus_per_trial": a.cpus_per_trial, "max_concurrent_trials": a.max_concurrent_trials, "seed": a.seed,
             "repeat_top": a.repeat_top, "repeats": a.repeats, "compare_splits": a.compare_splits,
+            "leave_one_out": a.leave_one_out, "train.group_by": a.group_by, "train.val_source": a.val_source,
+            "train.test_source": a.test_source, "train.external": parse_sources(a.eval) if a.eval else None,
             "train.data": data, "train.image_size": a.image_size, "train.subset": a.subset,
             "train.weights": a.weights, "train.split_strategy": a.split_strategy,
             "train.seed": a.seed}
@@ -316,11 +328,11 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
     its outputs written. Returns the FitResult, its metrics and the retrain's seconds."""
     cfg, data = run.cfg, run.data
     best_cfg = trial_config(cfg.train, params, cfg.final_epochs)
-    write_json({"trial_id": best["trial_id"], "params": params.to_dict(), "rule": rule,
+    write_json({"trial_id": best["trial_id"], "params": params.to_dict(), "rule": rule, "selection": cfg.train.selection(),
                 "val_acc": float(best["last_val_acc"]), "val_loss": float(best["last_val_loss"]),
                 **({"repeats": repeated} if repeated else {}),
                 "train_config": best_cfg.to_dict()}, run.study_dir / "best_config.json")
-    n_val = len(data.indices("val"))
+    n_val = len(data.indices("val", [cfg.train.val_source] if cfg.train.val_source else None))
     val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)
     print(f"\nbest trial {best['trial_id']}: {params.to_dict()}  val acc "
           f"{format_accuracy(best['last_val_acc'], n_val, *val_ci)}\n"
@@ -332,7 +344,16 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
     extra: dict[str, Any] = {"best_trial_id": best["trial_id"]}
     if cfg.compare_splits:
         extra["split_comparison"] = compare_splits(best_cfg, data, result, run.backbone_ref, num_cpus, num_gpus)
-    return result, write_run_outputs(run.study_dir, result, data, best_cfg, extra), final_seconds
+    metrics = write_run_outputs(run.study_dir, result, data, best_cfg, extra)
+    if cfg.leave_one_out:
+        results = {}
+        for name, held_cfg in leave_one_out(best_cfg).items():
+            print(f"\nleave-one-out: retraining without {name} ...", flush=True)
+            [results[name]] = fit_remote(put_data(prepare_data(held_cfg)), [held_cfg], run.backbone_ref, num_cpus,
+                                         num_gpus, True, f"without {name}")
+        write_parquet(table := loso_table(results), run.study_dir / "loso.parquet")
+        print(table.to_string(index=False), flush=True)
+    return result, metrics, final_seconds
 
 
 def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, float], trials: pd.DataFrame,
@@ -349,7 +370,7 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         "ray_address": a.address or "local", "storage": run.storage, "trials": int(len(trials)),
         "trial_status": {k: int(v) for k, v in trials["status"].value_counts().items()},
         "max_parallel_trials": max_parallel(trials), "trial_slots": run.slots, **seconds,
-        "best_trial_id": best_trial_id, "best_rule": rule, "config": run.cfg.to_dict(),
+        "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
         "resumed": run.resumed,
     }
 
@@ -357,9 +378,11 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
 def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     a, flags = parse_flags(argv)
-    from_file = load_study_config(a.config)  # bad file or data path fail before Ray starts
-    if flags["train.data"]:
-        check_root(flags["train.data"])
+    from_file = load_study_config(a.config)  # bad file, flags or data folders fail before Ray starts
+    train = apply_overrides(from_file, {k: v for k, v in flags.items() if k.startswith("train.")}).train
+    for path in {**train.sources(), **train.external}.values():
+        if path:
+            check_root(path)
     resources = connect_ray(a.address)
     run = open_study(a, flags, from_file, resources)
     if run is None:
@@ -379,7 +402,8 @@ def main(argv: list[str] | None = None) -> int:
     sync_outputs(run.study_dir, run.storage)
     print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
           f"{max_parallel(trials)} in parallel, wall {time.time() - t_start:.0f}s ===")
-    print(f"best config: {params.to_dict()}  (data: {run.data.source['kind']}, weights: {run.weights.describe()})")
+    print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
+          f"weights: {run.weights.describe()})")
     print("\n".join(summary_lines(metrics, run.study_dir)))
     return 0
 
