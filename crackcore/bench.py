@@ -191,7 +191,10 @@ def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_tr
             study = json.loads((Path(storage) / "bench" / "study.json").read_text())
         rows.append({"gpus_per_trial": gpus, "trials": study["trials"], "max_parallel_trials": study["max_parallel_trials"],
                      "search_seconds": round(study["search_seconds"], 1),
-                     "trials_per_hour": round(study["trials"] * 3600 / study["search_seconds"], 1)})
+                     "trials_per_hour": round(study["trials"] * 3600 / study["search_seconds"], 1),
+                     "slot_utilisation": round(study["slot_utilisation"], 3), "slot_seconds": study["slot_seconds"],
+                     "checkpoint_bytes_written": study["footprint"]["checkpoint_bytes_written"],
+                     "study_folder_bytes": study["footprint"]["bytes_left"]})
     return rows
 
 

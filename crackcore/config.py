@@ -120,16 +120,25 @@ class TrainConfig:
             raise ConfigError("synthetic_per_class must be >= 2 and num_threads >= 1 (or unset)")
         if self.seed < 0 or self.split_seed < 0:
             raise ConfigError(f"seed={self.seed} and split_seed={self.split_seed} must be >= 0")
-        self._check_sources()
-
-    def _check_sources(self) -> None:
-        names = list(self.sources())
         for name, path in [*(self.data.items() if isinstance(self.data, dict) else []), *self.external.items()]:
-            if not NAME.fullmatch(name) or not path:
+            if not NAME.fullmatch(name) or not path or not isinstance(path, str):
                 raise ConfigError(f"data source {name!r} = {path!r}: a source needs a folder name (letters, digits, "
                                   "'.', '_', '-') and a path; write NAME=PATH")
         if isinstance(self.data, dict) and not self.data:
             raise ConfigError("data = {} names no source; give at least one NAME=PATH")
+        if self.group_by is not None:
+            try:
+                groups = re.compile(self.group_by).groups
+            except re.error as exc:
+                raise ConfigError(f"group_by={self.group_by!r} is not a regular expression ({exc})") from None
+            if groups < 1:
+                raise ConfigError(f"group_by={self.group_by!r} has no capture group; mark the photo part of the file "
+                                  "name, e.g. '^(.*)__'")
+
+    def check_sources(self) -> None:
+        """The roles fit the sources. Checked where the data is prepared (and by the study before Ray
+        starts), not when an experiment file is read: its sources may come from --data flags."""
+        names = list(self.sources())
         if set(self.external) & set(names):
             raise ConfigError(f"--eval name(s) {sorted(set(self.external) & set(names))} are data sources already; "
                               "name the external set differently (--eval NAME=PATH)")
@@ -143,14 +152,6 @@ class TrainConfig:
         if not set(names) - {self.val_source, self.test_source}:
             raise ConfigError(f"held out {', '.join(n for n in names)}, the only source(s) there are: nothing is "
                               "left to train on; add a training source with --data NAME=PATH")
-        if self.group_by is not None:
-            try:
-                groups = re.compile(self.group_by).groups
-            except re.error as exc:
-                raise ConfigError(f"group_by={self.group_by!r} is not a regular expression ({exc})") from None
-            if groups < 1:
-                raise ConfigError(f"group_by={self.group_by!r} has no capture group; mark the photo part of the file "
-                                  "name, e.g. '^(.*)__'")
 
     def sources(self) -> dict[str, str | None]:
         """{name: folder} of the training data: a bare folder is named after itself, no data at all is
@@ -256,6 +257,7 @@ class StudyConfig:
     repeats: int = 3  # ... R times with different seeds
     compare_splits: bool = False
     leave_one_out: bool = False  # retrain the chosen setting once per source with it held out (loso.parquet)
+    checkpoint_every: int = 1  # epochs between a trial's checkpoints: fewer uploads vs more epochs lost on a crash
     # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
     # budgets adapt to the device without a second experiment file.
     cpu: dict[str, Any] = field(default_factory=dict)
@@ -293,8 +295,8 @@ class StudyConfig:
             raise ConfigError("final_epochs must be >= 1, and max_failures, repeat_top, repeats >= 0")
         if self.repeat_top > 0 and self.repeats < 2:
             raise ConfigError(f"repeats={self.repeats}: ranking by the mean over seeds needs at least 2 seeds")
-        if self.leave_one_out:
-            leave_one_out(self.train)  # at least two sources
+        if self.checkpoint_every < 1:
+            raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1 (epochs between checkpoints)")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
 

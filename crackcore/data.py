@@ -145,7 +145,9 @@ class PreparedData:
 
     def roles(self, role: str) -> list[str] | None:
         """The sources whose role is train (split 70/15/15), val, test or external; None: all rows."""
-        return [n for n, r in self.source.get("sources", {}).items() if r["role"] == role] or None
+        if "sources" not in self.source:
+            return None
+        return [n for n, r in self.source["sources"].items() if r["role"] == role]
 
     def split_table(self) -> pd.DataFrame:
         """What `split.parquet` holds: one row per image, `sample` = row in `images`."""
@@ -210,6 +212,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     """Every source (and --eval folder) listed, hashed, grouped, split and decoded into one array.
     A held-out source's images are all val (val_source) or all test (test_source), an --eval
     folder's all external: never in train."""
+    cfg.check_sources()
     found = {name: _source_files(name, path, cfg) for name, path in {**cfg.sources(), **cfg.external}.items()}
     samples = pd.concat([rows for rows, _ in found.values()], ignore_index=True)
     records = {name: record for name, (_, record) in found.items()}
@@ -221,12 +224,18 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     if conflicting:
         _warn(f"dropped {n_conflicting} file(s) whose identical copy sits in the other class folder (label conflict)")
         samples = samples[~samples["content_hash"].isin(conflicting)]
+    role = samples["source"].map({name: r["role"] for name, r in records.items()})
+    copies = (role == "train") & samples["content_hash"].isin(set(samples.loc[role != "train", "content_hash"]))
+    if copies.any():  # a held-out image must not be trained on through a copy in a training source
+        _warn(f"left {int(copies.sum())} training image(s) out: byte-identical to images of a held-out or --eval set")
+        samples = samples[~copies]
     n_files = len(samples)
     n_exact_dupes = n_files - samples["content_hash"].nunique()
     near_duplicates = None
     if cfg.split_strategy == "grouped":
-        samples = samples.assign(group=pd.concat([near_duplicate_groups(Path(records[name]["root"]), rows, progress=progress)
-                                                  for name, rows in samples.groupby("source", sort=False)]))
+        # one pass over every source (absolute files): a re-saved copy in another source joins the group
+        samples = samples.assign(group=near_duplicate_groups(Path("/"), samples.assign(path=samples["file"]),
+                                                             progress=progress))
         near_duplicates = group_report(samples)
         print(f"[crackcore.data] near-duplicate groups: {near_duplicates['groups']} groups for "
               f"{near_duplicates['images']} images, {near_duplicates['multi_image_groups']} with several images "

@@ -34,5 +34,9 @@ class StudyError(CrackError):
     """The study cannot start or go on."""
 
 
+class CheckpointError(CrackError):
+    """A checkpoint cannot resume this run (another freeze depth or model)."""
+
+
 class DivergedError(CrackError, FloatingPointError):
     """The training loss turned non-finite (a FloatingPointError, as torch's anomaly checks are)."""

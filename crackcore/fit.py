@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
                       external=parse_sources(a.eval), epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, freeze_depth=a.freeze_depth,
                       augment_policy=a.augment_policy, image_size=a.image_size, subset=a.subset, weights=a.weights,
                       seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule)
+    if a.leave_one_out:
+        leave_one_out(cfg)  # at least two sources, before any training
     print("config:", config_json(cfg), flush=True)
     t0 = time.time()
     data = prepare_data(cfg)

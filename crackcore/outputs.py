@@ -30,7 +30,7 @@ def set_metrics(m: dict[str, Any], **extra: Any) -> dict[str, Any]:
     return {**{k: m[k] for k in SET_METRICS}, "false_positive_rate": m["fp"] / max(1, m["fp"] + m["tn"]), **extra}
 
 
-def per_source_metrics(result: Any) -> dict[str, Any]:
+def per_source_metrics(result: Any, cfg: Any) -> dict[str, Any]:
     """Each source side by side: the test split of every source trained on (when there are
     several) and every held-out source, all of whose images were scored."""
     rows = {}
@@ -39,7 +39,7 @@ def per_source_metrics(result: Any) -> dict[str, Any]:
         for name, g in test_preds.groupby("source"):
             rows[name] = set_metrics(binary_metrics(g["true_label"], g["pred_label"], g["prob_crack"]), role="test split")
     for name, m in result.held_out.items():
-        rows[name] = set_metrics(m, role=f"held out, {'selection' if m is result.val else 'final evaluation'} only")
+        rows[name] = set_metrics(m, role=f"held out, {'selection' if name == cfg.val_source else 'final evaluation'} only")
     return rows
 
 
@@ -179,7 +179,7 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
         "temperature": temperature,
         "ece_calibrated": expected_calibration_error(test_preds["true_label"], calibrated),
         "reliability_calibrated": reliability_table(test_preds["true_label"], calibrated).to_dict("records"),
-        "selection": cfg.selection(), "per_source": per_source_metrics(result),
+        "selection": cfg.selection(), "per_source": per_source_metrics(result, cfg),
         "external": {name: set_metrics(m) for name, m in result.external.items()},
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
         "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,

@@ -80,12 +80,14 @@ def image_size_of(path: Path) -> tuple[int, int]:
 
 
 def true_label(path: Path) -> int | None:
-    """The label its class folder gives (any layout crackcore.sources reads), else None."""
+    """The label a class folder in `path` gives (any layout crackcore.sources reads), else None.
+    Pass the path below the input folder: a 'crack' folder above it is no label."""
     return next((FOLDER_LABEL[p.lower()] for p in reversed(path.parts[:-1]) if p.lower() in FOLDER_LABEL), None)
 
 
 def predict_patches(model: CrackResNet, meta: dict[str, Any], paths: list[Path], batch_size: int = 128,
-                    progress: bool = True) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
+                    progress: bool = True, labels: dict[Path, int | None] | None = None
+                    ) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     rows, failed = [], []
     for start in tqdm(range(0, len(paths), batch_size), desc="patches", disable=not progress or len(paths) <= batch_size,
                       file=sys.stderr):
@@ -98,8 +100,8 @@ def predict_patches(model: CrackResNet, meta: dict[str, Any], paths: list[Path],
                 failed.append((p, str(exc).splitlines()[0][:120]))
         if ok:
             prob = classify(model, meta, torch.stack(imgs))
-            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= 0.5), "true_label": true_label(p)}
-                     for p, q in zip(ok, prob)]
+            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= 0.5),
+                      "true_label": (labels or {}).get(p, true_label(Path(p.parent.name, p.name)))} for p, q in zip(ok, prob)]
     df = pd.DataFrame(rows, columns=["path", "prob_crack", "pred_label", "true_label"])
     return df.astype({"true_label": "Int64"}), failed
 
@@ -162,8 +164,10 @@ def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame) -> bytes:
     return buf.getvalue()
 
 
-def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
-    files, problems = [], []
+def collect_inputs(inputs: list[str]) -> tuple[list[Path], dict[Path, int | None], list[str]]:
+    """The image files of the inputs, their labels from class folders below each input folder,
+    and what could not be read."""
+    files, labels, problems = [], {}, []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
@@ -171,11 +175,12 @@ def collect_inputs(inputs: list[str]) -> tuple[list[Path], list[str]]:
             if not found:
                 problems.append(f"{p} holds no images")
             files += found
+            labels.update({f: true_label(f.relative_to(p)) for f in found})
         elif p.is_file():
             files.append(p)
         else:
             problems.append(f"{p} does not exist")
-    return files, problems
+    return files, labels, problems
 
 
 def print_labelled_metrics(df: pd.DataFrame) -> None:
@@ -217,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelFileError(f"--out {a.out} names a folder; pass a file prefix such as {a.out / 'wall'} "
                              "(writes wall.parquet, ...)")
     model, meta = load_model(a.model, resolve_device(a.device))
-    files, problems = collect_inputs(a.inputs)
+    files, labels, problems = collect_inputs(a.inputs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)
     if not files:
@@ -239,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     processed = 0
     if patches:
         start = time.perf_counter()
-        df, bad = predict_patches(model, meta, patches, a.batch_size)
+        df, bad = predict_patches(model, meta, patches, a.batch_size, labels=labels)
         seconds = time.perf_counter() - start
         failed += bad
     if patches and len(df):  # none readable: keep any earlier OUT.parquet

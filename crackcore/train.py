@@ -240,7 +240,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
     scheduler = make_scheduler(optimizer, cfg, len(train_loader))
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history, start_epoch = ([], 1) if resume_state is None else checkpoint.restore(
-        resume_state, model, optimizer, scheduler, scaler, aug_gen)
+        resume_state, model, optimizer, scheduler, scaler, aug_gen, info.sha256)
     val: dict[str, Any] = {}
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
@@ -261,7 +261,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                 f"{tr['img_s']:.0f} img/s  {row['seconds']:.1f}s")
         if on_epoch:
             on_epoch(dict(row), lambda epoch=epoch: checkpoint.capture(model, optimizer, scheduler, scaler, aug_gen,
-                                                                       history, epoch, cfg.to_dict()))
+                                                                       history, epoch, cfg.to_dict(), info.sha256))
     if not val:  # resumed after the last epoch: evaluate the restored model
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
     test, held_out, external = None, {}, {}

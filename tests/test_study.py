@@ -79,6 +79,10 @@ def test_local_study_writes_every_output(tiny_study: Path) -> None:
     study = json.loads((tiny_study / "study.json").read_text())
     assert study["data_source"]["kind"] in ("real", "synthetic") and study["trials"] == 4
     assert 1 <= study["max_parallel_trials"] <= 2
+    # finished trials keep no checkpoint (nothing resumes them; the best is retrained from scratch)
+    assert not list((tiny_study / "ray").rglob("checkpoint_*"))
+    assert 0 < study["slot_utilisation"] <= 1.05 and study["footprint"]["checkpoint_bytes_written"] > 0
+    assert study["footprint"]["bytes_left"] < study["footprint"]["checkpoint_bytes_written"] + 50e6
 
 
 def test_optuna_journal_records_epochs_and_pruning(tiny_study: Path) -> None:

@@ -49,6 +49,28 @@ def test_resume_from_epoch_checkpoint_continues_identically(small_cfg: TrainConf
     pd.testing.assert_frame_equal(full.history[LOSS_ACC], resumed.history[LOSS_ACC])
 
 
+def test_a_frozen_checkpoint_holds_the_head_alone_and_resumes_exactly(small_cfg: TrainConfig, tmp_path: Path) -> None:
+    from crackcore import checkpoint
+    from crackcore.exceptions import CheckpointError
+
+    data = prepare_data(small_cfg)
+    sizes, states = {}, {}
+    for depth in (0, 3, 5):
+        cfg = small_cfg.replace(freeze_depth=depth, epochs=2)
+        full = fit(cfg, data, log=None, on_epoch=lambda row, state_fn, d=depth: states.setdefault(d, state_fn()))
+        (tmp_path / str(depth)).mkdir()
+        sizes[depth] = checkpoint.save(states[depth], tmp_path / str(depth))
+        if depth:  # frozen stages come back from the seeded init, not from the file
+            resumed = fit(cfg, data, log=None, resume_state=checkpoint.load(tmp_path / str(depth)))
+            pd.testing.assert_frame_equal(full.history[LOSS_ACC], resumed.history[LOSS_ACC])
+    assert sizes[5] <= 0.05 * sizes[0] and sizes[3] < sizes[0], sizes
+    with pytest.raises(CheckpointError, match="written with freeze_depth 3, this run freezes 2"):
+        fit(small_cfg.replace(freeze_depth=2, epochs=2), data, log=None, resume_state=states[3])
+    foreign = {**states[3], "model": {**states[3]["model"], "extra.weight": torch.zeros(1)}}
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        fit(small_cfg.replace(freeze_depth=3, epochs=2), data, log=None, resume_state=foreign)
+
+
 def test_a_last_batch_of_one_image_is_dropped_not_fed_to_batchnorm(small_cfg: TrainConfig) -> None:
     # at 32 px layer4 is 1x1: BatchNorm in train mode cannot normalise a single image
     data = prepare_data(small_cfg)
@@ -198,6 +220,8 @@ def test_config_files_and_bad_values() -> None:
     ("[train]\nepochs = 3", "use max_epochs / final_epochs"),
     ('[gpu]\n"cpus_per_trail" = 3', "[gpu]: unknown setting 'cpus_per_trail'"),  # checked on CPU machines too
     ('name = ""', "is not a folder name"),
+    ("checkpoint_every = 0", "checkpoint_every=0 must be >= 1"),
+    ("checkpoint_every = 1.5", "checkpoint_every = 1.5 has the wrong type"),
     ("seed = -1", "seed=-1"),
     ("repeat_top = 2\nrepeats = 1", "needs at least 2 seeds"),
     ("space = 3", "[space] must be a table"),

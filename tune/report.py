@@ -290,7 +290,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
         except Exception as exc:  # a figure that cannot be drawn is explained, not fatal
             md += [f"### {title}", "", f"Not drawn: {str(exc).rstrip('.')}.", ""]
     if "errors.parquet" not in s.missing:
-        md += ["### Misclassified test images", ""]
+        md += ["### Misclassified images (test split, held-out sources, --eval sets)", ""]
         if s.errors.empty:
             md += ["No misclassified samples: the final model got every test image right.", ""]
         elif cap == 0:

@@ -36,8 +36,8 @@ from crackcore.outputs import loso_table, summary_lines, versions, write_json, w
 from crackcore.sources import check_root, data_setting, parse_sources
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
-from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, SyncStudyFiles, fetch_saved_study,
-                          ray_storage, study_started, sync_outputs)
+from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, SyncStudyFiles,
+                          fetch_saved_study, ray_storage, study_started, sync_outputs)
 from tune.trainable import train_trial
 from tune.trials import BEST_RULE, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
 
@@ -141,10 +141,11 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data_ref=[data_ref], train=cfg.train, backbone_ref=[backbone_ref],
-                             max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial, gpus=cfg.gpus_per_trial),
+                             max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial, gpus=cfg.gpus_per_trial,
+                             checkpoint_every=cfg.checkpoint_every),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     experiment = f"{storage}/{RAY_DIR}"
-    # num_to_keep=1 (checkpoints are ~86 MB) forces an experiment-state snapshot after every
+    # num_to_keep=1 (one checkpoint per running trial) forces an experiment-state snapshot after every
     # checkpoint, so --resume knows which one was kept; Ray warns about that frequency on
     # every short epoch. Its separate warning for a snapshot that is actually slow stays on.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
@@ -160,12 +161,13 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
         trainable,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=make_searcher(cfg, study_dir),
                                     scheduler=scheduler, num_samples=cfg.num_samples,
-                                    max_concurrent_trials=slots),  # without it OptunaSearch runs 1 trial at a time
+                                    max_concurrent_trials=slots,  # without it OptunaSearch runs 1 trial at a time
+                                    reuse_actors=True),  # a new trial starts in a warm worker: no process start, imports
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=storage,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # ~86 MB each
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[SyncStudyFiles(study_dir, storage)] if "://" in storage else None,
+            callbacks=[DropFinishedCheckpoints(), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])],
             verbose=1),
     )
     return tuner.fit()
@@ -175,7 +177,10 @@ def split_summary(test: dict[str, Any], data: Any, near_groups: pd.Series) -> di
     return {"test_accuracy": test["accuracy"], "n_test": test["n"], "ci95_low": test["ci95_low"],
             "ci95_high": test["ci95_high"], "errors": test["errors"], "groups": data.source["groups"],
             "exact_duplicate_files": data.source["exact_duplicate_files"],
-            "test_images_with_near_duplicate_in_train": near_duplicate_leaks(data.samples, near_groups)}
+            # by absolute file (sources may share relative paths), over the sources trained on
+            "test_images_with_near_duplicate_in_train": near_duplicate_leaks(
+                data.samples.assign(path=data.samples["file"])[data.samples["source"].isin(data.roles("train"))],
+                near_groups)}
 
 
 def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, backbone_ref: Any, num_cpus: int,
@@ -187,7 +192,7 @@ def compare_splits(best_cfg: TrainConfig, data: Any, result: Any, backbone_ref: 
     print(f"\n--compare-splits: retraining under the {other} split ({other_data.source['groups']} groups) ...", flush=True)
     ref = put_data(other_data)
     [other_result] = fit_remote(ref, [other_cfg], backbone_ref, num_cpus, num_gpus, True, f"{other} split")
-    near_groups = (other_data if other == "grouped" else data).samples.set_index("path")["group"]
+    near_groups = (other_data if other == "grouped" else data).samples.set_index("file")["group"]
     return {best_cfg.split_strategy: split_summary(result.test, data, near_groups),
             other: split_summary(other_result.test, other_data, near_groups)}
 
@@ -356,6 +361,14 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
     return result, metrics, final_seconds
 
 
+def slot_seconds(trials: pd.DataFrame, slot_total: float) -> dict[str, float]:
+    """The trial slots' seconds of the search by what filled them."""
+    parts = {"train_eval": trials["seconds"].sum(), "startup": trials["startup_seconds"].sum(),
+             "checkpoint_save": trials["checkpoint_seconds"].sum()}
+    return {**{k: round(float(v), 2) for k, v in parts.items()},
+            "reports_uploads_and_gaps": round(float(slot_total - sum(parts.values())), 2)}
+
+
 def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, float], trials: pd.DataFrame,
                  result: Any, best_trial_id: str, rule: str, seconds: dict[str, float]) -> dict[str, Any]:
     """What study.json holds: how the study ran, where, on what, and how long it took."""
@@ -370,6 +383,11 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         "ray_address": a.address or "local", "storage": run.storage, "trials": int(len(trials)),
         "trial_status": {k: int(v) for k, v in trials["status"].value_counts().items()},
         "max_parallel_trials": max_parallel(trials), "trial_slots": run.slots, **seconds,
+        # the share of the search the trial slots spent training and evaluating, and where the rest went
+        "slot_utilisation": float(trials["seconds"].sum() / (run.slots * seconds["search_seconds"])),
+        "slot_seconds": slot_seconds(trials, run.slots * seconds["search_seconds"]),
+        "footprint": {"checkpoint_bytes_written": int(trials["checkpoint_bytes"].sum()),
+                      "bytes_left": sum(f.stat().st_size for f in run.study_dir.rglob("*") if f.is_file())},
         "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
         "resumed": run.resumed,
     }
@@ -379,10 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     a, flags = parse_flags(argv)
     from_file = load_study_config(a.config)  # bad file, flags or data folders fail before Ray starts
-    train = apply_overrides(from_file, {k: v for k, v in flags.items() if k.startswith("train.")}).train
-    for path in {**train.sources(), **train.external}.values():
-        if path:
-            check_root(path)
+    if not a.resume:  # a resumed study keeps its saved sources
+        train = apply_overrides(from_file, {k: v for k, v in flags.items() if k.startswith("train.")}).train
+        train.check_sources()
+        if a.leave_one_out or from_file.leave_one_out:
+            leave_one_out(train)  # at least two sources
+        for path in {**train.sources(), **train.external}.values():
+            if path:
+                check_root(path)
     resources = connect_ray(a.address)
     run = open_study(a, flags, from_file, resources)
     if run is None:
@@ -396,12 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     best, rule, repeated = choose(run, trials, params_of)
     params = params_of[best["trial_id"]]
     result, metrics, final_seconds = retrain(run, best, params, rule, repeated)
-    write_json(study_record(run, a, resources, trials, result, best["trial_id"], rule, {
-        "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start}),
-        run.study_dir / "study.json")
+    record = study_record(run, a, resources, trials, result, best["trial_id"], rule, {
+        "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start})
+    write_json(record, run.study_dir / "study.json")
     sync_outputs(run.study_dir, run.storage)
     print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
-          f"{max_parallel(trials)} in parallel, wall {time.time() - t_start:.0f}s ===")
+          f"{max_parallel(trials)} in parallel, slots busy {100 * record['slot_utilisation']:.0f} %, study folder "
+          f"{record['footprint']['bytes_left'] / 1e6:.0f} MB, wall {time.time() - t_start:.0f}s ===")
     print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
           f"weights: {run.weights.describe()})")
     print("\n".join(summary_lines(metrics, run.study_dir)))

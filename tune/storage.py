@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 from ray import tune
@@ -80,6 +81,42 @@ def study_started(study_dir: Path, storage: str) -> bool:
         return True
     remote = _remote_file(storage, JOURNAL)
     return remote is not None and (_exists(remote) or tune.Tuner.can_restore(f"{storage}/{RAY_DIR}"))
+
+
+class DropFinishedCheckpoints(tune.Callback):
+    """Delete a trial's checkpoint once the trial has finished (complete, stopped by ASHA,
+    diverged, or out of retries): nothing resumes a finished trial, and the best one is retrained
+    from scratch. An interrupted trial keeps its checkpoint for --resume. A checkpoint goes only
+    after Ray's next experiment snapshot (get_state) records its trial as finished: a driver killed
+    in between resumes from a snapshot that never points at a deleted checkpoint."""
+
+    def __init__(self) -> None:
+        self.finished: list[Any] = []  # checkpoints of trials finished since the last snapshot
+        self.recorded: list[Any] = []  # ... and those a snapshot has recorded as finished
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished += [trial.checkpoint] if trial.checkpoint else []
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.finished += [trial.checkpoint] if trial.checkpoint else []
+
+    def get_state(self) -> None:
+        self.recorded, self.finished = self.recorded + self.finished, []
+        return None  # nothing for Ray to save
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        self._drop(self.recorded)
+        self.recorded = []
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._drop(self.recorded + self.finished)
+
+    def _drop(self, checkpoints: list[Any]) -> None:
+        for saved in checkpoints:
+            try:
+                saved.filesystem.delete_dir(saved.path)
+            except OSError as exc:  # already gone, or storage unreachable: the study goes on
+                print(f"warning: could not delete a finished trial's checkpoint {saved.path}: {exc}", file=sys.stderr)
 
 
 class SyncStudyFiles(tune.Callback):

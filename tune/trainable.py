@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from ray import tune
 
 from crackcore import checkpoint
@@ -48,7 +49,10 @@ def _maybe_inject_fault(epoch: int) -> None:
 
 
 def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backbone_ref: Any, max_epochs: int,
-                cpus: float, gpus: float) -> None:
+                cpus: float, gpus: float, checkpoint_every: int = 1) -> None:
+    started = time.time()  # the slot's time before the first epoch (data fetch, model build) is start-up
+    if torch.cuda.is_available():  # a reused worker: the last trial's cached blocks would shrink free memory
+        torch.cuda.empty_cache()
     # data and ImageNet backbone travel once per node through the object store (data zero-copy):
     # a weights path resolved on the driver need not exist on the node running this trial
     data, (weights, backbone) = ray.get([data_ref[0], backbone_ref[0]])
@@ -63,10 +67,13 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
     def on_epoch(row: dict[str, Any], capture) -> None:
         nonlocal last_epoch
         _maybe_inject_fault(row["epoch"])
+        due = row["epoch"] % checkpoint_every == 0  # fewer uploads to remote storage, more epochs lost on a crash
         with tempfile.TemporaryDirectory() as d:
-            checkpoint.save(capture(), Path(d))
-            tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False, "wall_time": time.time()},
-                        checkpoint=tune.Checkpoint.from_directory(d))
+            t = time.perf_counter()
+            size = checkpoint.save(capture(), Path(d)) if due else 0
+            tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False, "wall_time": time.time(),
+                         "trial_start": started, "checkpoint_bytes": size, "checkpoint_seconds": time.perf_counter() - t},
+                        checkpoint=tune.Checkpoint.from_directory(d) if due else None)
         last_epoch = row["epoch"]
 
     try:

@@ -43,6 +43,11 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             "last_val_acc": float(last["val_acc"]) if last is not None else np.nan,
             "last_val_loss": float(last["val_loss"]) if last is not None else np.nan,
             "seconds": float(hist["seconds"].sum()) if last is not None else np.nan,
+            "checkpoint_bytes": float(hist.get("checkpoint_bytes", pd.Series(dtype=float)).sum()),
+            "checkpoint_seconds": float(hist.get("checkpoint_seconds", pd.Series(dtype=float)).sum()),
+            # from the trial function's start to its first epoch's start: data fetch, model build
+            "startup_seconds": float(hist["wall_time"].iloc[0] - hist["seconds"].iloc[0] - hist["trial_start"].iloc[0])
+            if last is not None and "trial_start" in hist else np.nan,
             # wall_time: the trial's float clock at each report (Ray's timestamp is whole seconds)
             "start_time": float(clock.min() - hist["seconds"].iloc[0]) if last is not None else np.nan,
             "end_time": float(clock.max()) if last is not None else np.nan,
