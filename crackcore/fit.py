@@ -11,7 +11,8 @@ from pathlib import Path
 from crackcore.config import (AUGMENT_POLICIES, FREEZE_DEPTHS, LR_SCHEDULES, SPLIT_STRATEGIES, TrainConfig, config_json,
                               leave_one_out)
 from crackcore.data import prepare_data
-from crackcore.outputs import loso_table, summary_lines, versions, write_parquet, write_run_outputs
+from crackcore.exceptions import ConfigError
+from crackcore.outputs import loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
 from crackcore.sources import data_setting, parse_sources
 from crackcore.train import fit
 
@@ -31,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--leave-one-out", action="store_true", help="also retrain once per source with it held out "
                    "(loso.parquet)")
     p.add_argument("--out", type=Path, default=Path("results/baseline"))
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (once the new one is written)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -55,23 +57,32 @@ def main(argv: list[str] | None = None) -> int:
                       seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule)
     if a.leave_one_out:
         leave_one_out(cfg)  # at least two sources, before any training
+    if a.out.exists() and (a.out.is_file() or any(a.out.iterdir())) and not a.overwrite:
+        raise ConfigError(f"--out {a.out} is not empty (an earlier run?); pass --overwrite to replace it once the new "
+                          "run is written, or another --out")
     print("config:", config_json(cfg), flush=True)
     t0 = time.time()
     data = prepare_data(cfg)
     print(f"data: {data.source['kind']} {data.source['root']} - {data.counts()}", flush=True)
     result = fit(cfg, data, evaluate_test=True)
-    metrics = write_run_outputs(a.out, result, data, cfg, {"wall_seconds": time.time() - t0, "versions": versions(),
-                                                            "data_source": data.source, "command": sys.argv})
+    loso = {}
+    for name, held_cfg in (leave_one_out(cfg) if a.leave_one_out else {}).items():
+        print(f"\nleave-one-out: training without {name} ...", flush=True)
+        loso[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
+    metrics: dict = {}
+
+    def fill(tmp: Path) -> None:  # the whole run written, then put in place of --out
+        metrics.update(write_run_outputs(tmp, result, data, cfg, {"wall_seconds": time.time() - t0,
+                                                                  "versions": versions(), "data_source": data.source,
+                                                                  "command": sys.argv}))
+        if loso:
+            write_parquet(loso_table(loso), tmp / "loso.parquet")
+
+    write_folder(a.out, fill)
     print(f"\nweights: {result.weights.describe()}  device: {result.device} ({result.precision})  wall {time.time() - t0:.0f}s")
     print("\n".join(summary_lines(metrics, a.out)))
-    if a.leave_one_out:
-        results = {}
-        for name, held_cfg in leave_one_out(cfg).items():
-            print(f"\nleave-one-out: training without {name} ...", flush=True)
-            results[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
-        table = loso_table(results)
-        write_parquet(table, a.out / "loso.parquet")
-        print(table.to_string(index=False))
+    if loso:
+        print(loso_table(loso).to_string(index=False))
     return 0
 
 

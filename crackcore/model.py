@@ -120,7 +120,11 @@ def load_backbone(info: WeightsInfo) -> dict[str, torch.Tensor] | None:
     not exist, e.g. on the other nodes of a Ray cluster."""
     if not info.path:
         return None
-    state = torch.load(info.path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(info.path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a JPEG, an archive, a truncated file: never retried with weights_only=False
+        raise WeightsError(f"{info.path} is not a PyTorch weights file ({type(exc).__name__}); pass torchvision's "
+                           f"{WEIGHTS_FILENAME}, or --weights random") from None
     if not isinstance(state, dict):
         raise WeightsError(f"{info.path} is not a state_dict; expected torchvision's {WEIGHTS_FILENAME}")
     backbone = {k: v for k, v in state.items() if not k.startswith("fc.")}

@@ -111,6 +111,31 @@ def build_folder(root: str | Path, marker: str, meta: dict[str, Any], what: str,
     return root
 
 
+def write_folder(out: Path, fill: Callable[[Path], None]) -> Path:
+    """A run folder whole or not at all: `fill(tmp)` writes a temp folder next to `out`, which then
+    takes its place; an earlier run there is removed only once the new one is complete, so a
+    failure never leaves two runs mixed."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.")), out.with_name(f".{out.name}.old")
+    try:
+        fill(tmp)
+        tmp.chmod(DIR_MODE)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not out.exists():
+            os.replace(old, out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+    return out
+
+
 def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
     return _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 

@@ -43,6 +43,8 @@ HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
 def load_model(path: str | Path, device: torch.device | None = None) -> tuple[CrackResNet, dict[str, Any]]:
     path = Path(path)
     hint = "pass the model.pt a study or python -m crackcore.fit wrote"
+    if path.is_dir():
+        raise ModelFileError(f"--model {path} is a folder; pass the model file in it, e.g. {path / 'model.pt'}")
     if not path.is_file():
         raise ModelFileError(f"model file {path} does not exist; {hint}")
     try:
@@ -53,7 +55,10 @@ def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Cr
     if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
         raise ModelFileError(f"{path} is not a crackcore model (no '{MODEL_FORMAT}' format tag); {hint}")
     model = CrackResNet(freeze_depth=0)
-    model.load_state_dict(meta.pop("state_dict"))
+    try:
+        model.load_state_dict(meta.pop("state_dict"))
+    except (RuntimeError, KeyError, TypeError) as exc:  # damaged or foreign tensors
+        raise ModelFileError(f"{path} holds damaged weights ({str(exc).splitlines()[0][:100]}); {hint}") from None
     device = device or resolve_device("auto")
     model.to(device).eval()
     meta["device"] = device
@@ -213,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
-    stride = a.stride or a.tile
+    stride = a.tile if a.stride is None else a.stride  # 0 is a mistake, not "the tile size"
     if a.tile < 16 or not 0 < stride <= a.tile:
         raise ModelFileError(f"--stride must be in 1..--tile ({a.tile}) and --tile >= 16; got stride {stride}")
     if a.batch_size < 1:

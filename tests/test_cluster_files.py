@@ -55,7 +55,7 @@ def test_kuberay_rayjob_manifest() -> None:
     assert int(workers["resources"]["limits"]["nvidia.com/gpu"]) >= 1
     argv = _study_argv(spec["entrypoint"])
     _check_cli(argv)
-    assert build_parser().parse_args(argv).data.startswith("/data/")
+    assert build_parser().parse_args(argv).data[0].startswith("/data/")
 
 
 @pytest.mark.parametrize("name", ["study.toml", "baseline.toml"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -111,3 +112,10 @@ def test_saved_state_dict_loads_into_plain_torchvision() -> None:
     model, _ = build_model(2, "random")
     plain = torchvision.models.resnet18(num_classes=2)
     plain.load_state_dict(model.state_dict())
+
+
+def test_a_weights_file_that_is_a_jpeg_is_one_clear_error(crack_data: Path, tmp_path: Path) -> None:
+    jpeg = tmp_path / "photo.jpg"
+    shutil.copy(next((crack_data / "Positive").glob("*.jpg")), jpeg)
+    with pytest.raises(WeightsError, match="is not a PyTorch weights file"):
+        build_model(0, jpeg)

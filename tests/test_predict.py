@@ -126,6 +126,13 @@ def test_bad_inputs(run, tmp_path: Path, capsys) -> None:
     for bad in (foreign, corrupt):
         assert run_main(main, ["--model", str(bad), str(img), "--out", str(tmp_path / "x")]) == 1
         assert "is not a crackcore model" in capsys.readouterr().err
+    damaged = tmp_path / "damaged.pt"
+    payload = torch.load(model_path, weights_only=True)
+    torch.save({**payload, "state_dict": {k: v[:1] if v.ndim else v for k, v in payload["state_dict"].items()}}, damaged)
+    for bad, message in ((damaged, "holds damaged weights"), (run[0], "is a folder; pass the model file in it")):
+        assert run_main(main, ["--model", str(bad), str(img), "--out", str(tmp_path / "x")]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
     folder = tmp_path / "mixed"
     folder.mkdir()
     shutil.copy(img, folder / "good.jpg")
@@ -154,7 +161,8 @@ def test_16_bit_patches_score_like_8_bit_and_bad_flags_are_one_line(run, tmp_pat
     df = pd.read_parquet(tmp_path / "depth.parquet").set_index("path")
     assert len(df) == 2 and df["prob_crack"].nunique() == 1, df["prob_crack"]
     capsys.readouterr()
-    for flags, message in ((["--batch-size", "0"], "--batch-size must be >= 1"), (["--out", f"{tmp_path}/.."], "names a folder")):
+    for flags, message in ((["--batch-size", "0"], "--batch-size must be >= 1"), (["--out", f"{tmp_path}/.."], "names a folder"),
+                           (["--stride", "0"], "--stride must be in 1..")):
         args = ["--model", str(model_path), str(src), "--out", str(tmp_path / "x"), *flags]
         assert run_main(main, args) == 1
         err = capsys.readouterr().err.strip().splitlines()

@@ -192,7 +192,7 @@ def test_trials_pack_on_the_gpu_node_and_the_retrain_gets_a_whole_gpu(crack_data
 def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Path, tmp_path: Path) -> None:
     args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "resume",
             "--num-samples", "5", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "1",
-            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1"]
+            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto"]
     study_dir = tmp_path / "resume"
     driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -212,7 +212,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Pat
     done_before = {t.number: dict(t.intermediate_values) for t in optuna_trials(study_dir, "resume")
                    if t.state.is_finished()}
 
-    proc = run_study(*args, "--resume")
+    proc = run_study(*args)  # a restarted driver pod: the same command line (--resume auto) continues the study
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     trials = pd.read_parquet(study_dir / "trials.parquet")
     assert len(trials) == 5
@@ -223,6 +223,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Pat
     for number, values in done_before.items():  # finished trials were not run again
         assert dict(after[number].intermediate_values) == values
     assert sorted(reported_epochs(study_dir).values()) == [[1, 2]] * 5  # no epoch trained twice
+    again = run_study(*args)  # and once finished, the same command leaves it alone
+    assert again.returncode == 0 and "nothing to resume" in again.stdout
     assert (study_dir / "final_metrics.json").exists() and (study_dir / "model.pt").exists()
     assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
 
@@ -341,6 +343,8 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--data", "a=/x", "--val-source", "b"], "val_source='b' names no data source"),
     (["--eval", "site=/nonexistent/site"], "data folder /nonexistent/site does not exist"),
     (["--leave-one-out"], "leave-one-out needs at least two data sources"),
+    (["--address", "nonsense"], "--address nonsense is not HOST:PORT"),
+    (["--resume", "sometimes"], "--resume takes no value, or 'auto'"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
@@ -552,3 +556,10 @@ def test_study_selects_on_a_held_out_source_and_reports_each_source(crack_data: 
     assert report_main([str(study_dir)]) == 0
     assert (study_dir / "report" / "per_set.png").is_file()
     assert "## Other structures" in (study_dir / "report" / "report.md").read_text()
+
+
+def test_a_storage_path_under_a_file_is_one_line(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    proc = run_study("--smoke-test", "--storage-path", str(tmp_path / "file" / "studies"), timeout=120)
+    assert proc.returncode == 1 and "is a file, not a folder; pass a folder" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -245,3 +245,29 @@ def test_experiment_file_seed_seeds_the_training_too(tmp_path: Path) -> None:
     assert load_study_config(path).train.seed == 7  # as --seed 7 does
     path.write_text("seed = 7\n[train]\nseed = 3\n")
     assert load_study_config(path).train.seed == 3
+
+
+def test_fit_out_keeps_an_earlier_run_unless_overwrite_and_never_mixes_two(crack_data: Path, tmp_path: Path,
+                                                                           monkeypatch, capsys) -> None:
+    import crackcore.fit as fit_cli
+    from crackcore.cli import run_main
+
+    out = tmp_path / "run"
+    args = ["--data", str(crack_data), "--subset", "40", "--epochs", "1", "--image-size", "32", "--weights", "random",
+            "--out", str(out)]
+    assert run_main(fit_cli.main, args) == 0
+    first = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert run_main(fit_cli.main, args) == 1 and "is not empty (an earlier run?); pass --overwrite" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first
+
+    def half_written(tmp: Path, *rest, **kw) -> None:  # a write that fails part-way (a full disk, say)
+        (tmp / "final_metrics.json").write_text("{}")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(fit_cli, "write_run_outputs", half_written)
+    with pytest.raises(OSError):
+        fit_cli.main([*args, "--overwrite"])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == first and [p.name for p in tmp_path.iterdir()] == ["run"]
+    monkeypatch.undo()
+    assert run_main(fit_cli.main, [*args, "--overwrite", "--seed", "1"]) == 0
+    assert json.loads((out / "config.json").read_text())["seed"] == 1 and set(first) == {p.name for p in out.iterdir()}

@@ -24,6 +24,9 @@ def connect_ray(address: str | None) -> dict[str, Any]:
                          "head node with --address auto")
     if address and "://" not in address and address != "auto":
         host, _, port = address.rpartition(":")
+        if not port.isdigit():
+            raise StudyError(f"--address {address} is not HOST:PORT; give e.g. 10.0.0.5:6379, or auto for a cluster "
+                             "started on this machine")
         try:
             socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
         except (OSError, ValueError) as exc:

@@ -66,7 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="results", help="local folder or URI (s3://, gs://) shared by all nodes")
     p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
                    help="existing Ray cluster (host:port or auto); default $RAY_ADDRESS, else a local Ray")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted study with this name")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   help="continue an interrupted study with this name; `--resume auto`: continue it if it exists and "
+                   "is unfinished, start it if it does not, leave a finished one alone (a restarted driver pod)")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--grace-period", type=int)
     p.add_argument("--final-epochs", type=int)
@@ -128,6 +130,9 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
         flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
     cfg = apply_overrides(cfg, flags)
     if not has_gpu:
+        if flags["gpus_per_trial"]:
+            print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
+                  "on CPUs", file=sys.stderr)
         return apply_overrides(cfg, {"gpus_per_trial": 0.0})
     if cfg.gpus_per_trial is None:  # set nowhere; an explicit 0 (file or flag) keeps trials on CPUs
         return apply_overrides(cfg, {"gpus_per_trial": 0.25})
@@ -217,6 +222,8 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, A
     """The command line and its overrides of the experiment file, resolved once. Counts are
     checked here, before Ray starts, in the flags' own words."""
     a = build_parser().parse_args(argv)
+    if a.resume not in (False, True, "auto"):
+        raise ConfigError(f"--resume takes no value, or 'auto' (got {a.resume!r})")
     for name in ("num_samples", "max_epochs", "final_epochs", "image_size", "subset"):
         value = getattr(a, name)
         if value is not None and value < 1:
@@ -230,7 +237,8 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
     None: the study is already complete."""
     cfg = resolve_config(a, from_file, resources.get("GPU", 0) > 0, flags)
     study_dir, storage = ray_storage(cfg, a.storage_path)
-    if not a.resume and not a.study_name and study_started(study_dir, storage):
+    resume = a.resume is True or (a.resume == "auto" and study_started(study_dir, storage))
+    if not resume and not a.study_name and study_started(study_dir, storage):
         # a default-named re-run (e.g. a second `make study`) gets the next free name, never an overwrite
         base, n = cfg.name, 2
         while study_started(study_dir, storage):
@@ -238,7 +246,7 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
             study_dir, storage = ray_storage(cfg, a.storage_path)
             n += 1
         print(f"{base!r} already exists; this run is study {cfg.name!r} ({study_dir})", flush=True)
-    if not a.resume:
+    if not resume:
         if study_started(study_dir, storage):
             raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
                              "--study-name NEW for a new one (nothing was changed)")
@@ -397,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     a, flags = parse_flags(argv)
     from_file = load_study_config(a.config)  # bad file, flags or data folders fail before Ray starts
-    if not a.resume:  # a resumed study keeps its saved sources
+    if a.resume is not True:  # a resumed study keeps its saved sources
         train = apply_overrides(from_file, {k: v for k, v in flags.items() if k.startswith("train.")}).train
         train.check_sources()
         if a.leave_one_out or from_file.leave_one_out:

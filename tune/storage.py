@@ -15,6 +15,7 @@ import pyarrow.fs as pafs
 from ray import tune
 
 from crackcore.config import StudyConfig
+from crackcore.exceptions import StudyError
 from crackcore.results import JOURNAL
 
 RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
@@ -30,6 +31,9 @@ def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
     if "://" in storage_path:
         return Path("results").resolve() / cfg.name, f"{storage_path.rstrip('/')}/{cfg.name}"
     study_dir = Path(storage_path).expanduser().resolve() / cfg.name
+    blocked = next((p for p in study_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocked:
+        raise StudyError(f"--storage-path {storage_path}: {blocked} is a file, not a folder; pass a folder")
     return study_dir, str(study_dir)
 
 
