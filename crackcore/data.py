@@ -224,7 +224,8 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     if conflicting:
         _warn(f"dropped {n_conflicting} file(s) whose identical copy sits in the other class folder (label conflict)")
         samples = samples[~samples["content_hash"].isin(conflicting)]
-    role = samples["source"].map({name: r["role"] for name, r in records.items()})
+    role_of = {name: r["role"] for name, r in records.items()}
+    role = samples["source"].map(role_of)
     copies = (role == "train") & samples["content_hash"].isin(set(samples.loc[role != "train", "content_hash"]))
     if copies.any():  # a held-out image must not be trained on through a copy in a training source
         _warn(f"left {int(copies.sum())} training image(s) out: byte-identical to images of a held-out or --eval set")
@@ -264,7 +265,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
                 raise DataError(f"no readable {class_name} images left under {record['root']}; every file failed to "
                                 "decode")
 
-    role = samples["source"].map({name: r["role"] for name, r in records.items()})
+    role = samples["source"].map(role_of)  # again: rows were subset and unreadable ones dropped
     samples = samples.assign(split=assign_splits(samples, cfg.split_fractions, cfg.split_seed).where(role == "train", role))
     for split in SPLITS:
         have = set(samples.loc[(samples["split"] == split) & (role == "train"), "label"])

@@ -65,24 +65,25 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(cfg)
     print(f"data: {data.source['kind']} {data.source['root']} - {data.counts()}", flush=True)
     result = fit(cfg, data, evaluate_test=True)
-    loso = {}
+    held_out = {}
     for name, held_cfg in (leave_one_out(cfg) if a.leave_one_out else {}).items():
         print(f"\nleave-one-out: training without {name} ...", flush=True)
-        loso[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
+        held_out[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
+    loso = loso_table(held_out) if held_out else None
     metrics: dict = {}
 
     def fill(tmp: Path) -> None:  # the whole run written, then put in place of --out
         metrics.update(write_run_outputs(tmp, result, data, cfg, {"wall_seconds": time.time() - t0,
                                                                   "versions": versions(), "data_source": data.source,
                                                                   "command": sys.argv}))
-        if loso:
-            write_parquet(loso_table(loso), tmp / "loso.parquet")
+        if loso is not None:
+            write_parquet(loso, tmp / "loso.parquet")
 
     write_folder(a.out, fill)
     print(f"\nweights: {result.weights.describe()}  device: {result.device} ({result.precision})  wall {time.time() - t0:.0f}s")
     print("\n".join(summary_lines(metrics, a.out)))
-    if loso:
-        print(loso_table(loso).to_string(index=False))
+    if loso is not None:
+        print(loso.to_string(index=False))
     return 0
 
 
