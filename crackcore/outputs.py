@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from crackcore.calibration import apply_temperature, fit_temperature
+from crackcore.faults import kill_point
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from crackcore.metrics import binary_metrics, expected_calibration_error, format_accuracy, reliability_table
 
@@ -218,6 +219,7 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     write_parquet(errors, out / "errors.parquet")
     write_parquet(data.split_table(), out / "split.parquet")
     save_torch({**model_payload(result, cfg), "temperature": temperature}, out / "model.pt")
+    kill_point("outputs")
     write_json(cfg.to_dict(), out / "config.json")
     write_json(metrics, out / "final_metrics.json")
     return metrics

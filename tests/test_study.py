@@ -189,43 +189,45 @@ def test_trials_pack_on_the_gpu_node_and_the_retrain_gets_a_whole_gpu(crack_data
 
 
 @pytest.mark.slow
-def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Path, tmp_path: Path) -> None:
-    args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "resume",
-            "--num-samples", "5", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "1",
+def test_a_driver_killed_at_any_point_resumes_with_the_same_command(crack_data: Path, tmp_path: Path) -> None:
+    """Soak: a restarted driver pod runs the same command line (--resume auto). Killed (SIGKILL,
+    the driver and its Ray) before Ray's first state file, mid-trial, mid-retrain and while the
+    outputs are written, the study still finishes with complete outputs and no trial run twice."""
+    args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "soak",
+            "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "2",
             "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto"]
-    study_dir = tmp_path / "resume"
-    driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
-    finished: list[optuna.trial.FrozenTrial] = []
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not finished:
-            time.sleep(1)
-            if (study_dir / "optuna_journal.log").exists():
-                finished = [t for t in optuna_trials(study_dir, "resume") if t.state.is_finished()]
-        assert finished, "no trial finished within 300 s"
-        time.sleep(2)  # let Ray snapshot the experiment state after that trial
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray it started die at once
-        driver.wait()
-    assert not (study_dir / "final_metrics.json").exists()
-    done_before = {t.number: dict(t.intermediate_values) for t in optuna_trials(study_dir, "resume")
-                   if t.state.is_finished()}
+    study_dir = tmp_path / "soak"
 
-    proc = run_study(*args)  # a restarted driver pod: the same command line (--resume auto) continues the study
+    def killed_at(point: str) -> None:
+        proc = subprocess.run([*RUN, *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "CRACK_KILL_AT": point}, start_new_session=True)
+        assert proc.returncode == -signal.SIGKILL, f"not killed at {point}: " + proc.stderr[-2000:]
+        assert not (study_dir / "study.json").exists()
+
+    killed_at("search-start")
+    assert (study_dir / "ray" / "tuner.pkl").exists() and not list((study_dir / "ray").glob("experiment_state-*"))
+    killed_at("result2")  # trial 1 reported epoch 2 (its epoch 1 checkpoint is in Ray's snapshot)
+    done = {t.number: dict(t.intermediate_values) for t in optuna_trials(study_dir, "soak") if t.state.is_finished()}
+    killed_at("final retrain:epoch1")
+    assert (study_dir / "trials.parquet").exists() and not (study_dir / "model.pt").exists()
+    killed_at("outputs")
+    assert (study_dir / "model.pt").exists() and not (study_dir / "final_metrics.json").exists()
+
+    proc = run_study(*args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    trials = pd.read_parquet(study_dir / "trials.parquet")
-    assert len(trials) == 5
-    after = optuna_trials(study_dir, "resume")
+    assert all((study_dir / name).exists() for name in OUTPUTS)
+    assert len(pd.read_parquet(study_dir / "trials.parquet")) == 4
+    after = optuna_trials(study_dir, "soak")
     assert all(t.state.is_finished() for t in after)
-    ran = [t for t in after if "orphaned" not in t.user_attrs]  # asked by the killed driver, never started
-    assert len(ran) == 5 and all(t.state != optuna.trial.TrialState.FAIL for t in ran)
-    for number, values in done_before.items():  # finished trials were not run again
+    ran = [t for t in after if "orphaned" not in t.user_attrs]  # asked by a killed driver, never started
+    assert len(ran) == 4 and all(t.state != optuna.trial.TrialState.FAIL for t in ran)
+    for number, values in done.items():  # finished trials were not run again
         assert dict(after[number].intermediate_values) == values
-    assert sorted(reported_epochs(study_dir).values()) == [[1, 2]] * 5  # no epoch trained twice
-    again = run_study(*args)  # and once finished, the same command leaves it alone
+    for epochs in reported_epochs(study_dir).values():  # a killed trial went on from its checkpoint, not from scratch
+        assert epochs.count(1) == 1 and sorted(set(epochs)) == [1, 2], epochs
+    assert json.loads((study_dir / "final_metrics.json").read_text())["epochs"] == 2
+    again = run_study(*args)  # once finished, the same command leaves it alone
     assert again.returncode == 0 and "nothing to resume" in again.stdout
-    assert (study_dir / "final_metrics.json").exists() and (study_dir / "model.pt").exists()
     assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
 
 

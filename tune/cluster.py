@@ -12,6 +12,7 @@ import ray
 
 from crackcore.config import StudyConfig, TrainConfig
 from crackcore.exceptions import StudyError
+from crackcore.faults import kill_point
 from crackcore.train import available_cpus, fit
 from tune.trainable import within_resources
 
@@ -92,7 +93,7 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cp
     def _fit(refs: list, cfg: TrainConfig) -> Any:
         data, (weights, backbone) = ray.get(refs)
         result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
-                     weights_info=weights, backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
+                     weights_info=weights, backbone=backbone, on_epoch=lambda row, _: kill_point(f"{label}:epoch{row['epoch']}"), log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
         result.model = result.model.cpu() if evaluate_test else None
         result.extra["node_id"] = ray.get_runtime_context().get_node_id()
         return result

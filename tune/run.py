@@ -24,6 +24,7 @@ import optuna
 import pandas as pd
 import ray
 
+from crackcore import faults
 from crackcore.config import (SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
                               leave_one_out,
                               load_study_config, trial_config)
@@ -36,8 +37,9 @@ from crackcore.outputs import loso_table, summary_lines, versions, write_json, w
 from crackcore.sources import check_root, data_setting, parse_sources
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
-from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, SyncStudyFiles,
-                          fetch_saved_study, ray_storage, study_started, sync_outputs)
+from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
+                          SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state, ray_storage,
+                          study_started, sync_outputs)
 from tune.trainable import train_trial
 from tune.trials import BEST_RULE, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
 
@@ -154,6 +156,14 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
     # checkpoint, so --resume knows which one was kept; Ray warns about that frequency on
     # every short epoch. Its separate warning for a snapshot that is actually slow stays on.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if resume and tune.Tuner.can_restore(experiment) and not has_experiment_state(experiment):
+        # killed between Ray's tuner.pkl and its first snapshot: Ray cannot restore that (it logs a
+        # failure and wedges), and there is no trial to continue. Start the search over; the
+        # searcher reopens the journal, so Optuna keeps whatever it recorded.
+        print(f"Ray's experiment at {experiment} has no saved state (the driver stopped before its first snapshot); "
+              "starting the search over", flush=True)
+        clear_experiment(experiment)
+        resume = False
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
@@ -172,7 +182,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[DropFinishedCheckpoints(), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])],
+            callbacks=[DropFinishedCheckpoints(), KillPoints(), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])],
             verbose=1),
     )
     return tuner.fit()
@@ -403,6 +413,7 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
 
 def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
+    faults.arm()
     a, flags = parse_flags(argv)
     from_file = load_study_config(a.config)  # bad file, flags or data folders fail before Ray starts
     if a.resume is not True:  # a resumed study keeps its saved sources

@@ -79,7 +79,7 @@ class _JournalByReference(pickle.Pickler):
 class _JournalAt(pickle.Unpickler):
     def __init__(self, file: Any, study_dir: Path):
         super().__init__(file)
-        self._journal = open_journal(study_dir)
+        self._journal = open_journal(study_dir, writer=True)
 
     def persistent_load(self, pid: Any) -> Any:
         if pid != JOURNAL_REF:
@@ -98,7 +98,7 @@ class EpochAwareOptunaSearch(OptunaSearch):
     def __init__(self, *args: Any, study_dir: Path, max_epochs: int, **kwargs: Any):
         self._study_dir = Path(study_dir)
         self._max_epochs = max_epochs
-        super().__init__(*args, storage=open_journal(study_dir), **kwargs)
+        super().__init__(*args, storage=open_journal(study_dir, writer=True), **kwargs)
 
     def resume_in(self, study_dir: Path) -> None:
         self._study_dir = Path(study_dir)
@@ -164,7 +164,7 @@ def fail_orphaned_trials(study_dir: Path, study_name: str) -> None:
     """After a search every trial has ended, so an Optuna trial still RUNNING was asked by a
     driver that was killed before its Ray trial started. Mark it FAIL (Optuna's convention
     for abandoned trials) so the study holds no phantom work."""
-    study = optuna.load_study(study_name=study_name, storage=open_journal(study_dir))
+    study = optuna.load_study(study_name=study_name, storage=open_journal(study_dir, writer=True))
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     # private: optuna 5.0.0 Study._storage and FrozenTrial._trial_id (no public way to fail a trial
     # another process asked, with a note on it)

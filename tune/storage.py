@@ -16,6 +16,7 @@ from ray import tune
 
 from crackcore.config import StudyConfig
 from crackcore.exceptions import StudyError
+from crackcore.faults import kill_point
 from crackcore.results import JOURNAL
 
 RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
@@ -138,3 +139,33 @@ class SyncStudyFiles(tune.Callback):
         except OSError as exc:  # a storage hiccup must not end the study; the next snapshot retries
             print(f"warning: could not mirror {', '.join(RESUME_FILES)} to {self.storage}: {exc}", file=sys.stderr)
         return None  # nothing for Ray to save: the files are the state
+
+
+class KillPoints(tune.Callback):
+    """crackcore.faults kill points inside Ray's experiment loop, for the reliability tests."""
+
+    def __init__(self) -> None:
+        self.results = 0
+
+    def setup(self, **info: Any) -> None:
+        kill_point("search-start")  # tuner.pkl is written, the first experiment state is not
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.results += 1
+        kill_point(f"result{self.results}")  # before Ray snapshots this result
+
+
+def has_experiment_state(experiment: str) -> bool:
+    """Ray's experiment folder holds a snapshot to restore (an experiment_state-*.json), not
+    just the tuner.pkl it writes before the first one."""
+    fs, root = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (pafs.LocalFileSystem(), experiment)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return False
+    return any(Path(f.path).name.startswith("experiment_state-") and f.path.endswith(".json") for f in found)
+
+
+def clear_experiment(experiment: str) -> None:
+    fs, root = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (pafs.LocalFileSystem(), experiment)
+    fs.delete_dir(root)
