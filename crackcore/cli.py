@@ -5,17 +5,23 @@ from __future__ import annotations
 import sys
 from typing import Callable
 
-from crackcore.exceptions import CrackError
+from crackcore.exceptions import CrackError, storage_error
 
-# the project's own errors, and the file-system faults whose message already names the path
-KNOWN_ERRORS = (CrackError, FileNotFoundError, FileExistsError, PermissionError)
+# file-system faults whose message already names the path and so the fix
+NAMED_PATH_ERRORS = (FileNotFoundError, FileExistsError)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> int:
     try:
         return main(argv)
-    except KNOWN_ERRORS as exc:
+    except CrackError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk or a folder we may not write: where, what, and the fix
+        line = storage_error(exc)
+        if line is None and not isinstance(exc, NAMED_PATH_ERRORS + (PermissionError,)):
+            raise
+        print(f"error: {line or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -23,9 +23,9 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from crackcore.config import TrainConfig
-from crackcore.exceptions import DataError
+from crackcore.exceptions import DataError, storage_error
 from crackcore.hashing import content_digest, unit_hash
-from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, decode_file, io_workers
+from crackcore.images import CACHE_ENV, CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, decode_file, io_workers
 from crackcore.neardup import group_report, near_duplicate_groups
 from crackcore.sources import discover
 from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
@@ -96,15 +96,24 @@ def load_images(files: list[Path], samples: pd.DataFrame, image_size: int,
         meta_tmp.write_text(json.dumps({"n": len(samples), "image_size": image_size, "bad": bad}))
         os.replace(tmp, array_path)  # array first: the meta file marks a complete cache
         os.replace(meta_tmp, meta_path)
-    except BaseException:  # Ctrl-C or a full disk must not leave a dataset-sized temp file behind
+    except BaseException as exc:  # Ctrl-C or a full disk must not leave a dataset-sized temp file behind
         tmp.unlink(missing_ok=True)
         meta_tmp.unlink(missing_ok=True)
-        raise
+        size = len(files) * 3 * image_size**2
+        line = storage_error(exc, f"the decode cache: {len(files)} images at {image_size} px, {size / 1e6:.0f} MB",
+                             f"free space there, or set {CACHE_ENV} to a folder with room", array_path)
+        if line is None:
+            raise
+        raise line from None
     return np.load(array_path, mmap_mode="r"), bad
 
 
 def _decode_into(tmp: Path, paths: list[Path], image_size: int, progress: bool) -> dict[int, str]:
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, image_size, image_size))
+    # the mapped file is sparse: on a full disk the first write to a page kills the process with
+    # SIGBUS. Claiming its blocks now turns that into an ENOSPC here.
+    with open(tmp, "r+b") as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
     bad: dict[int, str] = {}
 
     def work(i: int) -> None:

@@ -12,7 +12,8 @@ from crackcore.config import (AUGMENT_POLICIES, FREEZE_DEPTHS, LR_SCHEDULES, SPL
                               leave_one_out)
 from crackcore.data import prepare_data
 from crackcore.exceptions import ConfigError
-from crackcore.outputs import loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
+from crackcore.images import CACHE_ENV, cache_dir
+from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
 from crackcore.sources import data_setting, parse_sources
 from crackcore.train import fit
 
@@ -57,7 +58,11 @@ def main(argv: list[str] | None = None) -> int:
                       seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule)
     if a.leave_one_out:
         leave_one_out(cfg)  # at least two sources, before any training
-    if a.out.exists() and (a.out.is_file() or any(a.out.iterdir())) and not a.overwrite:
+    if a.out.is_file():
+        raise ConfigError(f"--out {a.out} is a file; pass a folder for the run")
+    check_writable(a.out.parent, f"--out {a.out}", "choose another --out")  # before training, not after
+    check_writable(cache_dir(), "the decode cache", f"set {CACHE_ENV} to a writable folder")
+    if a.out.exists() and any(a.out.iterdir()) and not a.overwrite:
         raise ConfigError(f"--out {a.out} is not empty (an earlier run?); pass --overwrite to replace it once the new "
                           "run is written, or another --out")
     print("config:", config_json(cfg), flush=True)

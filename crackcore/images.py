@@ -20,8 +20,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+CACHE_ENV = "CRACK_CACHE"
+
+
 def cache_dir() -> Path:
-    return Path(os.environ.get("CRACK_CACHE", Path.home() / ".cache" / "crackcore"))
+    return Path(os.environ.get(CACHE_ENV, Path.home() / ".cache" / "crackcore"))
 
 
 def io_workers() -> int:

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 
 from crackcore.calibration import apply_temperature, fit_temperature
+from crackcore.exceptions import StorageError, storage_error
 from crackcore.faults import kill_point
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from crackcore.metrics import binary_metrics, expected_calibration_error, format_accuracy, reliability_table
@@ -78,6 +79,21 @@ def _atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(folder: str | Path, what: str, fix: str = "") -> None:
+    """Fail before any work, in one line, when `folder` (or the nearest existing folder above it,
+    where it would be made) cannot be written: a read-only or foreign-owned folder, a full disk."""
+    folder = Path(folder).expanduser().absolute()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise StorageError(f"{existing} is a file, not a folder ({what}); pass a folder")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=existing, prefix=".write-check.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as exc:
+        raise (storage_error(exc, what, fix, existing / "x") or exc) from None
 
 
 def build_folder(root: str | Path, marker: str, meta: dict[str, Any], what: str,

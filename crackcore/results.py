@@ -45,6 +45,7 @@ class Study:
     repeats: pd.DataFrame = field(default_factory=pd.DataFrame)
     loso: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing: list[str] = field(default_factory=list)
+    trials_from: str = "trials.parquet"  # or the Optuna journal, for a study stopped before the search ended
 
     @property
     def journal_path(self) -> Path:
@@ -110,7 +111,21 @@ def load_study(path: str | Path) -> Study:
             study.missing.append(name)
     if not study.model_path.is_file():
         study.missing.append("model.pt")
+    if not len(study.trials) and study.journal_path.is_file():  # stopped mid-search: the journal has the trials so far
+        study.trials = _read(study.journal_path, lambda: journal_trials(study))
+        study.trials_from = JOURNAL
     return study
+
+
+def journal_trials(study: Study) -> pd.DataFrame:
+    """The trials table as far as the Optuna journal knows it (params, state, epochs, best
+    value); trials.parquet is only written once the search has ended."""
+    optuna_study = load_optuna_study(study)
+    rows = [{"trial_id": f"optuna-{t.number}", **t.params, "status": t.state.name,
+             "epochs": len(t.intermediate_values),
+             "best_val_acc": max(t.intermediate_values.values(), default=float("nan"))}
+            for t in (optuna_study.trials if optuna_study else [])]
+    return pd.DataFrame(rows)
 
 
 def open_journal(study_dir: str | Path, writer: bool = False) -> Any:
@@ -172,9 +187,9 @@ def _whole_record_backend(path: Path, writer: bool) -> Any:
                     while view:  # os.write may write less than asked
                         view = view[os.write(fd, view):]
                     os.fsync(fd)
-                except OSError:
+                except OSError as exc:
                     os.ftruncate(fd, start)
-                    raise
+                    raise OSError(exc.errno, exc.strerror, self._file_path) from exc
                 finally:
                     os.close(fd)
 

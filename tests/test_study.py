@@ -347,6 +347,7 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--leave-one-out"], "leave-one-out needs at least two data sources"),
     (["--address", "nonsense"], "--address nonsense is not HOST:PORT"),
     (["--resume", "sometimes"], "--resume takes no value, or 'auto'"),
+    (["--max-epochs", "2", "--grace-period", "3"], "grace_period=3 must be between 1 and max_epochs=2"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)

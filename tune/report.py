@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 
 from crackcore.exceptions import StudyFilesError  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve, wilson_interval  # noqa: E402
-from crackcore.outputs import DIR_MODE  # noqa: E402
+from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
 from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
@@ -228,7 +228,9 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
            f"- weights: {'random init (no ImageNet weights)' if weights.get('source') == 'random' else weights.get('path') or 'not recorded (no study.json)'}",
            f"- device of the final retrain: {s.study.get('final_device', '?')}; cluster {s.study.get('cluster_resources', '?')}",
            f"- trials: {len(s.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in status.items())}); "
-           f"up to {s.study.get('max_parallel_trials', '?')} in parallel",
+           f"up to {s.study.get('max_parallel_trials', '?')} in parallel" + (
+               f"; read from the Optuna journal: the study stopped before its search ended (continue it with "
+               f"`python tune/run.py --study-name {s.name} --resume auto`)" if s.trials_from != "trials.parquet" else ""),
            f"- wall time: {s.study['wall_seconds']:.0f} s (search {s.study['search_seconds']:.0f} s, "
            f"final retrain {s.study['final_seconds']:.0f} s)" if "wall_seconds" in s.study else
            "- wall time: not recorded (no study.json: the study did not finish)", ""]
@@ -350,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.max_errors < 0:
         raise StudyFilesError(f"--max-errors must be >= 0 (got {a.max_errors}); 0 leaves the error grid out")
     s = load_study(a.study)
+    check_writable(a.study, f"the report, {a.study / 'report'}", "copy the study folder somewhere writable first")
     target = a.study / "report"
     tmp = Path(tempfile.mkdtemp(dir=a.study, prefix=".report-"))
     tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the report is served/shared like any other output

@@ -23,22 +23,24 @@ from typing import Any
 import optuna
 import pandas as pd
 import ray
+from ray.tune.error import TuneError
 
 from crackcore import faults
 from crackcore.config import (SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
                               leave_one_out,
                               load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
-from crackcore.exceptions import ConfigError, StudyError
+from crackcore.exceptions import ConfigError, StorageError, StudyError, storage_error
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import WeightsInfo, load_backbone, resolve_weights
 from crackcore.neardup import near_duplicate_leaks
-from crackcore.outputs import loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
+from crackcore.images import CACHE_ENV, cache_dir
+from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
 from crackcore.sources import check_root, data_setting, parse_sources
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
 from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
-                          SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state, ray_storage,
+                          StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state, ray_storage,
                           study_started, sync_outputs)
 from tune.trainable import train_trial
 from tune.trials import BEST_RULE, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
@@ -120,7 +122,7 @@ def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig
 
 
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
-                   flags: dict[str, Any] | None = None) -> StudyConfig:
+                   flags: dict[str, Any] | None = None, warn: bool = True) -> StudyConfig:
     """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags (`flags`:
     flag_overrides(a), resolved once by main). With GPUs and no gpus_per_trial from file or
     flag, trials pack 4 per GPU."""
@@ -132,7 +134,7 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
         flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
     cfg = apply_overrides(cfg, flags)
     if not has_gpu:
-        if flags["gpus_per_trial"]:
+        if flags["gpus_per_trial"] and warn:
             print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
                   "on CPUs", file=sys.stderr)
         return apply_overrides(cfg, {"gpus_per_trial": 0.0})
@@ -182,7 +184,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[DropFinishedCheckpoints(), KillPoints(), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])],
+            callbacks=[DropFinishedCheckpoints(), KillPoints(), StopOnStorageFault(study_dir, storage), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])],
             verbose=1),
     )
     return tuner.fit()
@@ -411,6 +413,16 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
     }
 
 
+def stopped_by_storage(exc: BaseException) -> str | None:
+    """The one line for a study stopped by storage it cannot write, else None. Ray hands an
+    error raised in a callback (StopOnStorageFault) back as a TuneError holding its traceback."""
+    if isinstance(exc, TuneError):
+        mark = f"{StorageError.__module__}.{StorageError.__name__}: "
+        return next((line.split(mark, 1)[1] for line in reversed(str(exc).splitlines()) if mark in line), None)
+    line = exc if isinstance(exc, StorageError) else storage_error(exc)
+    return None if line is None else str(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     t_start = time.time()
     faults.arm()
@@ -424,30 +436,44 @@ def main(argv: list[str] | None = None) -> int:
         for path in {**train.sources(), **train.external}.values():
             if path:
                 check_root(path)
+        for has_gpu in (False, True):  # ranges of both profiles (which one applies is known once Ray is up)
+            resolve_config(a, from_file, has_gpu, flags, warn=False)
+    if "://" not in a.storage_path:
+        check_writable(a.storage_path, f"--storage-path {a.storage_path}", "pass another --storage-path")
+    check_writable(cache_dir(), "the decode cache", f"set {CACHE_ENV} to a writable folder")
     resources = connect_ray(a.address)
     run = open_study(a, flags, from_file, resources)
     if run is None:
         return 0
-    load_inputs(run, resources)
-    trials, params_of, finished, search_seconds = search(run)
-    if finished < run.cfg.num_samples:
-        print(f"study interrupted after {finished}/{run.cfg.num_samples} trials; continue it with: python tune/run.py "
-              f"--study-name {run.cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)
-        return 130
-    best, rule, repeated = choose(run, trials, params_of)
-    params = params_of[best["trial_id"]]
-    result, metrics, final_seconds = retrain(run, best, params, rule, repeated)
-    record = study_record(run, a, resources, trials, result, best["trial_id"], rule, {
-        "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start})
-    write_json(record, run.study_dir / "study.json")
-    sync_outputs(run.study_dir, run.storage)
-    print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
-          f"{max_parallel(trials)} in parallel, slots busy {100 * record['slot_utilisation']:.0f} %, study folder "
-          f"{record['footprint']['bytes_left'] / 1e6:.0f} MB, wall {time.time() - t_start:.0f}s ===")
-    print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
-          f"weights: {run.weights.describe()})")
-    print("\n".join(summary_lines(metrics, run.study_dir)))
-    return 0
+    try:
+        load_inputs(run, resources)
+        trials, params_of, finished, search_seconds = search(run)
+        if finished < run.cfg.num_samples:
+            print(f"study interrupted after {finished}/{run.cfg.num_samples} trials; continue it with: python tune/run.py "
+                  f"--study-name {run.cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)
+            return 130
+        best, rule, repeated = choose(run, trials, params_of)
+        params = params_of[best["trial_id"]]
+        result, metrics, final_seconds = retrain(run, best, params, rule, repeated)
+        record = study_record(run, a, resources, trials, result, best["trial_id"], rule, {
+            "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start})
+        write_json(record, run.study_dir / "study.json")
+        sync_outputs(run.study_dir, run.storage)
+        print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
+              f"{max_parallel(trials)} in parallel, slots busy {100 * record['slot_utilisation']:.0f} %, study folder "
+              f"{record['footprint']['bytes_left'] / 1e6:.0f} MB, wall {time.time() - t_start:.0f}s ===")
+        print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
+              f"weights: {run.weights.describe()})")
+        print("\n".join(summary_lines(metrics, run.study_dir)))
+        return 0
+    except (OSError, StorageError, TuneError) as exc:
+        line = stopped_by_storage(exc)
+        if line is None:
+            raise
+        ray.shutdown()  # Ray's log monitor would print the failed trials' tracebacks after our line
+        # the journal and Ray's snapshot are whole (see crackcore.results.open_journal): the study resumes
+        raise StorageError(f"{line}; study {run.cfg.name} stopped: fix that, then continue it with: python tune/run.py "
+                           f"--study-name {run.cfg.name} --storage-path {a.storage_path} --resume auto") from exc
 
 
 if __name__ == "__main__":

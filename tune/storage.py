@@ -15,7 +15,7 @@ import pyarrow.fs as pafs
 from ray import tune
 
 from crackcore.config import StudyConfig
-from crackcore.exceptions import StudyError
+from crackcore.exceptions import StorageError, StudyError
 from crackcore.faults import kill_point
 from crackcore.results import JOURNAL
 
@@ -169,3 +169,24 @@ def has_experiment_state(experiment: str) -> bool:
 def clear_experiment(experiment: str) -> None:
     fs, root = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (pafs.LocalFileSystem(), experiment)
     fs.delete_dir(root)
+
+
+class StopOnStorageFault(tune.Callback):
+    """End the study at the first trial that failed because storage cannot be written (a full
+    disk, a read-only or foreign-owned folder) instead of letting Ray retry every trial into the
+    same wall and mark them all ERROR: the failed trial is back in Ray's queue (a retry), so a
+    --resume after the fix continues it from its last checkpoint."""
+
+    MARKS = ("No space left on device", "Disk quota exceeded", "Permission denied", "Read-only file system")
+
+    def __init__(self, study_dir: Path, storage: str):
+        self.study_dir, self.storage = study_dir, storage
+
+    def on_trial_recover(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        try:
+            text = Path(trial.error_file).read_text(errors="replace") if trial.error_file else ""
+        except OSError:
+            return
+        if fault := next((m for m in self.MARKS if m in text), None):
+            raise StorageError(f"trial {trial.trial_id} could not write its checkpoint to {self.storage} "
+                               f"({fault.lower()})")
