@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sys
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,10 @@ def _is_image(p: Path) -> bool:
 
 
 def _no_images(class_dir: Path) -> DataError:
+    # rglob passes over a folder it may not list, so an unreadable folder looks empty: say which it is
+    if not os.access(class_dir, os.R_OK | os.X_OK):
+        return DataError(f"class folder {class_dir} cannot be read (permission denied); make it readable "
+                         f"(chmod -R a+rX {class_dir}) or fix --data")
     return DataError(f"class folder {class_dir} has no images (.jpg/.png/.pt); add images or fix --data")
 
 

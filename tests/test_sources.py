@@ -2,6 +2,7 @@
 and NAME=PATH data sources."""
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -173,3 +174,16 @@ def test_a_folder_of_whole_datasets_is_not_merged_into_one(tmp_path: Path, crack
             shutil.copy(next((crack_data / cls).glob("*.jpg")), tmp_path / name / cls)
     with pytest.raises(DataError, match=r"no class folders in .* \(sub-folders: concrete/, masonry/\)"):
         discover(tmp_path)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads any folder; run as a user to see this fault")
+def test_an_unreadable_class_folder_is_named_as_unreadable_not_empty(tmp_path: Path) -> None:
+    for cls in ("Positive", "Negative"):
+        (tmp_path / cls).mkdir()
+        (tmp_path / cls / "a.jpg").write_bytes(b"x")
+    (tmp_path / "Positive").chmod(0)
+    try:
+        with pytest.raises(DataError, match="cannot be read"):
+            check_root(tmp_path)
+    finally:
+        (tmp_path / "Positive").chmod(0o755)
