@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import numpy as np
 import pandas as pd
 import ray
 from ray.tune.error import TuneError
@@ -228,6 +229,7 @@ class StudyRun:
     data_ref: Any = None
     backbone_ref: Any = None
     slots: int = 0
+    slot_use: dict[str, Any] | None = None  # the search's slot utilisation and where the slots' seconds went
 
 
 def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -319,6 +321,7 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
     write_parquet(trials, run.study_dir / "trials.parquet")
     if len(history):
         write_parquet(history, run.study_dir / "history.parquet")
+    run.slot_use = slot_use(trials, history, run.slots, search_seconds, t_search if run.resumed else None)
     return trials, params_of, finished, search_seconds
 
 
@@ -381,12 +384,19 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
     return result, metrics, final_seconds
 
 
-def slot_seconds(trials: pd.DataFrame, slot_total: float) -> dict[str, float]:
-    """The trial slots' seconds of the search by what filled them."""
-    parts = {"train_eval": trials["seconds"].sum(), "startup": trials["startup_seconds"].sum(),
-             "checkpoint_save": trials["checkpoint_seconds"].sum()}
-    return {**{k: round(float(v), 2) for k, v in parts.items()},
-            "reports_uploads_and_gaps": round(float(slot_total - sum(parts.values())), 2)}
+def slot_use(trials: pd.DataFrame, history: pd.DataFrame, slots: int, search_seconds: float,
+             since: float | None = None) -> dict[str, Any]:
+    """slot_utilisation = the trials' train + eval seconds / (slots x search seconds), and the
+    slots' seconds by what filled them. A resumed search counts only the epochs this driver
+    ran (`since` its start): earlier drivers' epochs are not in its search seconds."""
+    epochs = history if since is None or "wall_time" not in history else history[history["wall_time"] >= since]
+    parts = {"train_eval": epochs["seconds"].sum() if len(epochs) else 0.0,
+             "startup": trials["startup_seconds"].sum() if since is None else np.nan,
+             "checkpoint_save": epochs["checkpoint_seconds"].sum() if "checkpoint_seconds" in epochs else np.nan}
+    total = slots * search_seconds
+    return {"slot_utilisation": float(parts["train_eval"] / total) if total else float("nan"),
+            "slot_seconds": {**{k: None if pd.isna(v) else round(float(v), 2) for k, v in parts.items()},
+                             "reports_uploads_and_gaps": round(float(total - np.nansum(list(parts.values()))), 2)}}
 
 
 def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, float], trials: pd.DataFrame,
@@ -404,8 +414,7 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         "trial_status": {k: int(v) for k, v in trials["status"].value_counts().items()},
         "max_parallel_trials": max_parallel(trials), "trial_slots": run.slots, **seconds,
         # the share of the search the trial slots spent training and evaluating, and where the rest went
-        "slot_utilisation": float(trials["seconds"].sum() / (run.slots * seconds["search_seconds"])),
-        "slot_seconds": slot_seconds(trials, run.slots * seconds["search_seconds"]),
+        **run.slot_use,
         "footprint": {"checkpoint_bytes_written": int(trials["checkpoint_bytes"].sum()),
                       "bytes_left": sum(f.stat().st_size for f in run.study_dir.rglob("*") if f.is_file())},
         "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),

@@ -67,7 +67,9 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
     def on_epoch(row: dict[str, Any], capture) -> None:
         nonlocal last_epoch
         _maybe_inject_fault(row["epoch"])
-        due = row["epoch"] % checkpoint_every == 0  # fewer uploads to remote storage, more epochs lost on a crash
+        # every checkpoint_every epochs: fewer uploads to remote storage, more epochs lost on a crash.
+        # None after the last epoch: nothing resumes a finished trial.
+        due = row["epoch"] % checkpoint_every == 0 and row["epoch"] < max_epochs
         with tempfile.TemporaryDirectory() as d:
             t = time.perf_counter()
             size = checkpoint.save(capture(), Path(d)) if due else 0

@@ -27,8 +27,9 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
         if len(hist) and "epoch" in hist:
             hist = hist.drop_duplicates("epoch", keep="last").sort_values("epoch")
             per_source = sorted(c for c in hist if c.startswith("val_acc_"))  # when val holds several sources
+            timing = [c for c in ("wall_time", "checkpoint_seconds", "checkpoint_bytes") if c in hist]
             h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
-                      *per_source, "node_id", "timestamp"]].assign(trial_id=trial_id, **params)
+                      *per_source, "node_id", "timestamp", *timing]].assign(trial_id=trial_id, **params)
             history.append(h)
         epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
         diverged = "diverged" in hist and bool(hist["diverged"].iloc[-1] == True)  # noqa: E712 (NaN: False)
