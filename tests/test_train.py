@@ -271,3 +271,6 @@ def test_fit_out_keeps_an_earlier_run_unless_overwrite_and_never_mixes_two(crack
     monkeypatch.undo()
     assert run_main(fit_cli.main, [*args, "--overwrite", "--seed", "1"]) == 0
     assert json.loads((out / "config.json").read_text())["seed"] == 1 and set(first) == {p.name for p in out.iterdir()}
+    (tmp_path / "file").write_text("x")  # was: trained first, then failed with "File exists"
+    assert run_main(fit_cli.main, [*args[:-1], str(tmp_path / "file")]) == 1
+    assert "is a file; pass a folder" in capsys.readouterr().err
