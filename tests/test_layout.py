@@ -8,13 +8,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration"},
-    {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results"},
+    {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results",
+     "crackcore.tracking"},
     {"crackcore.augment", "crackcore.model", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",
      "crackcore.sources"},
     {"crackcore.data"},
     {"crackcore.train"},
     {"crackcore.fit", "crackcore.predict", "crackcore.bench"},
-    {"tune.storage", "tune.search", "tune.trainable"},
+    {"tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
     {"tune.cluster"},
     {"tune.trials"},
     {"tune.run", "tune.report"},

@@ -345,6 +345,9 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--leave-one-out"], "leave-one-out needs at least two data sources"),
     (["--address", "nonsense"], "--address nonsense is not HOST:PORT"),
     (["--resume", "sometimes"], "--resume takes no value, or 'auto'"),
+    # checked before Ray starts: the unreachable --address would be the error otherwise
+    (["--mlflow", "bogus://x", "--address", "127.0.0.1:1"], "--mlflow bogus://x: cannot open this MLflow tracking store"),
+    (["--mlflow", "sqlite:////nonexistent/dir/x.db", "--address", "127.0.0.1:1"], "folder /nonexistent/dir does not exist"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
