@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers as _numbers
 import os
 from pathlib import Path
 from typing import Any, Iterator
@@ -112,7 +113,7 @@ def numbers(values: dict[str, Any], sep: str = "/") -> dict[str, float]:
     """The finite numeric leaves of a nested dict (bools and lists left out), keys joined by `sep`."""
     flat = pd.json_normalize(values, sep=sep).iloc[0].to_dict() if values else {}
     return {k: float(v) for k, v in flat.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+            if isinstance(v, _numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}  # numpy scalars too
 
 
 def log_batch(mlf: Any, run_id: str, metrics: dict[str, float] | None = None, step: int = 0,

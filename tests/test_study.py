@@ -192,7 +192,8 @@ def test_trials_pack_on_the_gpu_node_and_the_retrain_gets_a_whole_gpu(crack_data
 def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Path, tmp_path: Path) -> None:
     args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "resume",
             "--num-samples", "5", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "1",
-            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto"]
+            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto",
+            "--mlflow", f"sqlite:///{tmp_path}/mlflow.db"]
     study_dir = tmp_path / "resume"
     driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               start_new_session=True)
@@ -227,6 +228,15 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(crack_data: Pat
     assert again.returncode == 0 and "nothing to resume" in again.stdout
     assert (study_dir / "final_metrics.json").exists() and (study_dir / "model.pt").exists()
     assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
+    # MLflow: the resumed study went on in its experiment, each trial in its own run, every epoch once
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("resume").experiment_id], "tags.role = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(trials["trial_id"])
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == [1, 2]
 
 
 @pytest.mark.slow
@@ -345,9 +355,10 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--leave-one-out"], "leave-one-out needs at least two data sources"),
     (["--address", "nonsense"], "--address nonsense is not HOST:PORT"),
     (["--resume", "sometimes"], "--resume takes no value, or 'auto'"),
-    # checked before Ray starts: the unreachable --address would be the error otherwise
-    (["--mlflow", "bogus://x", "--address", "127.0.0.1:1"], "--mlflow bogus://x: cannot open this MLflow tracking store"),
-    (["--mlflow", "sqlite:////nonexistent/dir/x.db", "--address", "127.0.0.1:1"], "folder /nonexistent/dir does not exist"),
+    # checked before Ray starts (the unreachable --address would be the error otherwise); as root, MLflow
+    # itself would create the missing folder (tests/test_tracking.py: bogus://x and the same with crackcore.fit)
+    (["--mlflow", "sqlite:////nonexistent/dir/x.db", "--address", "127.0.0.1:1"],
+     "--mlflow sqlite:////nonexistent/dir/x.db: folder /nonexistent/dir does not exist"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)
