@@ -110,11 +110,19 @@ def test_fit_is_one_mlflow_run(crack_data: Path, tmp_path: Path) -> None:
     assert {a.path for a in client.list_artifacts(r.info.run_id)} == {"model.pt", "errors.parquet", "final_metrics.json"}
     # the artifacts live next to the store, not in the folder the command ran from
     assert (tmp_path / "results" / "mlartifacts" / "base").is_dir()
+    # a new study never mixes its runs into an experiment of the same name that holds runs; a resumed one goes on
+    from crackcore.exceptions import StudyError
+    from crackcore.tracking import experiment
+
+    with pytest.raises(StudyError, match="already holds runs of an earlier study of that name; pass --study-name NEW"):
+        experiment(uri, "base", new_study=True)
+    assert experiment(uri, "base") == r.info.experiment_id
 
 
 @pytest.mark.parametrize("uri, message", [
     ("sqlite:////nonexistent/dir/x.db", "folder /nonexistent/dir does not exist; create it"),
     ("bogus://x", "cannot open this MLflow tracking store"),
+    ("http://127.0.0.1:1", "cannot open this MLflow tracking store"),  # no server: no minutes of retries either
 ])
 def test_a_bad_mlflow_uri_is_one_line_before_anything_runs(uri: str, message: str, tmp_path: Path, capsys) -> None:
     import crackcore.fit as fit_cli
