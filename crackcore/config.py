@@ -258,6 +258,7 @@ class StudyConfig:
     compare_splits: bool = False
     leave_one_out: bool = False  # retrain the chosen setting once per source with it held out (loso.parquet)
     checkpoint_every: int = 1  # epochs between a trial's checkpoints: fewer uploads vs more epochs lost on a crash
+    mlflow: str | None = None  # MLflow tracking URI: every trial and the final retrain a run (tune.tracking)
     # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
     # budgets adapt to the device without a second experiment file.
     cpu: dict[str, Any] = field(default_factory=dict)

@@ -15,7 +15,8 @@ from crackcore.exceptions import ConfigError
 from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
 from crackcore.sources import data_setting, parse_sources
-from crackcore.train import fit
+from crackcore.tracking import experiment, finish_run, log_epoch, open_store, tracked_run
+from crackcore.train import HISTORY_COLUMNS, fit
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split-strategy", default=d.split_strategy, choices=SPLIT_STRATEGIES)
     p.add_argument("--device", default=d.device)
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
+    p.add_argument("--mlflow", metavar="URI", help="also record the run in MLflow (parameters, per-epoch and test "
+                   "metrics, model.pt, errors.parquet), in an experiment named after --out's folder; e.g. "
+                   "sqlite:///results/mlflow.db")
     return p
 
 
@@ -65,11 +69,26 @@ def main(argv: list[str] | None = None) -> int:
     if a.out.exists() and any(a.out.iterdir()) and not a.overwrite:
         raise ConfigError(f"--out {a.out} is not empty (an earlier run?); pass --overwrite to replace it once the new "
                           "run is written, or another --out")
+    uri = open_store(a.mlflow, create_in=a.out.parent) if a.mlflow else None  # a bad URI fails before training
     print("config:", config_json(cfg), flush=True)
     t0 = time.time()
+    name = a.out.resolve().name  # the MLflow experiment and run
+    with tracked_run(uri, experiment(uri, name) if uri else None, name, cfg.to_dict(),
+                     {"role": "fit", "out": str(a.out.resolve())}) as run_id:
+        metrics = train_and_write(a, cfg, t0, uri, run_id)
+        if run_id:
+            files = [a.out / n for n in ("model.pt", "errors.parquet", "final_metrics.json", "loso.parquet")]
+            finish_run(uri, run_id, metrics, files, skip=set(HISTORY_COLUMNS), step=metrics["epochs"])
+            print(f"mlflow: run {run_id} in experiment {name!r} at {uri}")
+    return 0
+
+
+def train_and_write(a: argparse.Namespace, cfg: TrainConfig, t0: float, uri: str | None, run_id: str | None) -> dict:
+    """Train (each epoch logged to the MLflow run `run_id`, if any), write --out whole, print the
+    summary; returns final_metrics.json's figures."""
     data = prepare_data(cfg)
     print(f"data: {data.source['kind']} {data.source['root']} - {data.counts()}", flush=True)
-    result = fit(cfg, data, evaluate_test=True)
+    result = fit(cfg, data, evaluate_test=True, on_epoch=(lambda row, _: log_epoch(uri, run_id, row)) if run_id else None)
     held_out = {}
     for name, held_cfg in (leave_one_out(cfg) if a.leave_one_out else {}).items():
         print(f"\nleave-one-out: training without {name} ...", flush=True)
@@ -89,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(summary_lines(metrics, a.out)))
     if loso is not None:
         print(loso.to_string(index=False))
-    return 0
+    return metrics
 
 
 if __name__ == "__main__":

@@ -50,10 +50,12 @@ def crack_data() -> Path:
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real study (real Ray, real Optuna, real images): 4 trials x 2 epochs at 32 px, then a
-    2-epoch retrain. Shared by the study, report and inspection tests. Returns the study folder."""
+    2-epoch retrain, recorded in an MLflow store beside it (storage/mlflow.db). Shared by the study,
+    report, inspection and tracking tests. Returns the study folder."""
     storage = tmp_path_factory.mktemp("studies")
     cmd = [sys.executable, str(REPO / "tune" / "run.py"), "--smoke-test", "--data", str(TEST_DATA),
-           "--storage-path", str(storage), "--study-name", "tiny", "--subset", "60", "--seed", "1"]
+           "--storage-path", str(storage), "--study-name", "tiny", "--subset", "60", "--seed", "1",
+           "--mlflow", f"sqlite:///{storage}/mlflow.db"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"tiny study failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")

@@ -195,7 +195,8 @@ def test_a_driver_killed_at_any_point_resumes_with_the_same_command(crack_data: 
     outputs are written, the study still finishes with complete outputs and no trial run twice."""
     args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "soak",
             "--num-samples", "4", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "2",
-            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto"]
+            "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto",
+            "--mlflow", f"sqlite:///{tmp_path}/mlflow.db"]
     study_dir = tmp_path / "soak"
 
     def killed_at(point: str) -> None:
@@ -216,7 +217,8 @@ def test_a_driver_killed_at_any_point_resumes_with_the_same_command(crack_data: 
     proc = run_study(*args)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert all((study_dir / name).exists() for name in OUTPUTS)
-    assert len(pd.read_parquet(study_dir / "trials.parquet")) == 4
+    trials = pd.read_parquet(study_dir / "trials.parquet")
+    assert len(trials) == 4
     after = optuna_trials(study_dir, "soak")
     assert all(t.state.is_finished() for t in after)
     ran = [t for t in after if "orphaned" not in t.user_attrs]  # asked by a killed driver, never started
@@ -229,6 +231,15 @@ def test_a_driver_killed_at_any_point_resumes_with_the_same_command(crack_data: 
     again = run_study(*args)  # once finished, the same command leaves it alone
     assert again.returncode == 0 and "nothing to resume" in again.stdout
     assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
+    # MLflow: the resumed study went on in its experiment, each trial in its own run, every epoch once
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("soak").experiment_id], "tags.role = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(trials["trial_id"])
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == [1, 2]
 
 
 @pytest.mark.slow
@@ -348,6 +359,10 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     (["--address", "nonsense"], "--address nonsense is not HOST:PORT"),
     (["--resume", "sometimes"], "--resume takes no value, or 'auto'"),
     (["--max-epochs", "2", "--grace-period", "3"], "grace_period=3 must be between 1 and max_epochs=2"),
+    # checked before Ray starts (the unreachable --address would be the error otherwise); as root, MLflow
+    # itself would create the missing folder (tests/test_tracking.py: bogus://x and the same with crackcore.fit)
+    (["--mlflow", "sqlite:////nonexistent/dir/x.db", "--address", "127.0.0.1:1"],
+     "--mlflow sqlite:////nonexistent/dir/x.db: folder /nonexistent/dir does not exist"),
 ])
 def test_bad_input_fails_with_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
     proc = run_study(*args, "--storage-path", str(tmp_path), timeout=120)

@@ -27,6 +27,7 @@ from crackcore.exceptions import StudyFilesError  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve, wilson_interval  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
 from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
+from crackcore.tracking import log_folder  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
 STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
@@ -372,6 +373,13 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if (mlflow := s.study.get("mlflow")) and mlflow.get("retrain_run_id"):  # a study run with --mlflow
+        try:
+            log_folder(mlflow["uri"], mlflow["retrain_run_id"], target, "report")
+            print(f"mlflow: report logged to the retrain's run {mlflow['retrain_run_id']} at {mlflow['uri']}")
+        except Exception as exc:  # the report is written; the store may be gone or unreachable from here
+            print(f"warning: report not logged to MLflow at {mlflow['uri']}: {str(exc).splitlines()[0][:200]}",
+                  file=sys.stderr)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"report: {target / 'report.md'}\nhtml:   {target / 'index.html'}\nfigures: "

@@ -38,11 +38,13 @@ from crackcore.neardup import near_duplicate_leaks
 from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
 from crackcore.sources import check_root, data_setting, parse_sources
+from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
 from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
-                          StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state, ray_storage,
-                          study_started, sync_outputs)
+                          StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state,
+                          ray_storage, study_started, sync_outputs)
+from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
 from tune.trials import BEST_RULE, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
 
@@ -89,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int)
     p.add_argument("--compare-splits", action=argparse.BooleanOptionalAction,
                    help="also retrain the best config under the other split strategy")
+    p.add_argument("--mlflow", metavar="URI", help="record every trial and the final retrain as MLflow runs of an "
+                   "experiment named after the study, e.g. sqlite:///results/mlflow.db")
     p.add_argument("--smoke-test", action="store_true", help="tiny budget: 4 trials x 2 epochs at 32 px")
     return p
 
@@ -106,7 +110,7 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
             "train.test_source": a.test_source, "train.external": parse_sources(a.eval) if a.eval else None,
             "train.data": data, "train.image_size": a.image_size, "train.subset": a.subset,
             "train.weights": a.weights, "train.split_strategy": a.split_strategy,
-            "train.seed": a.seed}
+            "train.seed": a.seed, "mlflow": a.mlflow}
 
 
 def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig,
@@ -185,7 +189,9 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[DropFinishedCheckpoints(), KillPoints(), StopOnStorageFault(study_dir, storage), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])],
+            callbacks=[DropFinishedCheckpoints(), KillPoints(), StopOnStorageFault(study_dir, storage),
+                       *([SyncStudyFiles(study_dir, storage)] if "://" in storage else []),
+                       *([TrialRuns(cfg.mlflow, cfg.name)] if cfg.mlflow else [])],  # restored with the rest on --resume
             verbose=1),
     )
     return tuner.fit()
@@ -230,6 +236,8 @@ class StudyRun:
     backbone_ref: Any = None
     slots: int = 0
     slot_use: dict[str, Any] | None = None  # the search's slot utilisation and where the slots' seconds went
+    experiment_id: str | None = None  # the study's MLflow experiment, with --mlflow
+    retrain_run_id: str | None = None
 
 
 def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
@@ -322,6 +330,8 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
     if len(history):
         write_parquet(history, run.study_dir / "history.parquet")
     run.slot_use = slot_use(trials, history, run.slots, search_seconds, t_search if run.resumed else None)
+    if run.experiment_id:
+        mark_trials(run.cfg.mlflow, run.experiment_id, trials)
     return trials, params_of, finished, search_seconds
 
 
@@ -373,6 +383,10 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
     if cfg.compare_splits:
         extra["split_comparison"] = compare_splits(best_cfg, data, result, run.backbone_ref, num_cpus, num_gpus)
     metrics = write_run_outputs(run.study_dir, result, data, best_cfg, extra)
+    write_retrain_events(result.history, run.study_dir / RAY_DIR / RETRAIN_EVENTS)
+    if run.experiment_id:
+        run.retrain_run_id = log_retrain(cfg.mlflow, run.experiment_id, cfg.name, best["trial_id"], result, best_cfg,
+                                         metrics, run.study_dir)
     if cfg.leave_one_out:
         results = {}
         for name, held_cfg in leave_one_out(best_cfg).items():
@@ -419,6 +433,8 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
                       "bytes_left": sum(f.stat().st_size for f in run.study_dir.rglob("*") if f.is_file())},
         "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
         "resumed": run.resumed,
+        **({"mlflow": {"uri": run.cfg.mlflow, "experiment": run.cfg.name, "experiment_id": run.experiment_id,
+                       "retrain_run_id": run.retrain_run_id}} if run.experiment_id else {}),
     }
 
 
@@ -450,10 +466,14 @@ def main(argv: list[str] | None = None) -> int:
     if "://" not in a.storage_path:
         check_writable(a.storage_path, f"--storage-path {a.storage_path}", "pass another --storage-path")
     check_writable(cache_dir(), "the decode cache", f"set {CACHE_ENV} to a writable folder")
+    if uri := a.mlflow or (None if a.resume is True else from_file.mlflow):  # a resumed study keeps its own
+        flags["mlflow"] = open_store(uri, create_in=None if "://" in a.storage_path else a.storage_path)
     resources = connect_ray(a.address)
     run = open_study(a, flags, from_file, resources)
     if run is None:
         return 0
+    if run.cfg.mlflow:  # one experiment per study: a resumed study goes on in its own
+        run.experiment_id = experiment(open_store(run.cfg.mlflow), run.cfg.name, new_study=not run.resumed)
     try:
         load_inputs(run, resources)
         trials, params_of, finished, search_seconds = search(run)
@@ -474,6 +494,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
               f"weights: {run.weights.describe()})")
         print("\n".join(summary_lines(metrics, run.study_dir)))
+        print(f"tensorboard --logdir {run.study_dir / RAY_DIR}   (the trials' and the retrain's curves)")
+        if run.experiment_id:
+            print(f"mlflow: experiment {run.cfg.name!r} (id {run.experiment_id}) at {run.cfg.mlflow}: a run per trial "
+                  f"and the retrain ({run.retrain_run_id})")
         return 0
     except (OSError, StorageError, TuneError) as exc:
         line = stopped_by_storage(exc)
