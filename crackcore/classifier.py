@@ -12,6 +12,7 @@ prob_crack >= the metadata's `threshold`. The model's metadata_props hold all of
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,12 @@ class Classifier:
         """uint8 [B,3,S,S] at meta["image_size"] -> (logits float32 [B,2], prob_crack float32 [B])."""
         raise NotImplementedError
 
+    def check_batch(self, batch_u8: torch.Tensor) -> None:
+        size = self.meta["image_size"]
+        if batch_u8.dtype != torch.uint8 or batch_u8.ndim != 4 or tuple(batch_u8.shape[1:]) != (3, size, size):
+            raise ModelFileError(f"this model takes uint8 [batch, 3, {size}, {size}] images; got {batch_u8.dtype} "
+                                 f"{list(batch_u8.shape)} (decode with crackcore.images.decode_file(path, {size}))")
+
     def prob_crack(self, batch_u8: torch.Tensor) -> np.ndarray:
         return self.run(batch_u8)[1].astype(np.float64)
 
@@ -73,6 +80,7 @@ class TorchClassifier(Classifier):
 
     @torch.inference_mode()
     def run(self, batch_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.check_batch(batch_u8)
         logits, prob = self.field(batch_u8.to(self.meta["device"]))
         return logits.cpu().numpy(), prob.cpu().numpy()
 
@@ -80,12 +88,13 @@ class TorchClassifier(Classifier):
 class OnnxClassifier(Classifier):
     """`source`: an .onnx file, or its bytes (crackcore.export checks a model before writing it)."""
 
-    def __init__(self, source: Path | bytes, device: torch.device | None = None, name: str | None = None):
+    def __init__(self, source: Path | bytes, device: torch.device | None = None, name: str | None = None,
+                 threads: int | None = None):
         import onnxruntime as ort
 
         path = name or ("<exported model>" if isinstance(source, bytes) else str(source))  # for messages
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = available_cpus()  # not every core of a shared or pinned machine
+        opts.intra_op_num_threads = threads or available_cpus()  # not every core of a shared or pinned machine
         opts.log_severity_level = 3  # its warnings are not the user's problem; failures still raise
         cuda = device is not None and device.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers()
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else ["CPUExecutionProvider"]
@@ -94,15 +103,26 @@ class OnnxClassifier(Classifier):
                                                 providers=providers)
         except Exception as exc:  # not an ONNX file, or one onnxruntime cannot run
             raise ModelFileError(f"{path} is not a crackcore ONNX model (onnxruntime cannot load it: "
-                                 f"{str(exc).splitlines()[0][:100]}); {HINT}") from None
+                                 f"{ort_reason(exc)}); {HINT}") from None
         self.meta = {**onnx_meta(path, self.session.get_modelmeta().custom_metadata_map),
                      "device": f"onnxruntime {self.session.get_providers()[0].removesuffix('ExecutionProvider')}",
                      "runtime": "onnxruntime"}
         check_graph(path, self.session, self.meta["image_size"])
 
     def run(self, batch_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.check_batch(batch_u8)
         logits, prob = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(batch_u8.cpu().numpy())})
         return logits, prob
+
+
+def ort_reason(exc: Exception) -> str:
+    """onnxruntime's load error without its status code, file path and C++ source location."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    if re.search(r"\.cc:\d+ ", text):  # "Load model from P failed:/src/x.cc:256 onnxruntime::F(...) reason"
+        text = text.rsplit(") ", 1)[-1]
+    text = re.sub(r"^Load model from .* failed:\s*", "", text)
+    return text[:120]
 
 
 def to_onnx(field: FieldModel, image_size: int, metadata: dict[str, str]) -> bytes:
