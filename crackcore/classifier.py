@@ -11,8 +11,10 @@ prob_crack >= the metadata's `threshold`. The model's metadata_props hold all of
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +52,15 @@ class FieldModel(nn.Module):
         return logits, torch.sigmoid((logits[:, 1] - logits[:, 0]) / self.temperature)
 
 
-class Classifier:
+class Classifier(ABC):
     """What predict needs of a model: `meta` (image_size, classes, temperature, threshold, ...,
     and `device`, the runtime in words or a torch.device) and the scores of a uint8 batch."""
 
     meta: dict[str, Any]
 
+    @abstractmethod
     def run(self, batch_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """uint8 [B,3,S,S] at meta["image_size"] -> (logits float32 [B,2], prob_crack float32 [B])."""
-        raise NotImplementedError
 
     def check_batch(self, batch_u8: torch.Tensor) -> None:
         size = self.meta["image_size"]
@@ -130,7 +132,7 @@ def to_onnx(field: FieldModel, image_size: int, metadata: dict[str, str]) -> byt
     dimension and `metadata` as its metadata_props."""
     import onnx
 
-    field = field.cpu().eval()
+    field = copy.deepcopy(field).cpu().eval()  # the caller's module stays on its device
     example = torch.zeros(2, 3, image_size, image_size, dtype=torch.uint8)  # 2: a batch of 1 would be specialised
     program = torch.onnx.export(field, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                                 dynamic_shapes=({0: torch.export.Dim("batch", min=1)},), verbose=False)
@@ -151,7 +153,7 @@ def onnx_metadata(meta: dict[str, Any], source_sha256: str, source_name: str) ->
             "mean": json.dumps(list(meta["mean"])), "std": json.dumps(list(meta["std"])),
             "classes": json.dumps(list(meta["classes"])), "arch": str(meta.get("arch", "resnet18")),
             "temperature": repr(float(meta.get("temperature") or 1.0)),
-            "threshold": repr(float(meta.get("threshold", DEFAULT_THRESHOLD))),
+            "threshold": repr(float(DEFAULT_THRESHOLD if meta.get("threshold") is None else meta["threshold"])),
             "source_model": source_name, "source_sha256": source_sha256,
             "config": json.dumps(meta.get("config") or {}, sort_keys=True, default=str),
             "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str)}
@@ -195,7 +197,8 @@ def check_graph(path: str | Path, session: Any, image_size: int) -> None:
 
 def model_file_in(folder: Path) -> str:
     """The fix for `--model FOLDER`: the model files in it, else where one usually is."""
-    found = sorted(p.name for p in folder.glob("*") if p.suffix in (".pt", ".onnx") and p.is_file())
+    found = sorted((p.name for p in folder.glob("*") if p.suffix in (".pt", ".onnx") and p.is_file()),
+                   key=lambda n: (not n.startswith("model."), n))
     return " or ".join(str(folder / n) for n in found[:3]) if found else f"{folder / 'model.pt'} (or model.onnx)"
 
 

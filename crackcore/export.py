@@ -79,7 +79,7 @@ def parity(reference: TorchClassifier, exported: OnnxClassifier, batch: torch.Te
            batch_size: int = 16) -> dict[str, Any]:
     """Both runtimes on the same uint8 batch: the first image alone (batch 1), the rest in
     batches of `batch_size`, so the dynamic batch dimension is exercised too."""
-    threshold = reference.meta.get("threshold", DEFAULT_THRESHOLD)
+    threshold = DEFAULT_THRESHOLD if reference.meta.get("threshold") is None else reference.meta["threshold"]
     chunks = [batch[:1]] + [batch[i:i + batch_size] for i in range(1, len(batch), batch_size)]
     d_logit = d_prob = largest = 0.0
     agree = 0

@@ -188,6 +188,22 @@ def test_failed_parity_keeps_the_earlier_file(exported: dict, export_output: str
     assert "parity on 3 RANDOM PIXELS: no real images found" in printed and (lone / "model.onnx").read_bytes() == blob
 
 
+def test_metadata_round_trip_carries_a_calibrated_threshold(exported: dict) -> None:
+    from crackcore.classifier import onnx_meta, onnx_metadata
+
+    payload = torch.load(exported["pt"], weights_only=True)
+    props = onnx_metadata({**payload, "threshold": 0.7}, "ab" * 32, "model.pt")
+    assert all(isinstance(v, str) for v in props.values())  # metadata_props hold text only
+    meta = onnx_meta("model.onnx", props)
+    assert meta["threshold"] == 0.7 and meta["temperature"] == payload["temperature"]
+    assert meta["image_size"] == SIZE and meta["classes"] == list(payload["classes"]) and meta["source_sha256"] == "ab" * 32
+    assert onnx_meta("m.onnx", onnx_metadata({**payload, "threshold": None}, "", "m"))["threshold"] == 0.5
+    with pytest.raises(Exception, match="damaged crackcore metadata"):
+        onnx_meta("m.onnx", {**props, "image_size": "sixty-four"})
+    with pytest.raises(Exception, match="of version 2, this crackcore reads version 1"):
+        onnx_meta("m.onnx", {**props, "version": "2"})
+
+
 def test_bench_inference_reports_both_runtimes(tmp_path: Path, capsys) -> None:
     from crackcore.bench import main as bench_main
 
