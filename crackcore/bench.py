@@ -11,6 +11,9 @@ model_only, pipeline and pil_baseline run in --rounds interleaved rounds and rep
 every round's figure is in the JSON line (`round_img_s`).
 and, with --study, trials/hour of a fixed small tuning study (tune/run.py in a subprocess, one
 row per packing level). Prints a table and one JSON line (also written with --json-out).
+With --inference, only serving speed instead: img/s of PyTorch (as crackcore.predict runs
+model.pt) vs onnxruntime (model.onnx from crackcore.export) on the CPU at batch 1 and 64, uint8
+input to prob_crack, same random-init model; no data needed.
 """
 from __future__ import annotations
 
@@ -34,9 +37,10 @@ from torch import nn
 from torchvision import transforms as T
 
 from crackcore.augment import per_image_transform
+from crackcore.classifier import Classifier, OnnxClassifier, TorchClassifier, onnx_metadata, to_onnx
 from crackcore.config import TrainConfig
 from crackcore.data import BatchLoader, discover, normalize, prepare_data
-from crackcore.exceptions import DataError
+from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, io_workers
 from crackcore.model import build_model, trainable_parameters
 from crackcore.outputs import build_folder, write_text
@@ -235,6 +239,46 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
                         "replica", build)
 
 
+def inference_bench(image_size: int, batch_sizes: list[int], rounds: int, min_seconds: float,
+                    threads: int) -> list[dict[str, Any]]:
+    """img/s of one random-init model served by PyTorch and by onnxruntime on the CPU, per batch
+    size: uint8 batch in, prob_crack out (what predict asks of either), decoding not included.
+    Both runtimes get `threads` threads. Each figure is the best of `rounds` interleaved rounds
+    of at least `min_seconds`."""
+    torch.set_num_threads(threads)
+    net, _ = build_model(0, "random")
+    meta = {"image_size": image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "classes": list(CLASSES),
+            "temperature": 1.0, "config": {}}
+    runtimes: dict[str, Classifier] = {"pytorch": TorchClassifier(net, meta, torch.device("cpu"))}
+    runtimes["onnxruntime"] = OnnxClassifier(to_onnx(runtimes["pytorch"].field, image_size,
+                                                     onnx_metadata(meta, "none (random init)", "random init")),
+                                             threads=threads)
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for b in batch_sizes:
+        x = torch.randint(0, 256, (b, 3, image_size, image_size), dtype=torch.uint8, generator=gen)
+
+        def timed(clf: Classifier) -> float:
+            calls, start = 0, time.perf_counter()
+            while calls < 2 or time.perf_counter() - start < min_seconds:
+                clf.prob_crack(x)
+                calls += 1
+            return calls * b / (time.perf_counter() - start)
+
+        for clf in runtimes.values():  # warm-up: first-call allocations, oneDNN/ORT kernel selection
+            clf.prob_crack(x)
+        img_s: dict[str, list[float]] = {name: [] for name in runtimes}
+        for _ in range(rounds):
+            for name, clf in runtimes.items():
+                img_s[name].append(timed(clf))
+        best = {name: max(v) for name, v in img_s.items()}
+        rows.append({"batch_size": b, "pytorch_img_s": round(best["pytorch"], 1),
+                     "onnxruntime_img_s": round(best["onnxruntime"], 1),
+                     "onnxruntime_over_pytorch": round(best["onnxruntime"] / best["pytorch"], 2),
+                     "round_img_s": {k: [round(v, 1) for v in vs] for k, vs in img_s.items()}})
+    return rows
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -261,9 +305,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replicate", type=int, metavar="N",
                    help="bench on --data replicated to N images by flips/rotations (e.g. the sample to the "
                         "full set's 40000; timing only), and print its folder for tune/run.py --data")
+    p.add_argument("--inference", action="store_true", help="only serving speed: PyTorch vs onnxruntime img/s "
+                   "on the CPU at --inference-batch sizes (no data needed)")
+    p.add_argument("--inference-batch", default="1,64", help="batch sizes of --inference")
+    p.add_argument("--threads", type=int, help="CPU threads of each runtime in --inference (default: CPUs this "
+                   "process may use; on a busy machine 1 thread is the fairer comparison)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI; measures nothing meaningful")
     p.add_argument("--json-out", type=Path)
     a = p.parse_args(argv)
+    if a.inference:
+        return main_inference(a)
     if a.replicate is not None:
         if a.replicate < 1:
             p.error(f"--replicate {a.replicate}: give the number of images to make, e.g. 40000")
@@ -322,14 +373,41 @@ def main(argv: list[str] | None = None) -> int:
         packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
         out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1, subset=a.study_subset,
                                    image_size=size)
+    return print_result(out, a.json_out)
+
+
+def print_result(out: dict[str, Any], json_out: Path | None) -> int:
     width = max(len(k) for k in out)
     for k, v in out.items():
         print(f"{k:<{width}}  {v}")
     line = json.dumps(out)
     print(line)
-    if a.json_out:
-        write_text(line + "\n", a.json_out)
+    if json_out:
+        write_text(line + "\n", json_out)
     return 0
+
+
+def main_inference(a: argparse.Namespace) -> int:
+    try:
+        batches = [int(b) for b in a.inference_batch.split(",")]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        raise ConfigError(f"--inference-batch {a.inference_batch!r}: give batch sizes >= 1, e.g. 1,64")
+    size = a.image_size or (32 if a.quick else 64)
+    if a.quick:
+        batches = [min(b, 4) for b in batches]
+    if a.threads is not None and a.threads < 1:
+        raise ConfigError(f"--threads {a.threads}: give at least 1")
+    threads = a.threads or available_cpus()
+    rows = inference_bench(size, batches, rounds=1 if a.quick else a.rounds, min_seconds=0.0 if a.quick else 3.0,
+                           threads=threads)
+    out = {"device": f"cpu ({threads} threads of {available_cpus()})", "image_size": size, "weights": "random init",
+           "precision": "float32", "inference": rows, "quick": a.quick}
+    for r in rows:
+        print(f"batch {r['batch_size']:>4}: PyTorch {r['pytorch_img_s']:>8.1f} img/s  onnxruntime "
+              f"{r['onnxruntime_img_s']:>8.1f} img/s  ({r['onnxruntime_over_pytorch']:.2f}x)")
+    return print_result(out, a.json_out)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ accuracy/precision/recall with 95 % CIs when the inputs sit in Positive/ Negativ
 Larger photos (the dataset's patches came from 4032x3024 photos) are tiled with 227-px
 windows (the last row/column shifted to end at the border, so every pixel is covered and
 no tile is padded): OUT_tiles.parquet, OUT_photos.parquet and a heat-map PNG per photo in
-OUT_heatmaps/. Image size, normalisation and temperature come from model.pt.
+OUT_heatmaps/. Image size, normalisation and temperature come from model.pt, or from model.onnx
+(python -m crackcore.export), which runs on onnxruntime with the same outputs.
 """
 from __future__ import annotations
 
@@ -27,11 +28,11 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
+from crackcore.classifier import Classifier, load_classifier
 from crackcore.exceptions import ModelFileError
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
-from crackcore.model import CrackResNet
-from crackcore.outputs import MODEL_FORMAT, write_bytes, write_parquet
+from crackcore.outputs import write_bytes, write_parquet
 from crackcore.sources import FOLDER_LABEL
 from crackcore.train import resolve_device
 
@@ -40,41 +41,15 @@ PATCH_MAX_SIDE = 1.5  # in tiles: an image whose sides are all below this is a p
 HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
 
 
-def load_model(path: str | Path, device: torch.device | None = None) -> tuple[CrackResNet, dict[str, Any]]:
-    path = Path(path)
-    hint = "pass the model.pt a study or python -m crackcore.fit wrote"
-    if path.is_dir():
-        raise ModelFileError(f"--model {path} is a folder; pass the model file in it, e.g. {path / 'model.pt'}")
-    if not path.is_file():
-        raise ModelFileError(f"model file {path} does not exist; {hint}")
-    try:
-        meta = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelFileError(f"{path} is not a crackcore model (torch.load failed: {type(exc).__name__}: {str(exc).splitlines()[0][:80]}); "
-                             f"{hint}") from None
-    if not isinstance(meta, dict) or meta.get("format") != MODEL_FORMAT:
-        raise ModelFileError(f"{path} is not a crackcore model (no '{MODEL_FORMAT}' format tag); {hint}")
-    model = CrackResNet(freeze_depth=0)
-    try:
-        model.load_state_dict(meta.pop("state_dict"))
-    except (RuntimeError, KeyError, TypeError) as exc:  # damaged or foreign tensors
-        raise ModelFileError(f"{path} holds damaged weights ({str(exc).splitlines()[0][:100]}); {hint}") from None
-    device = device or resolve_device("auto")
-    model.to(device).eval()
-    meta["device"] = device
-    return model, meta
+def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Classifier, dict[str, Any]]:
+    """model.pt (run on PyTorch) or model.onnx (run on onnxruntime), and its meta."""
+    model = load_classifier(path, device)
+    return model, model.meta
 
 
-@torch.inference_mode()
-def classify(model: CrackResNet, meta: dict[str, Any], batch_u8: torch.Tensor) -> np.ndarray:
+def classify(model: Classifier, meta: dict[str, Any], batch_u8: torch.Tensor) -> np.ndarray:
     """uint8 [B,3,S,S] at the model's image size -> prob_crack (temperature-scaled if saved)."""
-    device = meta["device"]
-    mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
-    x = (batch_u8.to(device).float() / 255 - mean) / std
-    logits = model(x).float()
-    margin = (logits[:, 1] - logits[:, 0]) / float(meta.get("temperature") or 1.0)
-    return torch.sigmoid(margin).cpu().numpy().astype(np.float64)
+    return model.prob_crack(batch_u8)
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
@@ -90,7 +65,7 @@ def true_label(path: Path) -> int | None:
     return next((FOLDER_LABEL[p.lower()] for p in reversed(path.parts[:-1]) if p.lower() in FOLDER_LABEL), None)
 
 
-def predict_patches(model: CrackResNet, meta: dict[str, Any], paths: list[Path], batch_size: int = 128,
+def predict_patches(model: Classifier, meta: dict[str, Any], paths: list[Path], batch_size: int = 128,
                     progress: bool = True, labels: dict[Path, int | None] | None = None
                     ) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     rows, failed = [], []
@@ -118,7 +93,7 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
     return starts
 
 
-def predict_photo(model: CrackResNet, meta: dict[str, Any], path: Path, tile: int = TILE, stride: int = TILE,
+def predict_photo(model: Classifier, meta: dict[str, Any], path: Path, tile: int = TILE, stride: int = TILE,
                   batch_size: int = 128) -> tuple[pd.DataFrame, torch.Tensor]:
     """Per-tile probabilities of one photo, and the decoded photo (uint8 [3,H,W])."""
     photo = read_rgb(path)
