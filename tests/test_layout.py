@@ -15,6 +15,7 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.data"},
     {"crackcore.train"},
     {"crackcore.fit", "crackcore.predict", "crackcore.bench"},
+    {"crackcore.calibrate"},  # an entry point too, built on predict's load_model
     {"tune.storage", "tune.search", "tune.trainable"},
     {"tune.cluster"},
     {"tune.trials"},
