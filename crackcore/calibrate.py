@@ -16,6 +16,7 @@ import argparse
 import copy
 import json
 import sys
+import textwrap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -162,9 +163,10 @@ def table(columns: dict[str, dict[str, Any]]) -> pd.DataFrame:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crackcore.calibrate", description=__doc__.split("\n\n")[1],
-                                epilog=f"Threshold rule: {THRESHOLD_RULE}. Temperature: the NLL-minimising T on the k "
-                                f"(T = 1 when the model gets all k right). Draw: {DRAW_RULE}. Intervals: accuracy, "
-                                f"precision and recall Wilson 95 %; F1 {F1_INTERVAL}.",
+                                epilog="\n\n".join(textwrap.fill(t, 96) for t in (
+                                    f"Threshold rule: {THRESHOLD_RULE}.", "Temperature: the NLL-minimising T on the k "
+                                    "(T = 1 when the model gets all k right).", f"Draw: {DRAW_RULE}.",
+                                    f"Intervals: accuracy, precision and recall Wilson 95 %; F1 {F1_INTERVAL}.")),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, type=Path, help="a model.pt written by a study or crackcore.fit")
     p.add_argument("--labelled", required=True, type=Path, help="the new site's labelled folder (Positive/ Negative/ "
