@@ -31,7 +31,7 @@ from crackcore.calibration import THRESHOLD_RULE, apply_temperature, fit_tempera
 from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import decode_file, io_workers
 from crackcore.metrics import metrics_with_intervals
-from crackcore.outputs import save_torch, write_folder, write_json, write_parquet
+from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
 from crackcore.predict import DEFAULT_THRESHOLD, load_model
 from crackcore.sources import discover
 from crackcore.train import resolve_device
@@ -190,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.fine_tune_head < 0:
         raise ConfigError(f"--fine-tune-head {a.fine_tune_head} must be 0 (off) or a number of epochs")
     check_out(a.out)
+    check_writable(a.out.parent, f"--out {a.out}", "choose another --out")  # before the work, not after
     model, meta = load_model(a.model, resolve_device(a.device))
     root = a.labelled.expanduser().resolve()
     samples = site_samples(root, a.group_by)
