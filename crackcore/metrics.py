@@ -92,3 +92,37 @@ def binary_metrics(y_true: np.ndarray, y_pred: np.ndarray, prob_crack: np.ndarra
 def format_accuracy(acc: float, n: int, low: float, high: float) -> str:
     """The one way the project prints an accuracy: value, n and 95 % interval."""
     return f"{100 * acc:.2f} % (n={n}, 95 % CI {100 * low:.2f}-{100 * high:.2f} %)"
+
+
+def f1_bootstrap_interval(y_true: np.ndarray, y_pred: np.ndarray, groups: np.ndarray | None = None,
+                          n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """Percentile 95 % interval of the crack-class F1 from a seeded bootstrap. With `groups`
+    (e.g. the photo a window was cut from) whole groups are resampled, as the windows of one
+    photo are not independent; without, single images."""
+    y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
+    if len(y_true) == 0:
+        return (0.0, 1.0)
+    group_ids = pd.factorize(pd.Series(groups if groups is not None else np.arange(len(y_true))))[0]
+    n_groups = group_ids.max() + 1
+    # per group: true positives, and the 2TP + FP + FN denominator's parts
+    tp = np.bincount(group_ids, weights=(y_pred == 1) & (y_true == 1), minlength=n_groups)
+    pred_pos = np.bincount(group_ids, weights=y_pred == 1, minlength=n_groups)
+    true_pos = np.bincount(group_ids, weights=y_true == 1, minlength=n_groups)
+    counts = np.random.default_rng(seed).multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_boot)
+    denom = counts @ pred_pos + counts @ true_pos
+    f1 = np.divide(2 * (counts @ tp), denom, out=np.zeros(n_boot), where=denom > 0)
+    low, high = np.quantile(f1, [0.025, 0.975])
+    return (float(low), float(high))
+
+
+def metrics_with_intervals(y_true: np.ndarray, y_pred: np.ndarray, prob_crack: np.ndarray,
+                           groups: np.ndarray | None = None, seed: int = 0) -> dict[str, Any]:
+    """binary_metrics plus a 95 % interval for each of accuracy, precision and recall (Wilson,
+    over the images each is a share of) and F1 (f1_bootstrap_interval)."""
+    m = binary_metrics(y_true, y_pred, prob_crack)
+    pos_pred, pos_true = m["tp"] + m["fp"], m["tp"] + m["fn"]
+    m["precision_ci95"] = list(wilson_interval(m["tp"], pos_pred))
+    m["recall_ci95"] = list(wilson_interval(m["tp"], pos_true))
+    m["accuracy_ci95"] = [m["ci95_low"], m["ci95_high"]]
+    m["f1_ci95"] = list(f1_bootstrap_interval(y_true, y_pred, groups, seed=seed))
+    return m

@@ -7,8 +7,9 @@ accuracy/precision/recall with 95 % CIs when the inputs sit in Positive/ Negativ
 Larger photos (the dataset's patches came from 4032x3024 photos) are tiled with 227-px
 windows (the last row/column shifted to end at the border, so every pixel is covered and
 no tile is padded): OUT_tiles.parquet, OUT_photos.parquet and a heat-map PNG per photo in
-OUT_heatmaps/. Image size, normalisation and temperature come from model.pt, or from model.onnx
-(python -m crackcore.export), which runs on onnxruntime with the same outputs.
+OUT_heatmaps/. Image size, normalisation, temperature and the decision threshold (a crack when
+prob_crack >= it; 0.5 unless `python -m crackcore.calibrate` fitted one) come from model.pt, or
+from model.onnx (python -m crackcore.export), which runs on onnxruntime with the same outputs.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from tqdm.auto import tqdm
 
-from crackcore.classifier import Classifier, load_classifier
+from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier
 from crackcore.exceptions import ModelFileError
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
@@ -44,7 +45,22 @@ HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
 def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Classifier, dict[str, Any]]:
     """model.pt (run on PyTorch) or model.onnx (run on onnxruntime), and its meta."""
     model = load_classifier(path, device)
+    threshold = model.meta.setdefault("threshold", DEFAULT_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ModelFileError(f"{path} holds a decision threshold {threshold!r} that is not a probability in 0..1; "
+                             "re-run python -m crackcore.calibrate for it")
     return model, model.meta
+
+
+def threshold_of(meta: dict[str, Any]) -> float:
+    """The probability of a crack at or above which an image (a tile) is labelled crack."""
+    return float(meta.get("threshold", DEFAULT_THRESHOLD))
+
+
+def describe_threshold(meta: dict[str, Any]) -> str:
+    c = meta.get("calibration")
+    where = f"calibrated on {c.get('site_name', c.get('site'))}, k={c.get('k')}" if c else "default"
+    return f"decision threshold {threshold_of(meta):.3g} ({where})"
 
 
 def classify(model: Classifier, meta: dict[str, Any], batch_u8: torch.Tensor) -> np.ndarray:
@@ -80,7 +96,7 @@ def predict_patches(model: Classifier, meta: dict[str, Any], paths: list[Path], 
                 failed.append((p, str(exc).splitlines()[0][:120]))
         if ok:
             prob = classify(model, meta, torch.stack(imgs))
-            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= 0.5),
+            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= threshold_of(meta)),
                       "true_label": (labels or {}).get(p, true_label(Path(p.parent.name, p.name)))} for p, q in zip(ok, prob)]
     df = pd.DataFrame(rows, columns=["path", "prob_crack", "pred_label", "true_label"])
     return df.astype({"true_label": "Int64"}), failed
@@ -108,17 +124,17 @@ def predict_photo(model: Classifier, meta: dict[str, Any], path: Path, tile: int
     return tiles.assign(prob_crack=np.concatenate(probs)), photo
 
 
-def photo_summary(tiles: pd.DataFrame, height: int, width: int) -> dict[str, Any]:
+def photo_summary(tiles: pd.DataFrame, height: int, width: int, threshold: float = DEFAULT_THRESHOLD) -> dict[str, Any]:
     covered = np.zeros((height, width), dtype=bool)
-    for t in tiles[tiles["prob_crack"] >= 0.5].itertuples():
+    for t in tiles[tiles["prob_crack"] >= threshold].itertuples():
         covered[t.y:t.y + t.h, t.x:t.x + t.w] = True
     return {"photo": tiles["photo"].iloc[0], "width": width, "height": height, "tiles": len(tiles),
-            "crack_tiles": int((tiles["prob_crack"] >= 0.5).sum()), "crack_area_fraction": float(covered.mean()),
+            "crack_tiles": int((tiles["prob_crack"] >= threshold).sum()), "crack_area_fraction": float(covered.mean()),
             "max_prob_crack": float(tiles["prob_crack"].max())}
 
 
-def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame) -> bytes:
-    """The photo with crack tiles (prob >= 0.5) tinted red by probability, and a colour bar."""
+def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame, threshold: float = DEFAULT_THRESHOLD) -> bytes:
+    """The photo with crack tiles (prob >= threshold) tinted red by probability, and a colour bar."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,9 +149,10 @@ def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame) -> bytes:
         heat[y0:y1, x0:x1] = np.maximum(heat[y0:y1, x0:x1], t.prob_crack)
     fig, ax = plt.subplots(figsize=(10, 10 * small.shape[1] / small.shape[2] + 0.5), dpi=100)
     ax.imshow(small.permute(1, 2, 0).numpy())
-    im = ax.imshow(np.ma.masked_less(heat, 0.5), cmap="Reds", vmin=0.5, vmax=1.0, alpha=0.55, interpolation="nearest")
-    fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label="crack probability (tiles >= 0.5)")
-    ax.set_title(f"{Path(tiles['photo'].iloc[0]).name}: {int((tiles['prob_crack'] >= 0.5).sum())} of {len(tiles)} "
+    im = ax.imshow(np.ma.masked_less(heat, threshold), cmap="Reds", vmin=threshold, vmax=1.0, alpha=0.55,
+                   interpolation="nearest")
+    fig.colorbar(im, ax=ax, fraction=0.035, pad=0.02, label=f"crack probability (tiles >= {threshold:.3g})")
+    ax.set_title(f"{Path(tiles['photo'].iloc[0]).name}: {int((tiles['prob_crack'] >= threshold).sum())} of {len(tiles)} "
                  f"tiles flagged as crack")
     ax.axis("off")
     buf = io.BytesIO()
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {f} is {w}x{h}, too small to tile: only its centre {min(w, h)}x{min(w, h)} is classified",
                   file=sys.stderr)
     print(f"model {a.model} ({meta['image_size']} px, temperature {meta.get('temperature') or 1.0:.2f}, "
-          f"{meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
+          f"{describe_threshold(meta)}, {meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
     processed = 0
     if patches:
         start = time.perf_counter()
@@ -246,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append((f, str(exc).splitlines()[0][:120]))
                 continue
             all_tiles.append(tiles)
-            summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2]), "heatmap": heat_names[f]})
-            write_bytes(heatmap_png(photo, tiles), heat_dir / heat_names[f])
+            summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2], threshold_of(meta)),
+                              "heatmap": heat_names[f]})
+            write_bytes(heatmap_png(photo, tiles, threshold_of(meta)), heat_dir / heat_names[f])
         if all_tiles:
             summary = pd.DataFrame(summaries)
             write_parquet(pd.concat(all_tiles, ignore_index=True), a.out.with_name(a.out.name + "_tiles.parquet"))

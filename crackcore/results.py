@@ -6,6 +6,7 @@ DataFrames and dicts, for the report, notebooks and tests.
     s.trials.sort_values("best_val_acc", ascending=False).head()   # best trials
     s.history.pivot(index="epoch", columns="trial_id", values="val_acc")  # learning curves
     s.final_metrics["test_accuracy"], s.errors.head()               # final model and its mistakes
+    s.calibration                                                   # crackcore.calibrate runs beside it
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ DOCUMENTS = {"study": "study.json", "config": "study_config.json", "best_config"
              "final_metrics": "final_metrics.json"}
 OPTIONAL = {"repeats.parquet", "loso.parquet"}  # only with --repeat-top / --leave-one-out
 JOURNAL = "optuna_journal.log"
+# `python -m crackcore.calibrate --out results/STUDY/calibration/SITE` puts a calibration beside a study
+CALIBRATION_GLOB = "calibration/*/calibration.json"
+CALIBRATION_FORMAT = "crackcore-calibration"
+CALIBRATION_COLUMNS = ("before", "after", "head refit")
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Study:
     split: pd.DataFrame = field(default_factory=pd.DataFrame)
     repeats: pd.DataFrame = field(default_factory=pd.DataFrame)
     loso: pd.DataFrame = field(default_factory=pd.DataFrame)
+    calibration: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing: list[str] = field(default_factory=list)
     trials_from: str = "trials.parquet"  # or the Optuna journal, for a study stopped before the search ended
 
@@ -86,6 +92,27 @@ def _read(f: Path, read: Callable[[], Any]) -> Any:
                               "that writes it") from None
 
 
+def load_calibrations(study_dir: str | Path) -> pd.DataFrame:
+    """Every calibration written beside a study (CALIBRATION_GLOB), one row per site and model
+    column (before / after / head refit): its temperature, threshold and figures on the site's
+    evaluation rest, each interval as _low / _high columns. Empty when there is none."""
+    rows = []
+    for f in sorted(Path(study_dir).glob(CALIBRATION_GLOB)):
+        d = _read(f, lambda: json.loads(f.read_text()))
+        if not isinstance(d, dict) or d.get("format") != CALIBRATION_FORMAT:
+            continue  # someone else's file of that name: not ours to read
+        columns = d.get("metrics", {})  # JSON keeps no order: the table's own
+        for column in sorted(columns, key=lambda c: (CALIBRATION_COLUMNS + (c,)).index(c)):
+            m = columns[column]
+            flat = {k: v for k, v in m.items() if not k.endswith("_ci95")}
+            for k, v in m.items():
+                if k.endswith("_ci95"):
+                    flat[f"{k[:-5]}_low"], flat[f"{k[:-5]}_high"] = v
+            rows.append({"site": f.parent.name, "site_folder": d.get("site"), "k": d.get("k"), "seed": d.get("seed"),
+                         "model": column, **flat})
+    return pd.DataFrame(rows)
+
+
 def load_study(path: str | Path) -> Study:
     """Read a study folder. Files a study has not written yet (an interrupted search, a
     missing retrain) are listed in `missing` and left empty; a folder that is not a study
@@ -114,6 +141,7 @@ def load_study(path: str | Path) -> Study:
     if not len(study.trials) and study.journal_path.is_file():  # stopped mid-search: the journal has the trials so far
         study.trials = _read(study.journal_path, lambda: journal_trials(study))
         study.trials_from = JOURNAL
+    study.calibration = load_calibrations(path)
     return study
 
 

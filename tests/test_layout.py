@@ -17,6 +17,7 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.train"},
     {"crackcore.classifier"},
     {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export"},
+    {"crackcore.calibrate"},  # an entry point too, built on predict's load_model
     {"tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
     {"tune.cluster"},
     {"tune.trials"},

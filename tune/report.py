@@ -211,6 +211,25 @@ def _table(df: pd.DataFrame) -> str:
                      ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
 
 
+def calibration_section(s: Study) -> list[str]:
+    """The calibrations beside the study (results/STUDY/calibration/SITE, crackcore.calibrate):
+    before / after / head refit on each site's evaluation rest, with 95 % intervals."""
+    c = s.calibration
+    if c.empty:
+        return []
+    span = lambda v, lo, hi: f"{v:.3f} ({lo:.3f}-{hi:.3f})"
+    rows = [{"site": r.site, "k": r.k, "model": r.model, "T": f"{r.temperature:.3g}", "threshold": f"{r.threshold:.3g}",
+             "n": r.n, "accuracy": span(r.accuracy, r.accuracy_low, r.accuracy_high),
+             "precision": span(r.precision, r.precision_low, r.precision_high),
+             "recall": span(r.recall, r.recall_low, r.recall_high), "F1": span(r.f1, r.f1_low, r.f1_high)}
+            for r in c.itertuples()]
+    return ["## Calibration for new sites", "",
+            "`python -m crackcore.calibrate`: temperature and decision threshold fitted on k labelled images of the "
+            "site (head refit: the final layer retrained on them too), scored on the rest of the site's images "
+            "(windows of the drawn photos left out). 95 % intervals: Wilson; F1 a photo-level bootstrap.", "",
+            _table(pd.DataFrame(rows)), ""]
+
+
 def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list[str], list[str]]:
     """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
     md, notes = [f"# Study report: {s.name}", ""], []
@@ -273,6 +292,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
                                               ci95_high=("ci95_high", "first"), seeds=("seed", "nunique"))
         md += ["### Seed repeats of the top configurations", "", _table(r.sort_values("mean_val_acc", ascending=False)
                                                                         .reset_index()), ""]
+    md += calibration_section(s)
 
     plans: list[tuple[str, str, Callable[[Path], Any], bool]] = [
         ("learning_curves.png", "Learning curves", lambda p: fig_learning_curves(s, p), len(s.history) > 0),
