@@ -202,3 +202,11 @@ def test_predict_shifts_scores_a_labelled_folder(crack_data: Path, tmp_path: Pat
     table = pd.read_parquet(tmp_path / "site_shifts.parquet")
     assert list(table["shift"]) == ["clean", "jpeg", "jpeg", "jpeg", "brightness", "brightness", "brightness"]
     assert (table["n"] == 12).all()
+
+
+def test_the_trial_to_retrain_is_chosen_by_the_study_metric() -> None:
+    from tune.trials import pick_best
+
+    table = pd.DataFrame({"trial_id": ["a", "b"], "status": ["COMPLETE", "COMPLETE"], "epochs": [2, 2],
+                          "last_val_acc": [0.95, 0.90], "last_val_shift_acc": [0.70, 0.85], "last_val_loss": [0.1, 0.2]})
+    assert pick_best(table)["trial_id"] == "a" and pick_best(table, "val_shift_acc")["trial_id"] == "b"
