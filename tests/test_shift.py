@@ -210,3 +210,10 @@ def test_the_trial_to_retrain_is_chosen_by_the_study_metric() -> None:
     table = pd.DataFrame({"trial_id": ["a", "b"], "status": ["COMPLETE", "COMPLETE"], "epochs": [2, 2],
                           "last_val_acc": [0.95, 0.90], "last_val_shift_acc": [0.70, 0.85], "last_val_loss": [0.1, 0.2]})
     assert pick_best(table)["trial_id"] == "a" and pick_best(table, "val_shift_acc")["trial_id"] == "b"
+
+
+def test_the_study_cli_skips_the_suite_with_no_shift_suite() -> None:
+    from tune.run import parse_flags
+
+    assert parse_flags(["--no-shift-suite"])[1]["train.shift_suite"] is False
+    assert parse_flags([])[1]["train.shift_suite"] is None  # the experiment file's value (default: run it)
