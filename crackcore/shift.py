@@ -214,17 +214,17 @@ def run_suite(score: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     rows, y = index[picked], torch.as_tensor(labels[picked])
     device = torch.device(device)
 
-    def correct(name: str | None, severity: int) -> int:  # name None: the clean images
-        hits = 0
-        for b in range(0, len(rows), batch_size):
-            x = images[torch.as_tensor(rows[b:b + batch_size])].to(device)
+    # batches outer, cells inner: each batch is gathered and moved to the device once
+    todo = [(None, 0)] * clean + cells  # name None: the clean images
+    hits = [0] * len(todo)
+    for b in range(0, len(rows), batch_size):
+        x = images[torch.as_tensor(rows[b:b + batch_size])].to(device)
+        for k, (name, severity) in enumerate(todo):
             prob = score(x if name is None else apply_shift(x, name, severity, _seed(seed, b)))
-            hits += int(((torch.as_tensor(prob).cpu() >= 0.5).long() == y[b:b + batch_size]).sum())
-        return hits
-
-    clean_cell = _cell(correct(None, 0), len(rows)) if clean else None
+            hits[k] += int(((torch.as_tensor(prob).cpu() >= 0.5).long() == y[b:b + batch_size]).sum())
+    clean_cell = _cell(hits[0], len(rows)) if clean else None
     table = [{"shift": n, "severity": s, "level": SHIFTS[n].levels[s - 1], "parameter": SHIFTS[n].parameter,
-              **_cell(correct(n, s), len(rows))} for n, s in cells]
+              **_cell(h, len(rows))} for (n, s), h in zip(cells, hits[int(clean):])]
     return {"clean": clean_cell, "mean_accuracy": float(np.mean([c["accuracy"] for c in table])) if table else float("nan"),
             "cells": table, "n_per_cell": len(rows), "of_n": len(labels), "max_images": max_images, "seed": seed,
             "image_size": int(images.shape[-1]), "seconds": time.perf_counter() - start}
