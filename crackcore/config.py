@@ -14,7 +14,8 @@ from typing import Any
 
 from crackcore.exceptions import ConfigError
 
-AUGMENT_POLICIES = ("none", "flip", "flip_rotate", "color", "strong")
+AUGMENT_POLICIES = ("none", "flip", "flip_rotate", "color", "strong", "scale", "photometric", "domain")
+METRICS = ("val_acc", "val_shift_acc")  # what ASHA, Optuna and the choice of the best trial maximise
 FREEZE_DEPTHS = tuple(range(6))  # stages frozen: 0 = fine-tune all .. 5 = head only
 SPLIT_STRATEGIES = ("random", "grouped")
 LR_SCHEDULES = ("cosine", "constant")
@@ -93,6 +94,10 @@ class TrainConfig:
     channels_last: bool = True  # faster on CUDA and on oneDNN CPUs alike
     compile: bool = False  # torch.compile the model (CUDA; measured in crackcore.bench)
     gpu_share: float = 1.0  # of the GPU's memory this run may plan for (a packed trial: its gpus_per_trial)
+    # shift suite (crackcore.shift): the test split under camera / site shifts after training
+    shift_suite: bool = True
+    shift_max_images: int | None = 500  # per cell, a stratified seeded subset of the test split; None = all
+    val_shift: bool = False  # also score val under shift.VAL_CELLS every epoch (history: val_shift_acc)
 
     def __post_init__(self) -> None:
         check_types(self, "train")
@@ -120,6 +125,8 @@ class TrainConfig:
             raise ConfigError("synthetic_per_class must be >= 2 and num_threads >= 1 (or unset)")
         if self.seed < 0 or self.split_seed < 0:
             raise ConfigError(f"seed={self.seed} and split_seed={self.split_seed} must be >= 0")
+        if self.shift_max_images is not None and self.shift_max_images < 2:
+            raise ConfigError(f"shift_max_images={self.shift_max_images} must be >= 2 (or unset: every test image)")
         for name, path in [*(self.data.items() if isinstance(self.data, dict) else []), *self.external.items()]:
             if not NAME.fullmatch(name) or not path or not isinstance(path, str):
                 raise ConfigError(f"data source {name!r} = {path!r}: a source needs a folder name (letters, digits, "
@@ -288,8 +295,9 @@ class StudyConfig:
             raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if (self.gpus_per_trial or 0) > 1 and not float(self.gpus_per_trial).is_integer():
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 Ray needs whole GPUs; use e.g. 0.5, 1 or 2")
-        if self.metric != "val_acc":
-            raise ConfigError(f"metric={self.metric!r} is not supported; the study maximises val_acc")
+        check_choice("metric", self.metric, METRICS)
+        if self.metric == "val_shift_acc":  # every trial scores val under the cheap shifts at each epoch
+            self.train = self.train.replace(val_shift=True)
         if self.reduction_factor < 2:
             raise ConfigError(f"reduction_factor={self.reduction_factor} must be >= 2 (ASHA keeps 1/reduction_factor)")
         if self.final_epochs < 1 or self.max_failures < 0 or self.repeat_top < 0 or self.repeats < 0:

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow", metavar="URI", help="also record the run in MLflow (parameters, per-epoch and test "
                    "metrics, model.pt, errors.parquet), in an experiment named after --out's folder; e.g. "
                    "sqlite:///results/mlflow.db")
+    p.add_argument("--no-shift-suite", dest="shift_suite", action="store_false",
+                   help="skip the shift suite on the test split (final_metrics.json 'shift')")
+    p.add_argument("--shift-max-images", type=int, default=d.shift_max_images,
+                   help="test images scored per shift cell (a stratified seeded subset); 0 = all")
+    p.add_argument("--val-shift", action="store_true", help="also score val under the cheap shifts each epoch "
+                   "(final_history.parquet: val_shift_acc)")
     return p
 
 
@@ -59,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = TrainConfig(data=data, group_by=a.group_by, val_source=a.val_source, test_source=a.test_source,
                       external=parse_sources(a.eval), epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, freeze_depth=a.freeze_depth,
                       augment_policy=a.augment_policy, image_size=a.image_size, subset=a.subset, weights=a.weights,
-                      seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule)
+                      seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule,
+                      shift_suite=a.shift_suite, shift_max_images=a.shift_max_images or None, val_shift=a.val_shift)
     if a.leave_one_out:
         leave_one_out(cfg)  # at least two sources, before any training
     if a.out.is_file():

@@ -226,6 +226,7 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
         "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,
         "train_seconds": result.seconds,
+        **({"shift": result.shift} if getattr(result, "shift", None) else {}),
         "epochs": len(result.history), "image_size": cfg.image_size,
     }
     metrics.update(extra_metrics or {})
@@ -243,6 +244,13 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
 
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     sets = [(f"{name}, {m['role']}", m) for name, m in metrics.get("per_source", {}).items()]
+    shift = metrics.get("shift")
+    shift_lines = [] if not shift else [
+        f"shift suite (n={shift['n_per_cell']} of {shift['of_n']} test images per cell): clean "
+        f"{100 * shift['clean']['accuracy']:.2f} %, mean over {len(shift['cells'])} shift x severity cells "
+        f"{100 * shift['mean_accuracy']:.2f} %, worst " + ", ".join(
+            f"{c['shift']}@{c['severity']} {100 * c['accuracy']:.1f} %"
+            for c in sorted(shift["cells"], key=lambda c: c["accuracy"])[:3]) + f" ({shift['seconds']:.0f}s)"]
     sets += [(f"external {name}", m) for name, m in metrics.get("external", {}).items()]
     return [f"test accuracy {format_accuracy(metrics['test_accuracy'], metrics['n_test'], metrics['ci95_low'], metrics['ci95_high'])}",
             f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
@@ -250,6 +258,7 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
             f"fitted on val: ECE {metrics['ece_calibrated']:.4f})",
             *(f"{label}: accuracy {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])}  recall "
               f"{m['recall']:.3f}  false alarms {m['false_positive_rate']:.3f}  F1 {m['f1']:.3f}" for label, m in sets),
+            *shift_lines,
             f"misclassified test images: {metrics['errors']} -> {out / 'errors.parquet'}"
             + (" (with those of the sets above)" if sets else ""),
             f"outputs: {out}/ (model.pt, final_metrics.json, final_history.parquet, predictions.parquet, split.parquet)"]

@@ -30,10 +30,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier
-from crackcore.exceptions import ModelFileError
+from crackcore.exceptions import DataError, ModelFileError
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.outputs import write_bytes, write_parquet
+from crackcore.results import shift_frame
+from crackcore.shift import capped_rows, parse_shifts, run_suite, suite_cells
 from crackcore.sources import FOLDER_LABEL
 from crackcore.train import resolve_device
 
@@ -200,6 +202,41 @@ def heatmap_names(photos: list[Path]) -> dict[Path, str]:
             for f in photos}
 
 
+def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], labels: dict[Path, int | None],
+               names: list[str], max_images: int | None, batch_size: int, out: Path) -> int:
+    """The shift suite (crackcore.shift) on labelled patches: a table on stdout and OUT_shifts.parquet."""
+    labelled = [f for f in files if labels.get(f) is not None]
+    if not labelled:
+        raise DataError(f"--shifts needs labelled images: none of the {len(files)} input(s) sits in a class folder "
+                        "(Positive/ Negative/, crack/ no_crack/, ...); pass such a folder")
+    if len(labelled) < len(files):
+        print(f"warning: --shifts scores the {len(labelled)} labelled image(s); {len(files) - len(labelled)} without "
+              "a class folder are left out", file=sys.stderr)
+    y = np.array([labels[f] for f in labelled])
+    keep = capped_rows(y, max_images, seed=0)
+    imgs, ok = [], []
+    for i in keep:
+        try:
+            imgs.append(decode_file(labelled[i], meta["image_size"]))
+            ok.append(i)
+        except Exception as exc:
+            print(f"skipped unreadable image {labelled[i]}: {str(exc).splitlines()[0][:120]}", file=sys.stderr)
+    if not ok:
+        raise DataError("no labelled image could be decoded; nothing to score")
+    suite = run_suite(lambda x: torch.from_numpy(classify(model, meta, x)), torch.stack(imgs), y[ok],
+                      cells=suite_cells(names), max_images=None, batch_size=batch_size, device=meta["device"])
+    table = shift_frame(suite)
+    write_parquet(table, out.with_name(out.name + "_shifts.parquet"))
+    wide = table.assign(cell=[f"{100 * a:.1f} [{100 * lo:.1f}-{100 * hi:.1f}]" for a, lo, hi in
+                              zip(table["accuracy"], table["ci95_low"], table["ci95_high"])])
+    print(f"shift suite on {suite['n_per_cell']} labelled images ({meta['image_size']} px): accuracy % [95 % CI] "
+          f"by severity (0 = clean {100 * suite['clean']['accuracy']:.1f} %)")
+    print(wide[wide["severity"] > 0].pivot(index="shift", columns="severity", values="cell").reindex(names).to_string())
+    print(f"mean over {len(suite['cells'])} shifted cells {100 * suite['mean_accuracy']:.2f} %  "
+          f"({suite['seconds']:.1f}s) -> {out}_shifts.parquet")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m crackcore.predict", description=__doc__.split("\n\n")[1])
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
@@ -209,7 +246,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stride", type=int, help="window step in px (default: the tile size)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--device", default="auto")
+    p.add_argument("--shifts", nargs="?", const="all", metavar="NAME,NAME",
+                   help="instead of predicting, run the shift suite on the labelled inputs: accuracy under each shift "
+                        "x severity, with n and 95 %% CI (all shifts, or a comma list: scale_down, gaussian_blur, ...)")
+    p.add_argument("--shift-max-images", type=int, help="score a stratified seeded subset of this many images")
     a = p.parse_args(argv)
+    shifts = parse_shifts(a.shifts) if a.shifts is not None else None  # an unknown name fails before any work
+    if a.shift_max_images is not None and a.shift_max_images < 2:
+        raise ModelFileError(f"--shift-max-images must be >= 2 (got {a.shift_max_images})")
     stride = a.tile if a.stride is None else a.stride  # 0 is a mistake, not "the tile size"
     if a.tile < 16 or not 0 < stride <= a.tile:
         raise ModelFileError(f"--stride must be in 1..--tile ({a.tile}) and --tile >= 16; got stride {stride}")
@@ -224,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     if not files:
         raise FileNotFoundError("no images found in the inputs; pass image files or folders of .jpg/.png")
+    if shifts is not None:
+        return run_shifts(model, meta, files, labels, shifts, a.shift_max_images, a.batch_size, a.out)
     patches, photos, failed = [], [], []
     for f in files:
         try:

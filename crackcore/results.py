@@ -71,6 +71,13 @@ class Study:
         p = self.predictions
         return p[p["source"].map(roles) == "train"] if roles and "source" in p else p
 
+    @property
+    def shift(self) -> pd.DataFrame:
+        """The shift suite of the final model (final_metrics.json "shift"): one row for the clean
+        test images (shift "clean", severity 0) and one per shift x severity cell, each with n,
+        accuracy and its Wilson 95 % CI; empty when the suite did not run."""
+        return shift_frame(self.final_metrics.get("shift"))
+
     def per_set(self) -> pd.DataFrame:
         """The final model on every evaluated set, one row each: the test split of the sources
         trained on, each held-out source, each --eval folder (final_metrics.json)."""
@@ -82,6 +89,17 @@ class Study:
         rows += [{"set": name, **s} for name, s in m.get("per_source", {}).items()]
         rows += [{"set": name, "role": "external (--eval)", **s} for name, s in m.get("external", {}).items()]
         return pd.DataFrame(rows)
+
+
+SHIFT_COLUMNS = ["shift", "severity", "level", "parameter", "n", "accuracy", "ci95_low", "ci95_high"]
+
+
+def shift_frame(suite: dict[str, Any] | None) -> pd.DataFrame:
+    """A shift suite's result (crackcore.shift.run_suite) as a table: the clean row first."""
+    if not suite:
+        return pd.DataFrame(columns=SHIFT_COLUMNS)
+    clean = [{"shift": "clean", "severity": 0, "level": None, "parameter": "", **suite["clean"]}] if suite["clean"] else []
+    return pd.DataFrame([*clean, *suite["cells"]], columns=SHIFT_COLUMNS)
 
 
 def _read(f: Path, read: Callable[[], Any]) -> Any:

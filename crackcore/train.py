@@ -20,9 +20,10 @@ from crackcore import checkpoint
 from crackcore.augment import batch_augment
 from crackcore.config import TrainConfig
 from crackcore.exceptions import ConfigError, DivergedError
-from crackcore.data import BatchLoader, PreparedData, normalize, prepare_data
+from crackcore.data import BatchLoader, PreparedData, as_tensor, normalize, prepare_data
 from crackcore.metrics import binary_metrics, format_accuracy
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
+from crackcore.shift import VAL_CELLS, run_suite
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s"]
 
@@ -164,6 +165,25 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
             "seconds": seconds, "img_s": len(row) / seconds if seconds else float("nan"), "predictions": predictions}
 
 
+def shift_score(model: nn.Module, channels_last: bool = False) -> Callable[[torch.Tensor], torch.Tensor]:
+    """uint8 batch -> P(crack), exactly as evaluate() scores it (float32, eval mode)."""
+    @torch.inference_mode()
+    def score(x_u8: torch.Tensor) -> torch.Tensor:
+        model.eval()
+        return torch.softmax(model(model_inputs(x_u8, channels_last=channels_last)).float(), 1)[:, 1]
+
+    return score
+
+
+def evaluate_shifts(model: nn.Module, data: PreparedData, rows: np.ndarray, device: torch.device, *,
+                    cells: list[tuple[str, int]] | None = None, max_images: int | None = None, seed: int = 0,
+                    channels_last: bool = False, clean: bool = True) -> dict[str, Any]:
+    """The shift suite (crackcore.shift.run_suite) on `rows` of the decoded images."""
+    labels = data.samples["label"].to_numpy()[rows]
+    return run_suite(shift_score(model, channels_last), as_tensor(data.images), labels, index=rows, cells=cells,
+                     max_images=max_images, seed=seed, device=device, clean=clean)
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Short linear warm-up (3 % of steps), then cosine to zero over `cfg.epochs`, or constant."""
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -188,6 +208,7 @@ class FitResult:
     test: dict[str, Any] | None = None  # evaluate() on the test split of the sources trained on
     held_out: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate() on each val/test source
     external: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate() on each --eval folder
+    shift: dict[str, Any] | None = None  # the shift suite on the test split (crackcore.shift.run_suite)
     device: str = "cpu"
     precision: str = "float32"  # of the training forward pass; evaluation is always float32
     seconds: float = 0.0
@@ -251,6 +272,11 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
         per_source = val_by_source(val, None if domain_val is None else evaluate(step_model, domain_val, data,
                                                                                   channels_last=channels_last))
+        if cfg.val_shift:  # the clean val pass is done; the cheap shifts add one pass each
+            shifted = evaluate_shifts(step_model, data, val_loader.index.numpy(), device, cells=list(VAL_CELLS),
+                                      seed=cfg.seed, channels_last=channels_last, clean=False)
+            per_source["val_shift_acc"] = float(np.mean([val["accuracy"], *(c["accuracy"] for c in shifted["cells"])]))
+            per_source["val_shift_seconds"] = shifted["seconds"]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["accuracy"], "val_loss": val["loss"],
                "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
                "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"], **per_source}
@@ -264,16 +290,22 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                                                                        history, epoch, cfg.to_dict(), info.sha256))
     if not val:  # resumed after the last epoch: evaluate the restored model
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
-    test, held_out, external = None, {}, {}
+    test, held_out, external, shift = None, {}, {}, None
     if evaluate_test:
         test = evaluate(step_model, loader("test", data.roles("train")), data, channels_last=channels_last)
         held_out = {**({cfg.val_source: val} if cfg.val_source else {}), **({cfg.test_source: evaluate(
             step_model, loader("test", [cfg.test_source]), data, channels_last=channels_last)} if cfg.test_source else {})}
         external = {name: evaluate(step_model, loader("external", [name]), data, channels_last=channels_last)
                     for name in cfg.external}
+        if cfg.shift_suite:
+            shift = evaluate_shifts(step_model, data, data.indices("test", data.roles("train")), device,
+                                    max_images=cfg.shift_max_images, seed=cfg.seed, channels_last=channels_last)
+            if log:
+                log(f"shift suite: clean {shift['clean']['accuracy']:.4f}, mean over {len(shift['cells'])} shifted "
+                    f"cells {shift['mean_accuracy']:.4f} (n={shift['n_per_cell']} per cell, {shift['seconds']:.1f}s)")
     columns = [*HISTORY_COLUMNS, *sorted({k for row in history for k in row} - set(HISTORY_COLUMNS))]
     return FitResult(model=model, history=pd.DataFrame(history, columns=columns), weights=info, val=val, test=test,
-                     held_out=held_out, external=external, device=str(device), precision=precision_name(dtype),
+                     held_out=held_out, external=external, shift=shift, device=str(device), precision=precision_name(dtype),
                      seconds=time.perf_counter() - t0)
 
 

@@ -1,6 +1,8 @@
 """Augmentation policies: the per-batch form (training) has the per-image semantics."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -102,3 +104,83 @@ def test_none_is_identity_and_unknown_policy_is_an_error(batch: torch.Tensor) ->
     assert torch.equal(batch_augment(batch, "none"), batch)
     with pytest.raises(ValueError, match="unknown augment policy 'mixup'"):
         batch_augment(batch, "mixup")
+
+
+# --------------------------------------------------------------------------- shift-aware policies
+
+
+def _scene(n: int = 1, size: int = 32) -> torch.Tensor:
+    """Smooth concrete-like texture with a dark vertical crack 4 px wide: float [n,3,S,S]."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.nn.functional.interpolate(0.5 + 0.15 * torch.randn(n, 3, 8, 8, generator=g), size=size, mode="bicubic",
+                                        align_corners=False)
+    x[..., size // 2 - 2:size // 2 + 2] = 0.1
+    return x.clamp(0, 1)
+
+
+def _stats(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: brightness, fine detail, red-blue balance, colourfulness, dark (crack) area."""
+    return {"mean": x.mean((1, 2, 3)), "detail": (x[..., 1:] - x[..., :-1]).abs().mean((1, 2, 3)),
+            "red_blue": (x[:, 0] - x[:, 2]).mean((1, 2)), "colour": (x[:, 0] - x[:, 1]).abs().mean((1, 2)),
+            "dark": (x.mean(1) < 0.25).float().mean((1, 2))}
+
+
+def test_photometric_batch_form_equals_torchvision_per_image() -> None:
+    x = _scene(16)
+    params = sample_params("photometric", 16, 32, torch.Generator().manual_seed(12))
+    for key in ("blur_sigma", "noise_sigma", "cast", "gray", "jpeg_quality"):  # every step drawn for some, not all
+        assert 0 < (params[key] != 0).sum() < 16, key
+    out = apply_params(x, params)
+    for i in range(16):
+        assert torch.allclose(out[i], reference_apply(x[i], params, i), atol=1e-5), i
+    untouched = [i for i in range(16) if not any(params[k][i] for k in ("blur_sigma", "noise_sigma", "cast", "gray",
+                                                                          "jpeg_quality"))]
+    assert all(torch.equal(out[i], x[i]) for i in untouched)
+
+
+def test_scale_windows_follow_the_documented_zoom_and_resized_crop() -> None:
+    n, size = 20000, 32
+    boxes = sample_params("scale", n, size, torch.Generator().manual_seed(13))["rescale"]
+    side = boxes[:, 2] - boxes[:, 0]
+    assert torch.equal(side, boxes[:, 3] - boxes[:, 1]) and torch.equal(boxes, boxes.round())
+    # side = S / z with z ~ U(0.5, 1.5): E[side] = S ln 3, between S / 1.5 and 2 S
+    assert abs(side.mean() / size - math.log(3)) < 0.01 and side.min() >= round(size / 1.5) and side.max() <= 2 * size
+    zoom_in = side <= size
+    assert abs(zoom_in.float().mean() - 0.5) < 0.02
+    assert (boxes[zoom_in, :2] >= 0).all() and (boxes[zoom_in, 2:] <= size).all()  # inside the image
+    assert (boxes[~zoom_in, :2] <= 0).all() and (boxes[~zoom_in, 2:] >= size).all()  # holding all of it
+    assert (boxes >= -(size // 2)).all() and (boxes <= size + size // 2).all()  # within the reflect padding
+    x = _scene(16)
+    params = sample_params("scale", 16, size, torch.Generator().manual_seed(14))
+    out = apply_params(x, params)
+    for i in range(16):
+        ref = reference_apply(x[i], params, i)
+        assert (out[i] - ref).abs().mean() < 0.01, i  # roi_align's averaging vs an antialiased resize
+        if params["rescale"][i, 2] - params["rescale"][i, 0] <= size:  # zooming in: one bilinear sample, exact inside
+            assert torch.allclose(out[i, :, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-5), i
+
+
+@pytest.fixture
+def one_thread():
+    # small per-image ops: on a busy 2-core machine two torch threads waiting on each other are 10x slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("policy", ["scale", "photometric", "domain"])
+def test_shift_policies_batch_and_per_image_forms_agree_in_distribution(policy: str, one_thread) -> None:
+    n = 300
+    x = _scene(1)
+    torch.manual_seed(15)  # the per-image form draws from torch's global RNG, as torchvision's transforms do
+    transform = per_image_transform(policy, 32)
+    per_image = torch.stack([transform(x[0]) for _ in range(n)])
+    batch = batch_augment(x.expand(n, -1, -1, -1).contiguous(), policy, torch.Generator().manual_seed(16))
+    a, b = _stats(per_image), _stats(batch)
+    moved = [k for k in a if a[k].std() > 1e-4]
+    assert "dark" in moved if policy != "photometric" else "detail" in moved  # the policy does something
+    for k in moved:  # two-sample z on each statistic's mean, and similar spread
+        z = (a[k].mean() - b[k].mean()) / (a[k].var() / n + b[k].var() / n).sqrt()
+        assert abs(z) < 4, (policy, k, float(z))
+        assert 0.7 < a[k].std() / b[k].std() < 1.4, (policy, k)

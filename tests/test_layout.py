@@ -10,7 +10,7 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration",
      "crackcore.faults"},
     {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results",
-     "crackcore.tracking"},
+     "crackcore.tracking", "crackcore.shift"},
     {"crackcore.augment", "crackcore.model", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",
      "crackcore.sources"},
     {"crackcore.data"},

@@ -204,6 +204,30 @@ def fig_per_set(s: Study, path: Path) -> str:
             "(leave-one-out rows: the same setting retrained without that source); bars are 95 % intervals.")
 
 
+def fig_shift_heatmap(s: Study, path: Path) -> str:
+    """Test accuracy of the final model under each shift (rows) and severity (columns), clean first."""
+    t = s.shift
+    cells = t[t["severity"] > 0]
+    acc = cells.pivot(index="shift", columns="severity", values="accuracy").reindex(list(dict.fromkeys(cells["shift"])))
+    clean = t.loc[t["severity"] == 0, "accuracy"]
+    grid = acc.assign(**{"0": float(clean.iloc[0]) if len(clean) else np.nan})[["0", *acc.columns]]
+    low = cells.pivot(index="shift", columns="severity", values="ci95_low").reindex(acc.index)
+    high = cells.pivot(index="shift", columns="severity", values="ci95_high").reindex(acc.index)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(grid) + 1.8))
+    im = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
+    for i, shift in enumerate(grid.index):
+        for j, col in enumerate(grid.columns):
+            v = grid.iat[i, j]
+            ci = "" if col == "0" else f"\n{100 * low.at[shift, col]:.0f}-{100 * high.at[shift, col]:.0f}"
+            ax.text(j, i, f"{100 * v:.1f}{ci}", ha="center", va="center", fontsize=7)
+    ax.set(xticks=range(len(grid.columns)), xticklabels=["0 (clean)", *map(str, acc.columns)], yticks=range(len(grid)),
+           yticklabels=grid.index, xlabel="severity", title=f"Test accuracy under shifts (n={int(cells['n'].iloc[0])} per cell)")
+    fig.colorbar(im, ax=ax, label="accuracy (fraction); 0.5 = chance")
+    _save(fig, path)
+    return ("Accuracy (%) of the final model on the test images under each shift and severity, with the Wilson 95 % "
+            "interval below; column 0 is the clean images (the same subset).")
+
+
 def _table(df: pd.DataFrame) -> str:
     cols = list(df.columns)
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
@@ -287,6 +311,12 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
         if len(s.loso):
             md += ["### Leave one source out", "", _table(s.loso[["held_out_source", "n", "accuracy", "ci95_low",
                                                                   "ci95_high", "precision", "recall", "f1", "roc_auc"]]), ""]
+    suite = s.final_metrics.get("shift")
+    if suite:
+        md += ["## Under camera and site shifts", "",
+               f"The final model on {suite['n_per_cell']} of the {suite['of_n']} test images under {len(suite['cells'])} "
+               f"shift x severity cells (crackcore.shift): clean {format_accuracy(suite['clean']['accuracy'], suite['clean']['n'], suite['clean']['ci95_low'], suite['clean']['ci95_high'])}, "
+               f"mean over the shifted cells {100 * suite['mean_accuracy']:.2f} %. See the heat map below.", ""]
     if len(s.repeats):
         r = s.repeats.groupby("trial_id").agg(mean_val_acc=("val_acc", "mean"), ci95_low=("ci95_low", "first"),
                                               ci95_high=("ci95_high", "first"), seeds=("seed", "nunique"))
@@ -302,6 +332,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
         ("final_history.png", "Final retrain", lambda p: fig_final_history(s, p), len(s.final_history) > 0),
         ("confusion_roc.png", "Confusion matrix and ROC", lambda p: fig_confusion_roc(s, p), len(s.predictions) > 0),
         ("per_set.png", "Accuracy on each evaluated set", lambda p: fig_per_set(s, p), len(per_set) > 1 or len(s.loso) > 0),
+        ("shift_heatmap.png", "Accuracy under shifts", lambda p: fig_shift_heatmap(s, p), bool(suite)),
     ]
     md += ["## Figures", ""]
     for name, title, draw, possible in plans:

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also retrain the best config under the other split strategy")
     p.add_argument("--mlflow", metavar="URI", help="record every trial and the final retrain as MLflow runs of an "
                    "experiment named after the study, e.g. sqlite:///results/mlflow.db")
+    p.add_argument("--no-shift-suite", dest="shift_suite", action="store_const", const=False,
+                   help="skip the shift suite on the test split after the final retrain")
     p.add_argument("--smoke-test", action="store_true", help="tiny budget: 4 trials x 2 epochs at 32 px")
     return p
 
@@ -109,7 +111,7 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
             "leave_one_out": a.leave_one_out, "train.group_by": a.group_by, "train.val_source": a.val_source,
             "train.test_source": a.test_source, "train.external": parse_sources(a.eval) if a.eval else None,
             "train.data": data, "train.image_size": a.image_size, "train.subset": a.subset,
-            "train.weights": a.weights, "train.split_strategy": a.split_strategy,
+            "train.weights": a.weights, "train.split_strategy": a.split_strategy, "train.shift_suite": a.shift_suite,
             "train.seed": a.seed, "mlflow": a.mlflow}
 
 
@@ -339,13 +341,14 @@ def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams
     """The trial to retrain (BEST_RULE, or the best mean over seeds with --repeat-top), the
     rule that chose it and the repeats' figures."""
     cfg = run.cfg
-    best = pick_best(trials)
+    best = pick_best(trials, cfg.metric)
     n_complete = int((trials["status"] == "COMPLETE").sum())
     if cfg.repeat_top > 0 and n_complete == 0:
         print("warning: no trial ran all max_epochs, so there is nothing for --repeat-top to repeat; the best trial "
               "is chosen by the single-seed rule", file=sys.stderr)
     if cfg.repeat_top == 0 or n_complete == 0:
-        return best, BEST_RULE, {}
+        return best, BEST_RULE if cfg.metric == "val_acc" else BEST_RULE.replace(
+            "val accuracy", "val_shift_acc (the mean val accuracy over clean and shift.VAL_CELLS)"), {}
     n_configs = min(cfg.repeat_top, n_complete)  # only trials that ran all max_epochs are repeated
     print(f"\nrepeating the top {n_configs} complete trial(s) with {cfg.repeats} seeds each ...", flush=True)
     repeats = repeat_top(cfg, trials, params_of, run.data_ref, run.backbone_ref)
@@ -368,6 +371,7 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
     best_cfg = trial_config(cfg.train, params, cfg.final_epochs)
     write_json({"trial_id": best["trial_id"], "params": params.to_dict(), "rule": rule, "selection": cfg.train.selection(),
                 "val_acc": float(best["last_val_acc"]), "val_loss": float(best["last_val_loss"]),
+                **({"val_shift_acc": float(best["last_val_shift_acc"])} if "last_val_shift_acc" in best else {}),
                 **({"repeats": repeated} if repeated else {}),
                 "train_config": best_cfg.to_dict()}, run.study_dir / "best_config.json")
     n_val = len(data.indices("val", [cfg.train.val_source] if cfg.train.val_source else None))

@@ -86,4 +86,4 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
         # again. Report it as the worst result instead: ASHA stops the trial, Optuna records the
         # value and TPE learns to avoid the region; `diverged` marks the row (trials.parquet: DIVERGED).
         tune.report({**{k: float("nan") for k in HISTORY_COLUMNS}, "epoch": last_epoch + 1, "val_acc": 0.0,
-                     "node_id": node_id, "pid": os.getpid(), "diverged": True, "wall_time": time.time()})
+                     **({"val_shift_acc": 0.0} if cfg.val_shift else {}), "node_id": node_id, "pid": os.getpid(), "diverged": True, "wall_time": time.time()})

@@ -28,8 +28,9 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             hist = hist.drop_duplicates("epoch", keep="last").sort_values("epoch")
             per_source = sorted(c for c in hist if c.startswith("val_acc_"))  # when val holds several sources
             timing = [c for c in ("wall_time", "checkpoint_seconds", "checkpoint_bytes") if c in hist]
+            shifted = [c for c in ("val_shift_acc", "val_shift_seconds") if c in hist]  # metric = "val_shift_acc"
             h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
-                      *per_source, "node_id", "timestamp", *timing]].assign(trial_id=trial_id, **params)
+                      *per_source, *shifted, "node_id", "timestamp", *timing]].assign(trial_id=trial_id, **params)
             history.append(h)
         epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
         diverged = "diverged" in hist and bool(hist["diverged"].iloc[-1] == True)  # noqa: E712 (NaN: False)
@@ -43,6 +44,8 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             "best_val_acc": float(hist["val_acc"].max()) if last is not None else np.nan,
             "last_val_acc": float(last["val_acc"]) if last is not None else np.nan,
             "last_val_loss": float(last["val_loss"]) if last is not None else np.nan,
+            **({"best_val_shift_acc": float(hist["val_shift_acc"].max()), "last_val_shift_acc": float(last["val_shift_acc"])}
+               if last is not None and "val_shift_acc" in hist else {}),
             "seconds": float(hist["seconds"].sum()) if last is not None else np.nan,
             "checkpoint_bytes": float(hist.get("checkpoint_bytes", pd.Series(dtype=float)).sum()),
             "checkpoint_seconds": float(hist.get("checkpoint_seconds", pd.Series(dtype=float)).sum()),
@@ -75,7 +78,8 @@ BEST_RULE = ("highest val accuracy at the last epoch among trials that ran all m
              "then lower trial id); if none did, among all trials that reported and did not diverge")
 
 
-def pick_best(trials: pd.DataFrame) -> pd.Series:
+def pick_best(trials: pd.DataFrame, metric: str = "val_acc") -> pd.Series:
+    """The trial to retrain by BEST_RULE, scored on `metric` (the study's: val_acc or val_shift_acc)."""
     reported = trials[(trials["epochs"] > 0) & (trials["status"] != "DIVERGED")]
     if reported.empty and (trials["status"] == "DIVERGED").any():
         raise StudyError("every trial that reported diverged (non-finite training loss); lower space.lr_max in the "
@@ -84,7 +88,7 @@ def pick_best(trials: pd.DataFrame) -> pd.Series:
         raise StudyError("every trial failed before reporting a metric; see errors in trials.parquet and Ray's logs")
     pool = reported[reported["status"] == "COMPLETE"]
     pool = pool if len(pool) else reported
-    return pool.sort_values(["last_val_acc", "last_val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]
+    return pool.sort_values([f"last_{metric}", "last_val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]
 
 
 def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, params_of: dict[str, TrialParams], data_ref: Any,
