@@ -87,7 +87,7 @@ def check_writable(folder: str | Path, what: str, fix: str = "") -> None:
     folder = Path(folder).expanduser().absolute()
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     if not existing.is_dir():
-        raise StorageError(f"{existing} is a file, not a folder ({what}); pass a folder")
+        raise StorageError(f"{what}: {existing} is a file, not a folder; pass a folder")
     try:
         fd, tmp = tempfile.mkstemp(dir=existing, prefix=".write-check.")
         os.close(fd)
