@@ -27,7 +27,7 @@ from crackcore.exceptions import DataError
 from crackcore.hashing import content_digest, unit_hash
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, decode_file, io_workers
 from crackcore.neardup import group_report, near_duplicate_groups
-from crackcore.sources import discover
+from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE, SYNTHETIC, discover
 from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
 
 SPLITS = ("train", "val", "test")  # and "external": --eval folders, evaluated after training only
@@ -162,16 +162,21 @@ class PreparedData:
 
 
 def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: int, seed: int) -> tuple[Path, str]:
-    """`data` if given, else the embedded synthetic set (generated once, cached). Returns
-    (root, kind) where kind is "real" or "synthetic"."""
-    if data:
+    """`data` if given (the embedded real sample is named as such), else (None or `synthetic`)
+    the procedural synthetic set (generated once, cached). Returns (root, kind) where kind is
+    "real" or "synthetic"."""
+    if data and data != SYNTHETIC:
         root = Path(data).expanduser()
+        if root.resolve() == EMBEDDED_SAMPLE:
+            n = sum(1 for p in root.glob("*/*") if p.suffix.lower() == ".jpg")
+            print(f"data: embedded real sample: {n} images, {EMBEDDED_CITATION} ({root}); pass --data PATH for "
+                  "your own or the full set (python -m crackcore.download --to data/)", file=sys.stderr, flush=True)
         return root, "synthetic" if (root / "SYNTHETIC.json").exists() else "real"
     # Generated at 227 px like the real patches; the working size is applied by the decoder.
     root = make_synthetic_dataset(default_synthetic_root(synthetic_per_class, 227, seed), synthetic_per_class, 227, seed)
-    print("=" * 78 + f"\n!! NO --data GIVEN: using the embedded SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
-          "!! Numbers from it say nothing about real concrete. Pass --data PATH (or set $CRACK_DATA).\n" + "=" * 78,
-          file=sys.stderr, flush=True)
+    print("=" * 78 + f"\n!! SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
+          "!! Numbers from it say nothing about real concrete. Without --data the real embedded sample is used.\n"
+          + "=" * 78, file=sys.stderr, flush=True)
     return root, "synthetic"
 
 
