@@ -27,6 +27,7 @@ from crackcore.exceptions import DataError
 from crackcore.hashing import content_digest, unit_hash
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, decode_file, io_workers
 from crackcore.neardup import group_report, near_duplicate_groups
+from crackcore.progress import track
 from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE, SYNTHETIC, discover
 from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
 
@@ -113,11 +114,9 @@ def _decode_into(tmp: Path, paths: list[Path], image_size: int, progress: bool) 
         except Exception as exc:  # any decoder failure = unusable file, never a crash mid-epoch
             bad[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
-    from tqdm.auto import tqdm
-
     with ThreadPoolExecutor(max_workers=io_workers()) as pool:
-        list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {image_size}px",
-                  disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
+        list(track(pool.map(work, range(len(paths))), f"decode {image_size}px", len(paths), unit="images",
+                   enabled=progress))
     out.flush()
     del out
     return bad

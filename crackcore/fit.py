@@ -65,11 +65,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     data = prepare_data(cfg)
     print(f"data: {data.source['kind']} {data.source['root']} - {data.counts()}", flush=True)
-    result = fit(cfg, data, evaluate_test=True)
+    result = fit(cfg, data, evaluate_test=True, progress=True)
     held_out = {}
     for name, held_cfg in (leave_one_out(cfg) if a.leave_one_out else {}).items():
         print(f"\nleave-one-out: training without {name} ...", flush=True)
-        held_out[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
+        held_out[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True, progress=True)
     loso = loso_table(held_out) if held_out else None
     metrics: dict = {}
 

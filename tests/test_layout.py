@@ -7,7 +7,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; the leaves import nothing of the project
-    {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration"},
+    {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration",
+     "crackcore.progress"},
     {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results"},
     {"crackcore.augment", "crackcore.model", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",
      "crackcore.sources"},

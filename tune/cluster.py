@@ -92,7 +92,8 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cp
     def _fit(refs: list, cfg: TrainConfig) -> Any:
         data, (weights, backbone) = ray.get(refs)
         result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
-                     weights_info=weights, backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
+                     weights_info=weights, backbone=backbone, log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True),
+                     progress=evaluate_test)  # the retrains that run one at a time, not the parallel repeats
         result.model = result.model.cpu() if evaluate_test else None
         result.extra["node_id"] = ray.get_runtime_context().get_node_id()
         return result
