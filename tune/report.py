@@ -27,6 +27,7 @@ from crackcore.exceptions import StudyFilesError  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve, wilson_interval  # noqa: E402
 from crackcore.outputs import DIR_MODE  # noqa: E402
 from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
+from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
 STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
@@ -241,8 +242,6 @@ def _params(params: dict[str, Any] | None) -> str:
 
 
 def _data_root(src: dict[str, Any]) -> str:
-    from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE
-
     root = src.get("root", "?")
     roots = root if isinstance(root, dict) else {None: root}
     return ", ".join(f"{name + ' ' if name else ''}`{r}`" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
@@ -255,8 +254,8 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
     md, notes = [f"# Study report: {s.name}", ""], []
     src, weights = s.study.get("data_source", {}), s.study.get("weights", {})
     if src.get("kind") == "synthetic":
-        md += ["> **SYNTHETIC DATA.** This study ran on the embedded synthetic crack set; its numbers say nothing "
-               "about real concrete. Run it with `--data PATH`.", ""]
+        md += ["> **SYNTHETIC DATA.** This study ran on the procedural synthetic crack set; its numbers say nothing "
+               "about real concrete. Run it without `--data` (the embedded real sample) or with `--data PATH`.", ""]
     if s.missing:
         notes.append("missing from the study folder: " + ", ".join(s.missing))
         md += [f"> Incomplete study: missing {', '.join(s.missing)}. Sections that need them are left out.", ""]
