@@ -32,3 +32,28 @@ def test_terminal_gets_a_tqdm_bar_and_disabled_is_untouched() -> None:
     assert "\r" in term.getvalue() and "patches" in term.getvalue() and "5/5" in term.getvalue()
     items = [1, 2]
     assert track(items, "off", enabled=False) is items
+
+
+def test_a_named_bar_class_draws_inside_its_block_and_is_closed() -> None:
+    from crackcore.progress import bars
+
+    drawn = []
+
+    class Bar:  # the tqdm subset tqdm_ray implements: iterate, close
+        def __init__(self, items, desc, total, unit):
+            self.items, self.closed = items, False
+            drawn.append((self, desc, total, unit))
+
+        def __iter__(self):
+            yield from self.items
+
+        def close(self):
+            self.closed = True
+
+    log = io.StringIO()
+    with bars(Bar):
+        assert list(track(range(3), "epoch 1/2", unit="batches", file=log)) == [0, 1, 2]
+    assert [(d, t, u) for _, d, t, u in drawn] == [("epoch 1/2", 3, "batches")] and drawn[0][0].closed
+    assert log.getvalue() == ""  # the bar class drew it, not the log lines
+    list(track(range(2), "after", file=log, every_s=1e9))
+    assert len(drawn) == 1 and log.getvalue().startswith("after: 2 it in")  # the block is over
