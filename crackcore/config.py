@@ -63,7 +63,7 @@ class TrainConfig:
     """Everything one training run (a trial, the final retrain, the baseline) depends on."""
 
     # data
-    data: str | dict[str, str] | None = None  # a folder (one source), {name: folder} (several), None = synthetic set
+    data: str | dict[str, str] | None = None  # a folder (one source), {name: folder} (several), None or "synthetic" = the synthetic set
     group_by: str | None = None  # regex: file names with the same first capture group (a photo) share a split
     val_source: str | None = None  # a source never trained on: trials and the best trial are scored on it
     test_source: str | None = None  # a source never trained on nor selected on: the final evaluation's
@@ -73,7 +73,7 @@ class TrainConfig:
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
     split_strategy: str = "random"  # "grouped" also keeps near-duplicates in one split
     split_seed: int = 0
-    synthetic_per_class: int = 400  # size of the embedded synthetic set when data is None
+    synthetic_per_class: int = 400  # size of the procedural synthetic set (data None or "synthetic")
     # model
     weights: str = "auto"  # "auto" | "imagenet" | "random" | path to resnet18 .pth
     freeze_depth: int = 0  # 0 = fine-tune all, 5 = head only

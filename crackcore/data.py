@@ -27,7 +27,8 @@ from crackcore.exceptions import DataError, storage_error
 from crackcore.hashing import content_digest, unit_hash
 from crackcore.images import CACHE_ENV, CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, decode_file, io_workers
 from crackcore.neardup import group_report, near_duplicate_groups
-from crackcore.sources import discover
+from crackcore.progress import track
+from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE, SYNTHETIC, discover
 from crackcore.synthetic import default_synthetic_root, make_synthetic_dataset
 
 SPLITS = ("train", "val", "test")  # and "external": --eval folders, evaluated after training only
@@ -122,11 +123,9 @@ def _decode_into(tmp: Path, paths: list[Path], image_size: int, progress: bool) 
         except Exception as exc:  # any decoder failure = unusable file, never a crash mid-epoch
             bad[i] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
 
-    from tqdm.auto import tqdm
-
     with ThreadPoolExecutor(max_workers=io_workers()) as pool:
-        list(tqdm(pool.map(work, range(len(paths))), total=len(paths), desc=f"decode {image_size}px",
-                  disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
+        list(track(pool.map(work, range(len(paths))), f"decode {image_size}px", len(paths), unit="images",
+                   enabled=progress))
     out.flush()
     del out
     return bad
@@ -171,16 +170,21 @@ class PreparedData:
 
 
 def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: int, seed: int) -> tuple[Path, str]:
-    """`data` if given, else the embedded synthetic set (generated once, cached). Returns
-    (root, kind) where kind is "real" or "synthetic"."""
-    if data:
+    """`data` if given (the embedded real sample is named as such), else (None or `synthetic`)
+    the procedural synthetic set (generated once, cached). Returns (root, kind) where kind is
+    "real" or "synthetic"."""
+    if data and data != SYNTHETIC:
         root = Path(data).expanduser()
+        if root.resolve() == EMBEDDED_SAMPLE:
+            n = sum(1 for p in root.glob("*/*") if p.suffix.lower() == ".jpg")
+            print(f"data: embedded real sample: {n} images, {EMBEDDED_CITATION} ({root}); pass --data PATH for "
+                  "your own or the full set (python -m crackcore.download --to data/)", file=sys.stderr, flush=True)
         return root, "synthetic" if (root / "SYNTHETIC.json").exists() else "real"
     # Generated at 227 px like the real patches; the working size is applied by the decoder.
     root = make_synthetic_dataset(default_synthetic_root(synthetic_per_class, 227, seed), synthetic_per_class, 227, seed)
-    print("=" * 78 + f"\n!! NO --data GIVEN: using the embedded SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
-          "!! Numbers from it say nothing about real concrete. Pass --data PATH (or set $CRACK_DATA).\n" + "=" * 78,
-          file=sys.stderr, flush=True)
+    print("=" * 78 + f"\n!! SYNTHETIC crack set ({synthetic_per_class}/class) at {root}\n"
+          "!! Numbers from it say nothing about real concrete. Without --data the real embedded sample is used.\n"
+          + "=" * 78, file=sys.stderr, flush=True)
     return root, "synthetic"
 
 

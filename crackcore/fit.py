@@ -14,7 +14,7 @@ from crackcore.data import prepare_data
 from crackcore.exceptions import ConfigError
 from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
-from crackcore.sources import data_setting, parse_sources
+from crackcore.sources import EMBEDDED_SAMPLE, data_setting, parse_sources
 from crackcore.tracking import experiment, finish_run, log_epoch, open_store, tracked_run
 from crackcore.train import HISTORY_COLUMNS, fit
 
@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crackcore.fit", description="Train one ResNet-18 crack classifier "
                                 "(the baseline) and write its metrics, errors and model.")
     p.add_argument("--data", action="append", metavar="[NAME=]PATH",
-                   help="a crack/no-crack folder, repeatable for several sources (default $CRACK_DATA; none = synthetic)")
+                   help="a crack/no-crack folder, repeatable for several sources, or `synthetic` (default $CRACK_DATA, "
+                   "else the embedded real sample)")
     p.add_argument("--group-by", help="regex: file names with the same first capture group share a split, "
                    "e.g. '^(.*)__' for PHOTO__rYcX.jpg windows")
     p.add_argument("--val-source", help="a --data source never trained on: the val figures are its images")
@@ -61,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    data = data_setting(a.data) or os.environ.get("CRACK_DATA")
+    data = data_setting(a.data) or os.environ.get("CRACK_DATA") or str(EMBEDDED_SAMPLE)
     cfg = TrainConfig(data=data, group_by=a.group_by, val_source=a.val_source, test_source=a.test_source,
                       external=parse_sources(a.eval), epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, freeze_depth=a.freeze_depth,
                       augment_policy=a.augment_policy, image_size=a.image_size, subset=a.subset, weights=a.weights,
@@ -95,11 +96,12 @@ def train_and_write(a: argparse.Namespace, cfg: TrainConfig, t0: float, uri: str
     summary; returns final_metrics.json's figures."""
     data = prepare_data(cfg)
     print(f"data: {data.source['kind']} {data.source['root']} - {data.counts()}", flush=True)
-    result = fit(cfg, data, evaluate_test=True, on_epoch=(lambda row, _: log_epoch(uri, run_id, row)) if run_id else None)
+    result = fit(cfg, data, evaluate_test=True, progress=True,
+                 on_epoch=(lambda row, _: log_epoch(uri, run_id, row)) if run_id else None)
     held_out = {}
     for name, held_cfg in (leave_one_out(cfg) if a.leave_one_out else {}).items():
         print(f"\nleave-one-out: training without {name} ...", flush=True)
-        held_out[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True)
+        held_out[name] = fit(held_cfg, prepare_data(held_cfg), evaluate_test=True, progress=True)
     loso = loso_table(held_out) if held_out else None
     metrics: dict = {}
 

@@ -23,7 +23,6 @@ about 1.6e9 pair checks for 40,000 images, a few seconds.
 """
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from scipy.sparse.csgraph import connected_components
 
 from crackcore.images import TENSOR_SUFFIX, cache_dir, decode_file, io_workers, pil_rgb
 from crackcore.outputs import write_parquet
+from crackcore.progress import track
 
 MAX_PHASH_DISTANCE = 10
 MAX_THUMB_MAD = 3.0  # grey levels (0-255), after removing each thumbnail's mean
@@ -72,12 +72,10 @@ def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.D
     first = samples.drop_duplicates("content_hash")
     todo = first[~first["content_hash"].isin(set(cached["content_hash"]))]
     if len(todo):
-        from tqdm.auto import tqdm
-
         paths = [root / p for p in todo["path"]]
         with ThreadPoolExecutor(max_workers=io_workers()) as pool:
-            sigs = list(tqdm(pool.map(_signature, paths), total=len(paths), desc="near-duplicate signatures",
-                             disable=not progress or len(paths) < 2000, file=sys.stderr, mininterval=2))
+            sigs = list(track(pool.map(_signature, paths), "near-duplicate signatures", len(paths), unit="images",
+                              enabled=progress))
         ok = [i for i, sig in enumerate(sigs) if sig is not None]
         new = pd.DataFrame({"content_hash": todo["content_hash"].to_numpy()[ok],
                             "phash": np.array([sigs[i][0] for i in ok], dtype=np.uint64).view(np.int64),

@@ -27,7 +27,6 @@ import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
-from tqdm.auto import tqdm
 
 from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier
 from crackcore.exceptions import DataError, ModelFileError
@@ -36,6 +35,7 @@ from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.outputs import write_bytes, write_parquet
 from crackcore.results import shift_frame
 from crackcore.shift import capped_rows, parse_shifts, run_suite, suite_cells
+from crackcore.progress import track
 from crackcore.sources import FOLDER_LABEL
 from crackcore.train import resolve_device
 
@@ -87,8 +87,8 @@ def predict_patches(model: Classifier, meta: dict[str, Any], paths: list[Path], 
                     progress: bool = True, labels: dict[Path, int | None] | None = None
                     ) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     rows, failed = [], []
-    for start in tqdm(range(0, len(paths), batch_size), desc="patches", disable=not progress or len(paths) <= batch_size,
-                      file=sys.stderr):
+    for start in track(range(0, len(paths), batch_size), "patches", unit="batches",
+                       enabled=progress and len(paths) > batch_size):
         imgs, ok = [], []
         for p in paths[start:start + batch_size]:
             try:
@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         all_tiles, summaries, tile_seconds = [], [], 0.0
         heat_dir = a.out.with_name(a.out.name + "_heatmaps")
         heat_names = heatmap_names(photos)
-        for f in tqdm(photos, desc="photos", disable=len(photos) < 3, file=sys.stderr):
+        for f in track(photos, "photos", unit="photos", enabled=len(photos) >= 3):
             try:
                 start = time.perf_counter()
                 tiles, photo = predict_photo(model, meta, f, a.tile, stride, a.batch_size)

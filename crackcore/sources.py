@@ -2,9 +2,8 @@
 layouts public crack datasets ship in), the listing of their files, and `--data NAME=PATH` specs."""
 from __future__ import annotations
 
-import re
-import sys
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,11 @@ CRACK_FOLDERS = ("Positive", "crack", "cracked", "CD", "CW", "CP")  # label 1; m
 NO_CRACK_FOLDERS = ("Negative", "no_crack", "nocrack", "no-crack", "uncracked", "UD", "UW", "UP")  # label 0
 SDNET_FOLDERS = ("cd", "cw", "cp", "ud", "uw", "up")
 FOLDER_LABEL = {**{n.lower(): 1 for n in CRACK_FOLDERS}, **{n.lower(): 0 for n in NO_CRACK_FOLDERS}}
+# The default data when no --data, $CRACK_DATA or downloaded set is given: 1,400 real patches
+# shipped in the package (see its README.md); `--data synthetic` asks for the procedural set.
+EMBEDDED_SAMPLE = Path(__file__).resolve().parent / "sample_data" / "concrete"
+EMBEDDED_CITATION = "Özgenel 2019, CC BY 4.0"
+SYNTHETIC = "synthetic"
 LAYOUTS = ("Positive/Negative, crack/no_crack (or nocrack, no-crack), cracked/uncracked, or SDNET2018's "
            "CD,CW,CP/UD,UW,UP (directly or under D/, W/, P/)")
 
@@ -122,23 +126,24 @@ def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
 
 def data_setting(specs: list[str] | None) -> str | dict[str, str] | None:
     """TrainConfig.data from repeated --data flags: one bare PATH stays a path (one source, as
-    always), anything else is {name: path}."""
+    always; the word `synthetic` is the procedural set), anything else is {name: path}."""
     if not specs:
         return None
     return specs[0] if len(specs) == 1 and "=" not in specs[0] else parse_sources(specs)
 
 
 def parse_sources(specs: list[str]) -> dict[str, str]:
-    """`NAME=PATH` or a bare `PATH` (named after its folder) -> {name: absolute path}, in order.
-    The paths are not checked here: discover() does that."""
+    """`NAME=PATH` or a bare `PATH` (named after its folder) -> {name: absolute path}, in order;
+    the path `synthetic` stays the word (the procedural set). The paths are not checked here:
+    discover() does that."""
     sources: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
         path = path if sep else spec
         if not path:
             raise ConfigError(f"data source {spec!r} has no path; write NAME=PATH")
-        resolved = Path(path).expanduser().resolve()
-        name = name if sep else resolved.name
+        resolved = SYNTHETIC if path == SYNTHETIC else Path(path).expanduser().resolve()
+        name = name if sep else Path(resolved).name
         if not NAME.fullmatch(name):
             raise ConfigError(f"data source name {name!r} (from {spec!r}) must start with a letter or digit and hold "
                               "only letters, digits, '.', '_' and '-'; write NAME=PATH")

@@ -23,6 +23,7 @@ from crackcore.exceptions import ConfigError, DivergedError
 from crackcore.data import BatchLoader, PreparedData, as_tensor, normalize, prepare_data
 from crackcore.metrics import binary_metrics, format_accuracy
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
+from crackcore.progress import track
 from crackcore.shift import VAL_CELLS, run_suite
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s"]
@@ -98,9 +99,10 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
 def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                     loader: BatchLoader, augment_policy: str, generator: torch.Generator, *,
                     amp: bool = True, channels_last: bool = False, label_smoothing: float = 0.0,
-                    scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
+                    scaler: torch.amp.GradScaler | None = None, progress: str | None = None) -> dict[str, float]:
     """Train for one pass over `loader`. Augmentation runs per batch on the model's device; the
-    forward pass runs under `autocast_dtype(device)` when `amp` (fp16 needs `scaler`)."""
+    forward pass runs under `autocast_dtype(device)` when `amp` (fp16 needs `scaler`).
+    `progress`: a label to show the batches' progress under (crackcore.progress), None: quiet."""
     model.train()
     device = loader.device
     dtype = autocast_dtype(device) if amp else None
@@ -111,7 +113,8 @@ def train_one_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
     start = time.perf_counter()
-    for x_u8, y, _ in loader:
+    for x_u8, y, _ in track(loader, progress or "", len(loader), unit="batches", enabled=progress is not None,
+                            done_line=False):  # the caller logs the epoch's figures
         x = model_inputs(x_u8, augment_policy, generator, channels_last)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used (the scheduler moves it on)
         logits, loss = training_step(model, optimizer, x, y, criterion, dtype, scaler)
@@ -221,11 +224,12 @@ EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
 def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCallback | None = None,
         resume_state: dict[str, Any] | None = None, evaluate_test: bool = False,
         weights_info: WeightsInfo | None = None, backbone: dict[str, torch.Tensor] | None = None,
-        log: Callable[[str], None] | None = print) -> FitResult:
+        log: Callable[[str], None] | None = print, progress: bool = False) -> FitResult:
     """Train `cfg.epochs` epochs, evaluating on val after each. `on_epoch(row, state_fn)` is
     called after every epoch with the history row and a function returning a checkpoint dict
     (model, optimizer, scheduler, RNG states, history); `resume_state` is such a dict.
-    `weights_info` / `backbone`: already resolved / loaded ImageNet weights (see build_model)."""
+    `weights_info` / `backbone`: already resolved / loaded ImageNet weights (see build_model).
+    `progress`: show each epoch's batches (a bar on a terminal, periodic lines in a log)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     if device.type == "cpu":
@@ -268,7 +272,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
         train_loader.epoch = epoch
         tr = train_one_epoch(step_model, optimizer, scheduler, train_loader, cfg.augment_policy, aug_gen,
                              amp=cfg.amp, channels_last=channels_last, label_smoothing=cfg.label_smoothing,
-                             scaler=scaler)
+                             scaler=scaler, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
         per_source = val_by_source(val, None if domain_val is None else evaluate(step_model, domain_val, data,
                                                                                   channels_last=channels_last))

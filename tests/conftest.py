@@ -1,5 +1,6 @@
 """Shared fixtures. Test data is resolved once: $CRACK_TEST_DATA, then the real sample in
-../shared/data/concrete-crack-sample, then the synthetic generator; the header says which."""
+../shared/data/concrete-crack-sample, then the real sample embedded in the package, then the
+synthetic generator; the header says which."""
 from __future__ import annotations
 
 import os
@@ -28,6 +29,10 @@ def _resolve_test_data() -> tuple[Path, str]:
         return Path(os.environ["CRACK_TEST_DATA"]), "$CRACK_TEST_DATA"
     if (SHARED_SAMPLE / "Positive").is_dir():
         return SHARED_SAMPLE, "shared real sample"
+    from crackcore.sources import EMBEDDED_SAMPLE
+
+    if (EMBEDDED_SAMPLE / "Positive").is_dir():
+        return EMBEDDED_SAMPLE, "embedded real sample"
     from crackcore.synthetic import make_synthetic_dataset
 
     root = make_synthetic_dataset(_SESSION_TMP / "synthetic", n_per_class=150, image_size=96, seed=0)

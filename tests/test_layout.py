@@ -8,7 +8,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration",
-     "crackcore.faults"},
+     "crackcore.faults", "crackcore.progress"},
     {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results",
      "crackcore.tracking", "crackcore.shift"},
     {"crackcore.augment", "crackcore.model", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",

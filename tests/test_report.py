@@ -163,3 +163,80 @@ def test_error_grid_flag_and_damaged_files_are_one_line(study: Path, capsys) -> 
         assert len(err) == 1 and f"{name} is damaged" in err[0], err
         (study / name).write_bytes(saved)
     assert (study / "report" / "report.md").read_text() == good  # the earlier report is untouched
+
+
+# A script the test appends to its own copy of the page: once everything has loaded, it writes what
+# the browser saw of each figure into the DOM, which --dump-dom then prints.
+_PROBE = """<script>window.addEventListener('load', () => { for (const img of document.images)
+  img.setAttribute('data-loaded', img.complete && img.naturalWidth > 0 ? 'yes' : 'no'); });</script>"""
+
+
+def _chromium() -> str:
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("chromium is not installed; `make test` installs it (as root, with apt) for this test")
+        pytest.skip("chromium is not installed (`make test` as root installs it with apt)")
+    return found
+
+
+def _browser(chromium: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--allow-file-access-from-files", "--virtual-time-budget=10000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def test_report_page_in_a_real_browser(study: Path, tmp_path: Path) -> None:
+    from html.parser import HTMLParser
+
+    chromium = _chromium()
+    assert main([str(study)]) == 0
+    report = study / "report"
+    page = report / "index.html"
+    probe = report / "probe.html"
+    probe.write_text(page.read_text().replace("</body>", _PROBE + "</body>"))
+    proc = _browser(chromium, "--dump-dom", probe.as_uri())
+    assert proc.returncode == 0 and "</html>" in proc.stdout, proc.stderr[-2000:]
+
+    class Page(HTMLParser):  # the DOM as the browser built it: headings, each table's rows, images
+        def __init__(self) -> None:
+            super().__init__()
+            self.heading, self.tables, self.images, self._in = "", {}, [], None
+
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            if tag in ("h1", "h2", "h3"):
+                self._in, self.heading = tag, ""
+            elif tag == "table":
+                self.tables[self.heading] = []
+            elif tag == "tr":
+                self.tables[self.heading].append([])
+            elif tag in ("td", "th"):
+                self.tables[self.heading][-1].append(tag)
+            elif tag == "img":
+                self.images.append(dict(attrs))
+
+        def handle_endtag(self, tag: str) -> None:
+            self._in = None if tag == self._in else self._in
+
+        def handle_data(self, data: str) -> None:
+            if self._in:
+                self.heading += data
+
+    dom = Page()
+    dom.feed(proc.stdout)
+    trials = pd.read_parquet(study / "trials.parquet")
+    rows = dom.tables["Top 10 trials"]
+    header, body = rows[0], rows[1:]
+    assert set(header) == {"th"} and len(header) >= 5
+    assert len(body) == min(10, len(trials)) and all(r == ["td"] * len(header) for r in body)
+    assert "Images per split" in dom.tables and "Cluster" in dom.tables
+    assert "{" not in proc.stdout.split("<body>")[1].split("Images per split")[0]  # no raw Python dict in the summary
+    pngs = sorted(p.name for p in report.glob("*.png"))
+    assert sorted(img["src"] for img in dom.images) == pngs and pngs
+    assert [img["src"] for img in dom.images if img.get("data-loaded") != "yes"] == []  # every figure loaded
+
+    shot = tmp_path / "page.png"
+    proc = _browser(chromium, f"--screenshot={shot}", "--window-size=1200,2400", page.as_uri())
+    assert proc.returncode == 0 and shot.exists(), proc.stderr[-2000:]
+    with Image.open(shot) as im:
+        assert im.size == (1200, 2400) and len(im.convert("L").getcolors(2 ** 16) or range(2 ** 16)) > 20  # drawn

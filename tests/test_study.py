@@ -509,34 +509,65 @@ def test_best_trial_rule_on_a_hand_made_table() -> None:
         pick_best(table[table["trial_id"].isin(["d", "e"])])
 
 
-def test_data_source_order_flag_env_download_folder_then_synthetic(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_data_source_order_flag_env_download_folder_file_then_embedded_sample(tmp_path: Path, monkeypatch,
+                                                                             capsys) -> None:
     import tune.run as run
-    from crackcore.config import TrainConfig
+    from crackcore.config import StudyConfig, TrainConfig
     from crackcore.data import prepare_data
+    from crackcore.sources import EMBEDDED_SAMPLE
 
-    def data_of(flags: list[str]) -> str | None:
-        return run.flag_overrides(run.build_parser().parse_args(flags))["train.data"]
+    def data_of(flags: list[str], file: dict | None = None) -> str | None:
+        a = run.build_parser().parse_args(flags)
+        return run.resolve_config(a, StudyConfig(train=file or {}), has_gpu=False).train.data
 
     downloaded = tmp_path / "data" / "concrete-crack-images"
     monkeypatch.setattr(run, "DOWNLOAD_DEFAULT", downloaded)
     monkeypatch.delenv("CRACK_DATA", raising=False)
-    assert data_of([]) is None  # nothing anywhere: the synthetic set
+    assert data_of([]) == str(EMBEDDED_SAMPLE)  # nothing anywhere: the real sample shipped in the package
+    assert data_of([], {"data": "/from/file"}) == "/from/file"  # the experiment file comes before it
+    assert data_of(["--data", "synthetic"]) == "synthetic"  # the procedural set, asked for by name
     downloaded.mkdir(parents=True)
     assert data_of([]) == str(downloaded)
     monkeypatch.setenv("CRACK_DATA", "/from/env")
     assert data_of([]) == "/from/env" and data_of(["--data", "/from/flag"]) == "/from/flag"
     monkeypatch.chdir(tmp_path)  # a relative or slashed path is saved resolved, one spelling per folder
     assert data_of(["--data", "data/concrete-crack-images/"]) == str(downloaded.resolve())
-    from crackcore.config import StudyConfig
 
     saved = StudyConfig(train={"data": str(downloaded.resolve())})
     same = run.build_parser().parse_args(["--data", "./data/concrete-crack-images", "--resume"])
     assert run.resume_conflicts(same, saved, saved) == []
     other = run.build_parser().parse_args(["--data", "/elsewhere", "--resume"])
     assert run.resume_conflicts(other, saved, saved) == [f"train.data is {str(downloaded.resolve())!r} there, not '/elsewhere'"]
-    # and no data at all is said loudly, and recorded as synthetic
-    data = prepare_data(TrainConfig(data=None, image_size=32, synthetic_per_class=20))
+    # the embedded sample says what it is; the synthetic set is said loudly and recorded as synthetic
+    capsys.readouterr()
+    data = prepare_data(TrainConfig(data=str(EMBEDDED_SAMPLE), image_size=32, subset=40))
+    n = sum(1 for _ in EMBEDDED_SAMPLE.glob("*/*.jpg"))
+    assert data.source["kind"] == "real" and list(data.source["sources"]) == ["concrete"]
+    assert f"embedded real sample: {n} images, Özgenel 2019, CC BY 4.0" in capsys.readouterr().err
+    data = prepare_data(TrainConfig(data="synthetic", image_size=32, synthetic_per_class=20))
     assert data.source["kind"] == "synthetic" and "SYNTHETIC" in capsys.readouterr().err.upper()
+
+
+def test_embedded_sample_is_balanced_small_licensed_and_follows_its_rule(crack_data: Path) -> None:
+    import importlib.util
+
+    from conftest import SHARED_SAMPLE
+    from crackcore.sources import EMBEDDED_SAMPLE
+
+    files = sorted(p for p in EMBEDDED_SAMPLE.rglob("*.jpg"))
+    per_class = {c: sum(p.parent.name == c for p in files) for c in ("Positive", "Negative")}
+    assert per_class["Positive"] == per_class["Negative"] and 2 * per_class["Positive"] == len(files) <= 2000
+    assert sum(p.stat().st_size for p in files) <= 15_000_000
+    sums = dict(line.split("  ")[::-1] for line in (EMBEDDED_SAMPLE / "SHA256SUMS").read_text().splitlines())
+    assert sums == {f"{p.parent.name}/{p.name}": hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    readme = (EMBEDDED_SAMPLE / "README.md").read_text()
+    assert "CC BY 4.0" in readme and "doi:10.17632/5y9wdsg2zt.2" in readme and "tools/embedded_sample.py" in readme
+    if crack_data.resolve() != SHARED_SAMPLE.resolve():
+        pytest.skip(f"the 6,000-image source sample is not the test data ({crack_data}): the rule is checked on it")
+    spec = importlib.util.spec_from_file_location("embedded_sample", REPO / "tools" / "embedded_sample.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    assert tool.main([str(crack_data), "--check"]) == 0  # the same files, byte for byte, as the seeded rule draws
 
 
 def test_study_selects_on_a_held_out_source_and_reports_each_source(crack_data: Path, walls: dict[str, Path],

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import sys
 from typing import Any
 
 import numpy as np
 import ray
+from ray.experimental import tqdm_ray
 
 from crackcore.config import StudyConfig, TrainConfig
 from crackcore.exceptions import StudyError
 from crackcore.faults import kill_point
+from crackcore.progress import bars
 from crackcore.train import available_cpus, fit
 from tune.trainable import within_resources
 
@@ -89,11 +92,19 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cp
     """Run crackcore.fit for each config as a Ray task, in parallel as resources allow (the
     driver may have no GPU). Returns FitResults; models only when the test split is evaluated.
     A run whose loss turned non-finite is None with `diverged_ok`, else a one-line StudyError."""
+    # A task's output reaches the terminal through the driver: Ray's own tqdm draws the bars there
+    # (plain lines when the driver logs to a file).
+    bar = tqdm_ray.tqdm if sys.stderr.isatty() else None
+
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     def _fit(refs: list, cfg: TrainConfig) -> Any:
         data, (weights, backbone) = ray.get(refs)
-        result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
-                     weights_info=weights, backbone=backbone, on_epoch=lambda row, _: kill_point(f"{label}:epoch{row['epoch']}"), log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True))
+        with bars(bar):
+            result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
+                         weights_info=weights, backbone=backbone,
+                         on_epoch=lambda row, _: kill_point(f"{label}:epoch{row['epoch']}"),
+                         log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True),
+                         progress=evaluate_test)  # the retrains that run one at a time, not the parallel repeats
         result.model = result.model.cpu() if evaluate_test else None
         result.extra["node_id"] = ray.get_runtime_context().get_node_id()
         return result

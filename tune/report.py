@@ -24,9 +24,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from crackcore.exceptions import StudyFilesError  # noqa: E402
-from crackcore.metrics import format_accuracy, roc_curve, wilson_interval  # noqa: E402
+from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
 from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
+from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE  # noqa: E402
 from crackcore.tracking import log_folder  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
@@ -229,10 +230,48 @@ def fig_shift_heatmap(s: Study, path: Path) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
+    """A Markdown table (one string of lines; the `tables` extension renders it)."""
     cols = list(df.columns)
-    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    return "\n".join(["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] +
-                     ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
+    fmt = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+    return "\n".join(["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)] +
+                      ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
+
+
+ORDER = ("train", "val", "test", "external")
+
+
+def split_counts_table(counts: dict[str, dict[str, int]]) -> pd.DataFrame:
+    """{split: {class: images}} (data_source.counts) -> one row per split, a column per class and a total."""
+    t = pd.DataFrame.from_dict(counts, orient="index").fillna(0).astype(int)
+    t = t.loc[sorted(t.index, key=lambda s: ORDER.index(s) if s in ORDER else len(ORDER))]
+    t["total"] = t.sum(axis=1)
+    return t.rename_axis("split").reset_index()
+
+
+def resources_table(resources: dict[str, float], nodes: int | None = None) -> pd.DataFrame:
+    """Ray's cluster resources as a small table: memory in GiB, Ray's per-node markers
+    (`node:<ip>`) counted as nodes rather than listed."""
+    rows = [("nodes", str(nodes if nodes is not None else sum(k.startswith("node:") and "internal" not in k
+                                                              for k in resources)))]
+    for key, value in sorted(resources.items()):
+        if key.startswith("node:"):
+            continue
+        name = key.replace("_", " ")
+        rows.append((f"{name} (GiB)" if "memory" in key else name,
+                     f"{value / 2 ** 30:.1f}" if "memory" in key else f"{value:g}"))
+    return pd.DataFrame(rows, columns=["resource", "amount"])
+
+
+def _params(params: dict[str, Any] | None) -> str:
+    return ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in (params or {}).items())
+
+
+def _data_root(src: dict[str, Any]) -> str:
+    root = src.get("root", "?")
+    roots = root if isinstance(root, dict) else {None: root}
+    return ", ".join(f"{name + ' ' if name else ''}`{r}`" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
+                                                              if r == str(EMBEDDED_SAMPLE) else "")
+                     for name, r in roots.items())
 
 
 def calibration_section(s: Study) -> list[str]:
@@ -259,18 +298,17 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
     md, notes = [f"# Study report: {s.name}", ""], []
     src, weights = s.study.get("data_source", {}), s.study.get("weights", {})
     if src.get("kind") == "synthetic":
-        md += ["> **SYNTHETIC DATA.** This study ran on the embedded synthetic crack set; its numbers say nothing "
-               "about real concrete. Run it with `--data PATH`.", ""]
+        md += ["> **SYNTHETIC DATA.** This study ran on the procedural synthetic crack set; its numbers say nothing "
+               "about real concrete. Run it without `--data` (the embedded real sample) or with `--data PATH`.", ""]
     if s.missing:
         notes.append("missing from the study folder: " + ", ".join(s.missing))
         md += [f"> Incomplete study: missing {', '.join(s.missing)}. Sections that need them are left out.", ""]
     status = s.trials["status"].value_counts().to_dict() if len(s.trials) else {}
     md += ["## Summary", "",
-           f"- data: {src.get('kind', '?')} at `{src.get('root', '?')}`, split counts {src.get('counts', '?')}, "
-           f"{src.get('exact_duplicate_files', '?')} byte-identical duplicates, split strategy "
-           f"{src.get('split_strategy', '?')}",
+           f"- data: {src.get('kind', '?')} at {_data_root(src)}, {src.get('exact_duplicate_files', '?')} "
+           f"byte-identical duplicates, split strategy {src.get('split_strategy', '?')}",
            f"- weights: {'random init (no ImageNet weights)' if weights.get('source') == 'random' else weights.get('path') or 'not recorded (no study.json)'}",
-           f"- device of the final retrain: {s.study.get('final_device', '?')}; cluster {s.study.get('cluster_resources', '?')}",
+           f"- device of the final retrain: {s.study.get('final_device', '?')}",
            f"- trials: {len(s.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in status.items())}); "
            f"up to {s.study.get('max_parallel_trials', '?')} in parallel" + (
                f"; read from the Optuna journal: the study stopped before its search ended (continue it with "
@@ -278,13 +316,17 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
            f"- wall time: {s.study['wall_seconds']:.0f} s (search {s.study['search_seconds']:.0f} s, "
            f"final retrain {s.study['final_seconds']:.0f} s)" if "wall_seconds" in s.study else
            "- wall time: not recorded (no study.json: the study did not finish)", ""]
+    if src.get("counts"):
+        md += ["### Images per split", "", _table(split_counts_table(src["counts"])), ""]
+    if s.study.get("cluster_resources"):
+        md += ["### Cluster", "", _table(resources_table(s.study["cluster_resources"], s.study.get("nodes"))), ""]
     if len(s.trials):
         top = s.trials.sort_values(["best_val_acc"], ascending=False).head(10)
         cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "status", "epochs", "best_val_acc",
                             "last_val_loss", "seconds") if c in top]
         md += ["## Top 10 trials", "", _table(top[cols]), ""]
     if s.best_config:
-        md += ["## Best configuration", "", f"- trial `{s.best_config.get('trial_id')}`: `{s.best_config.get('params')}`",
+        md += ["## Best configuration", "", f"- trial `{s.best_config.get('trial_id')}`: {_params(s.best_config.get('params'))}",
                f"- rule: {s.best_config.get('rule')}", ""]
     m = s.final_metrics
     if m:
@@ -357,43 +399,18 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
     return md, notes
 
 
-def markdown_to_html(md: list[str], title: str) -> str:
-    """Enough Markdown for our own report: headings, lists, tables, images, quotes, links."""
-    import re
+CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}img{max-width:100%}"
+       "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 8px}"
+       "th{background:#f3f3f3}blockquote{background:#fff3cd;padding:8px;border-left:4px solid #e0a800;margin:0}")
 
-    body, in_table, in_list = [], False, False
-    inline = lambda t: re.sub(r"\[([^\]]+)\]\(([^)]+)\)", r'<a href="\2">\1</a>',
-                              re.sub(r"`([^`]+)`", r"<code>\1</code>", re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", html.escape(t))))
-    for line in md + [""]:
-        if in_table and not line.startswith("|"):
-            body.append("</table>")
-            in_table = False
-        if in_list and not line.startswith("- "):
-            body.append("</ul>")
-            in_list = False
-        if m := re.match(r"!\[([^\]]*)\]\(([^)]+)\)", line):
-            body.append(f'<p><img src="{m.group(2)}" alt="{html.escape(m.group(1))}"></p>')
-        elif line.startswith("#"):
-            level = len(line) - len(line.lstrip("#"))
-            body.append(f"<h{level}>{inline(line[level:].strip())}</h{level}>")
-        elif line.startswith("|"):
-            cells = [c.strip() for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= set("-"):
-                continue
-            tag = "th" if not in_table else "td"
-            body.append(("<table>" if not in_table else "") + "<tr>" + "".join(f"<{tag}>{inline(c)}</{tag}>" for c in cells) + "</tr>")
-            in_table = True
-        elif line.startswith("- "):
-            body.append(("<ul>" if not in_list else "") + f"<li>{inline(line[2:])}</li>")
-            in_list = True
-        elif line.startswith("> "):
-            body.append(f"<blockquote>{inline(line[2:])}</blockquote>")
-        elif line.strip():
-            body.append(f"<p>{inline(line)}</p>")
-    css = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height:1.45}img{max-width:100%}"
-           "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
-           "blockquote{background:#fff3cd;padding:8px;border-left:4px solid #e0a800}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>{css}</style></head><body>{''.join(body)}</body></html>"
+
+def render_html(md: list[str], title: str) -> str:
+    """report.md as a standalone page (Python-Markdown with its `tables` extension)."""
+    import markdown
+
+    body = markdown.markdown("\n".join(md), extensions=["tables"], output_format="html")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{CSS}</style></head><body>{body}</body></html>")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the report is served/shared like any other output
     try:
         md, notes = build_report(s, tmp, a.max_errors)
-        (tmp / "index.html").write_text(markdown_to_html(md, f"Study report: {s.name}"))
+        (tmp / "index.html").write_text(render_html(md, f"Study report: {s.name}"))
         old = a.study / f".report-old-{os.getpid()}"
         if target.exists():
             os.replace(target, old)

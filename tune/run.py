@@ -37,7 +37,7 @@ from crackcore.model import WeightsInfo, load_backbone, resolve_weights
 from crackcore.neardup import near_duplicate_leaks
 from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
-from crackcore.sources import check_root, data_setting, parse_sources
+from crackcore.sources import EMBEDDED_SAMPLE, SYNTHETIC, check_root, data_setting, parse_sources
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import fail_orphaned_trials, make_searcher, resume_search
@@ -61,8 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, default=DEFAULT_EXPERIMENT, help="experiment TOML under experiments/")
     p.add_argument("--num-samples", type=int, help="number of trials")
     p.add_argument("--data", action="append", metavar="[NAME=]PATH",
-                   help="a crack/no-crack folder, repeatable for several sources (default $CRACK_DATA, then "
-                   "data/concrete-crack-images, else the synthetic set)")
+                   help="a crack/no-crack folder, repeatable for several sources, or `synthetic` (default "
+                   "$CRACK_DATA, then data/concrete-crack-images, then the experiment file, else the embedded real "
+                   "sample)")
     p.add_argument("--group-by", help="regex: file names with the same first capture group (one photo) share a split")
     p.add_argument("--val-source", help="a --data source never trained on: trials and the best trial are scored on it")
     p.add_argument("--test-source", help="a --data source used only for the final evaluation")
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
     data = data_setting(a.data) or os.environ.get("CRACK_DATA") or (str(DOWNLOAD_DEFAULT) if DOWNLOAD_DEFAULT.is_dir()
                                                                      else None)
-    if isinstance(data, str):  # one spelling, saved and compared on --resume (parse_sources resolves the others)
+    if isinstance(data, str) and data != SYNTHETIC:  # one spelling, saved and compared on --resume (parse_sources resolves the others)
         data = str(Path(data).expanduser().resolve())
     return {"num_samples": a.num_samples, "name": a.study_name, "max_epochs": a.max_epochs,
             "grace_period": a.grace_period, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
@@ -140,6 +141,8 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
     if flags["max_epochs"] is not None and flags["grace_period"] is None:
         flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
     cfg = apply_overrides(cfg, flags)
+    if cfg.train.data is None:  # nothing from flags, $CRACK_DATA, the download folder or the file
+        cfg = apply_overrides(cfg, {"train.data": str(EMBEDDED_SAMPLE)})
     if not has_gpu:
         if flags["gpus_per_trial"] and warn:
             print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
@@ -463,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         if a.leave_one_out or from_file.leave_one_out:
             leave_one_out(train)  # at least two sources
         for path in {**train.sources(), **train.external}.values():
-            if path:
+            if path and path != SYNTHETIC:
                 check_root(path)
         for has_gpu in (False, True):  # ranges of both profiles (which one applies is known once Ray is up)
             resolve_config(a, from_file, has_gpu, flags, warn=False)
