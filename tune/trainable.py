@@ -25,6 +25,11 @@ from crackcore.train import HISTORY_COLUMNS, fit
 FAULT_EPOCH_ENV, DIVERGE_EPOCH_ENV, FAULT_DIR_ENV = "CRACK_FAULT_EPOCH", "CRACK_DIVERGE_EPOCH", "CRACK_FAULT_DIR"
 
 
+# a checkpoint is written here, then copied by Ray to the trial's storage: in memory where the
+# node has /dev/shm, so the training thread does not wait on a disk write for a file that lives a moment
+SCRATCH = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
 def within_resources(cfg: TrainConfig, cpus: float, gpus: float) -> TrainConfig:
     """`cfg` for a Ray task or trial holding `cpus` CPUs and `gpus` GPUs: torch threads = its
     CPUs (Ray sets OMP_NUM_THREADS=1), GPU-resident data planned against its share of a GPU."""
@@ -70,7 +75,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
         # every checkpoint_every epochs: fewer uploads to remote storage, more epochs lost on a crash.
         # None after the last epoch: nothing resumes a finished trial.
         due = row["epoch"] % checkpoint_every == 0 and row["epoch"] < max_epochs
-        with tempfile.TemporaryDirectory() as d:
+        with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
             t = time.perf_counter()
             size = checkpoint.save(capture(), Path(d)) if due else 0
             tune.report({**row, "node_id": node_id, "pid": os.getpid(), "diverged": False, "wall_time": time.time(),
