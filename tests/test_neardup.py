@@ -2,7 +2,6 @@
 the random strategy does not guarantee it."""
 from __future__ import annotations
 
-import io
 import shutil
 from pathlib import Path
 

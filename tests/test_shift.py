@@ -14,7 +14,7 @@ import torch
 from crackcore.config import ConfigError, StudyConfig, TrainConfig
 from crackcore.data import BatchLoader, prepare_data
 from crackcore.model import build_model
-from crackcore.shift import SEVERITIES, SHIFTS, apply_shift, capped_rows, parse_shifts, run_suite
+from crackcore.shift import SEVERITIES, SHIFTS, apply_shift, capped_rows, parse_shifts
 from crackcore.train import evaluate, evaluate_shifts, fit
 
 REPO = Path(__file__).resolve().parents[1]

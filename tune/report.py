@@ -393,7 +393,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             md += [f"{len(s.errors)} misclassified test images, listed in errors.parquet (grid off: --max-errors 0).", ""]
         else:
             sentence, shown = fig_error_grid(s, out / "errors_grid.png", cap)
-            md += [f"![Misclassified test images](errors_grid.png)", "",
+            md += ["![Misclassified test images](errors_grid.png)", "",
                    f"{sentence} Showing {shown} of {len(s.errors)}.", ""]
     (out / "report.md").write_text("\n".join(md))
     return md, notes
