@@ -34,10 +34,10 @@ from crackcore.images import decode_file, io_workers
 from crackcore.metrics import metrics_with_intervals
 from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
 from crackcore.predict import DEFAULT_THRESHOLD, load_model
+from crackcore.results import CALIBRATION_FORMAT
 from crackcore.sources import discover
 from crackcore.train import resolve_device
 
-CALIBRATION_FORMAT = "crackcore-calibration"  # the tag that marks an --out calibrate may replace
 GROUP_BY = r"^(.*)__"  # PHOTO__rYcX.jpg: the windows of one photo
 HEAD_LR, HEAD_BATCH = 1e-3, 8
 DRAW_RULE = ("k images drawn per class in proportion to the folder's class shares (at least 2 each), in a seeded "

@@ -158,7 +158,7 @@ class KillPoints(tune.Callback):
 def has_experiment_state(experiment: str) -> bool:
     """Ray's experiment folder holds a snapshot to restore (an experiment_state-*.json), not
     just the tuner.pkl it writes before the first one."""
-    fs, root = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (pafs.LocalFileSystem(), experiment)
+    fs, root = _filesystem(experiment)
     try:
         found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
     except OSError:
@@ -167,8 +167,12 @@ def has_experiment_state(experiment: str) -> bool:
 
 
 def clear_experiment(experiment: str) -> None:
-    fs, root = pafs.FileSystem.from_uri(experiment) if "://" in experiment else (pafs.LocalFileSystem(), experiment)
+    fs, root = _filesystem(experiment)
     fs.delete_dir(root)
+
+
+def _filesystem(location: str) -> tuple[pafs.FileSystem, str]:
+    return pafs.FileSystem.from_uri(location) if "://" in location else (pafs.LocalFileSystem(), location)
 
 
 class StopOnStorageFault(tune.Callback):
