@@ -198,6 +198,7 @@ def bench_study(data: str | None, packing: list[float], quick: bool, cpus_per_tr
                      "trials_per_hour": round(study["trials"] * 3600 / study["search_seconds"], 1),
                      "slot_utilisation": round(study["slot_utilisation"], 3), "slot_seconds": study["slot_seconds"],
                      "checkpoint_bytes_written": study["footprint"]["checkpoint_bytes_written"],
+                     "checkpoint_bytes_peak": study["footprint"]["checkpoint_bytes_peak"],
                      "study_folder_bytes": study["footprint"]["bytes_left"]})
     return rows
 

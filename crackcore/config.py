@@ -264,7 +264,7 @@ class StudyConfig:
     repeats: int = 3  # ... R times with different seeds
     compare_splits: bool = False
     leave_one_out: bool = False  # retrain the chosen setting once per source with it held out (loso.parquet)
-    checkpoint_every: int = 1  # epochs between a trial's checkpoints: fewer uploads vs more epochs lost on a crash
+    checkpoint_every: int = 1  # epochs between a trial's checkpoints, bar rungs and the last (tune.search.checkpoint_epochs)
     mlflow: str | None = None  # MLflow tracking URI: every trial and the final retrain a run (tune.tracking)
     # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
     # budgets adapt to the device without a second experiment file.

@@ -105,8 +105,9 @@ def test_an_append_on_a_full_disk_leaves_whole_records(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_study_stopped_by_a_full_disk_is_one_line_and_resumes(crack_data: Path, tmp_path: Path) -> None:
+    # grace period = max epochs: no ASHA rung at epoch 1, so each trial writes its checkpoint there
     args = ["tune/run.py", "--smoke-test", "--data", str(crack_data), "--subset", "40", "--num-samples", "2",
-            "--final-epochs", "1", "--study-name", "full", "--resume", "auto"]
+            "--grace-period", "2", "--final-epochs", "1", "--study-name", "full", "--resume", "auto"]
     with tmpfs(tmp_path / "disk", "3m") as disk:
         line = one_error_line(cli(*args, "--storage-path", str(disk)))
         assert "no space left" in line and "--resume auto" in line and str(disk) in line

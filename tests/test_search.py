@@ -6,12 +6,13 @@ import shutil
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from ray import tune
 
 from crackcore.config import StudyConfig
 from crackcore.results import JOURNAL, open_journal
-from tune.search import _in_space, make_searcher, search_space
+from tune.search import _in_space, asha_rungs, checkpoint_epochs, make_scheduler, make_searcher, search_space
 
 
 def test_private_members_the_searcher_uses_exist_and_behave(tmp_path: Path) -> None:
@@ -53,3 +54,19 @@ def test_a_restored_tuner_exposes_its_searcher_where_resume_search_looks(tmp_pat
                        run_config=tune.RunConfig(storage_path=str(tmp_path), name="ray"))
     # ray 2.60: Tuner._local_tuner (TunerInternal) keeps the TuneConfig whose searcher Ray restores
     assert tuner._local_tuner._tune_config.search_alg is searcher
+
+
+@pytest.mark.parametrize("max_epochs, grace, rf, every, rungs, saved", [
+    (4, 1, 3, 1, [1, 3], (2,)),  # the CPU profile: only epoch 2 is neither a rung nor the last
+    (10, 1, 3, 1, [1, 3, 9], (2, 4, 5, 6, 7, 8)),  # the GPU profile
+    (9, 1, 3, 2, [1, 3], (2, 4, 6, 8)),  # 9 = max_epochs: a trial there is done, not judged
+    (2, 2, 3, 1, [], (1,)),  # grace = max: ASHA never stops a trial early
+    (16, 2, 2, 1, [2, 4, 8], (1, 3, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15)),
+])
+def test_trials_checkpoint_between_ashas_rungs(max_epochs: int, grace: int, rf: int, every: int,
+                                               rungs: list[int], saved: tuple[int, ...]) -> None:
+    cfg = StudyConfig(max_epochs=max_epochs, grace_period=grace, reduction_factor=rf, checkpoint_every=every)
+    assert asha_rungs(cfg) == rungs and checkpoint_epochs(cfg) == saved
+    # private: ray 2.60 ASHAScheduler._brackets[0]._rungs, the milestones it judges trials at
+    milestones = sorted(m for m, _ in make_scheduler(cfg)._brackets[0]._rungs)
+    assert [m for m in milestones if m < max_epochs] == rungs

@@ -79,10 +79,10 @@ def test_local_study_writes_every_output(tiny_study: Path) -> None:
     study = json.loads((tiny_study / "study.json").read_text())
     assert study["data_source"]["kind"] in ("real", "synthetic") and study["trials"] == 4
     assert 1 <= study["max_parallel_trials"] <= 2
-    # finished trials keep no checkpoint (nothing resumes them; the best is retrained from scratch)
-    assert not list((tiny_study / "ray").rglob("checkpoint_*"))
-    assert 0 < study["slot_utilisation"] <= 1.05 and study["footprint"]["checkpoint_bytes_written"] > 0
-    assert study["footprint"]["bytes_left"] < study["footprint"]["checkpoint_bytes_written"] + 50e6
+    # 2 epochs, ASHA's rung at 1: no epoch a checkpoint is worth writing at (tune.search.checkpoint_epochs)
+    assert study["footprint"]["checkpoint_bytes_written"] == 0 == study["footprint"]["checkpoint_bytes_peak"]
+    assert not list((tiny_study / "ray").rglob("checkpoint_*")) and study["footprint"]["bytes_left"] < 50e6
+    assert 0 < study["slot_utilisation"] <= 1.05
 
 
 def test_optuna_journal_records_epochs_and_pruning(tiny_study: Path) -> None:
@@ -337,6 +337,29 @@ def test_crashed_trial_resumes_from_its_checkpoint(crack_data: Path, tmp_path: P
     # resumed from the epoch-1 checkpoint: epoch 1 is not trained again (a restart from scratch
     # would report it twice), epochs 2 and 3 once each
     assert sorted(reported_epochs(tmp_path / "faulty").values()) == [[1, 2, 3]] * 2
+    # checkpoints after epochs 1 and 2, none after the last; none left once the trials finished
+    study = json.loads((tmp_path / "faulty" / "study.json").read_text())
+    history = pd.read_parquet(tmp_path / "faulty" / "history.parquet")
+    assert (history["checkpoint_bytes"] > 0).tolist() == [e < 3 for e in history["epoch"]]
+    footprint = study["footprint"]
+    assert footprint["checkpoint_bytes_written"] == history["checkpoint_bytes"].sum()
+    assert 0 < footprint["checkpoint_bytes_peak"] <= 2 * study["trial_slots"] * footprint["checkpoint_bytes_largest"]
+    assert not list((tmp_path / "faulty" / "ray").rglob("checkpoint_*"))
+    # ... and exactly: each resumed trial's epochs equal an uninterrupted run of its settings
+    from crackcore.config import TrainConfig, TrialParams, trial_config
+    from crackcore.data import prepare_data
+    from crackcore.train import fit
+    from tune.trainable import within_resources
+
+    train = TrainConfig(**json.loads((tmp_path / "faulty" / "study_config.json").read_text())["train"])
+    data = prepare_data(train)
+    columns = ["train_loss", "train_acc", "val_loss", "val_acc"]
+    for trial_id, rows in pd.read_parquet(tmp_path / "faulty" / "history.parquet").groupby("trial_id"):
+        first = rows.iloc[0]
+        params = TrialParams(lr=float(first.lr), freeze_depth=int(first.freeze_depth), augment_policy=str(first.augment_policy))
+        whole = fit(within_resources(trial_config(train, params, 3), cpus=1, gpus=0), data, log=None)
+        pd.testing.assert_frame_equal(rows.sort_values("epoch")[columns].reset_index(drop=True),
+                                      whole.history[columns].reset_index(drop=True), check_dtype=False)
 
 
 # --------------------------------------------------------------------------- (e) bad input

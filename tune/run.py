@@ -40,9 +40,9 @@ from crackcore.outputs import check_writable, loso_table, summary_lines, version
 from crackcore.sources import EMBEDDED_SAMPLE, SYNTHETIC, check_root, data_setting, parse_sources
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
-from tune.search import fail_orphaned_trials, make_searcher, resume_search
+from tune.search import checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, resume_search
 from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
-                          StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state,
+                          CheckpointWatch, StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state,
                           ray_storage, study_started, sync_outputs)
 from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
@@ -156,12 +156,11 @@ def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
                slots: int) -> Any:
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data_ref=[data_ref], train=cfg.train, backbone_ref=[backbone_ref],
                              max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial, gpus=cfg.gpus_per_trial,
-                             checkpoint_every=cfg.checkpoint_every),
+                             checkpoint_epochs=checkpoint_epochs(cfg)),
         {"cpu": cfg.cpus_per_trial, "gpu": cfg.gpus_per_trial})
     experiment = f"{storage}/{RAY_DIR}"
     # num_to_keep=1 (one checkpoint per running trial) forces an experiment-state snapshot after every
@@ -182,12 +181,10 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
         # errored trials stay errored: they already spent their retries (max_failures), and the
         # restored searcher has told Optuna FAIL for them, so re-running one would split the record
         return resume_search(experiment, trainable, study_dir).fit()
-    scheduler = ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
-                              reduction_factor=cfg.reduction_factor)
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=make_searcher(cfg, study_dir),
-                                    scheduler=scheduler, num_samples=cfg.num_samples,
+                                    scheduler=make_scheduler(cfg), num_samples=cfg.num_samples,
                                     max_concurrent_trials=slots,  # without it OptunaSearch runs 1 trial at a time
                                     reuse_actors=True),  # a new trial starts in a warm worker: no process start, imports
         run_config=tune.RunConfig(
@@ -241,6 +238,7 @@ class StudyRun:
     backbone_ref: Any = None
     slots: int = 0
     slot_use: dict[str, Any] | None = None  # the search's slot utilisation and where the slots' seconds went
+    checkpoints: dict[str, Any] | None = None  # most checkpoint bytes on local storage at once, and the largest one
     experiment_id: str | None = None  # the study's MLflow experiment, with --mlflow
     retrain_run_id: str | None = None
 
@@ -323,7 +321,8 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
     """Run (or resume) the trials and write trials.parquet / history.parquet. Returns the
     trials, their TrialParams, how many finished and the search's seconds."""
     t_search = time.time()
-    results = run_search(run.cfg, run.study_dir, run.storage, run.data_ref, run.backbone_ref, run.resumed, run.slots)
+    with CheckpointWatch(f"{run.storage}/{RAY_DIR}") as watch:
+        results = run_search(run.cfg, run.study_dir, run.storage, run.data_ref, run.backbone_ref, run.resumed, run.slots)
     search_seconds = time.time() - t_search
     trials, history, params_of = collect_trials(results, run.cfg)
     # not results.num_terminated: on Ctrl-C Ray marks the trials it stops TERMINATED, though they
@@ -335,6 +334,9 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
     if len(history):
         write_parquet(history, run.study_dir / "history.parquet")
     run.slot_use = slot_use(trials, history, run.slots, search_seconds, t_search if run.resumed else None)
+    largest = history["checkpoint_bytes"].max() if "checkpoint_bytes" in history and len(history) else 0
+    # the peak is this driver's: a resumed search's earlier drivers are not in it
+    run.checkpoints = {"checkpoint_bytes_peak": watch.peak, "checkpoint_bytes_largest": int(largest)}
     if run.experiment_id:
         mark_trials(run.cfg.mlflow, run.experiment_id, trials)
     return trials, params_of, finished, search_seconds
@@ -420,6 +422,14 @@ def slot_use(trials: pd.DataFrame, history: pd.DataFrame, slots: int, search_sec
                              "reports_uploads_and_gaps": round(float(total - np.nansum(list(parts.values()))), 2)}}
 
 
+def footprint_line(footprint: dict[str, Any], slots: int) -> str:
+    written, largest, peak = (footprint[k] for k in ("checkpoint_bytes_written", "checkpoint_bytes_largest",
+                                                     "checkpoint_bytes_peak"))
+    held = "not sampled on URI storage" if peak is None else f"{peak / 1e6:.0f} MB"
+    return (f"checkpoints: {written / 1e9:.2f} GB written, at most {held} held at once (trial slots x largest "
+            f"checkpoint = {slots} x {largest / 1e6:.0f} MB), {footprint['bytes_left'] / 1e6:.0f} MB left in the study folder")
+
+
 def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, float], trials: pd.DataFrame,
                  result: Any, best_trial_id: str, rule: str, seconds: dict[str, float]) -> dict[str, Any]:
     """What study.json holds: how the study ran, where, on what, and how long it took."""
@@ -437,6 +447,7 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         # the share of the search the trial slots spent training and evaluating, and where the rest went
         **run.slot_use,
         "footprint": {"checkpoint_bytes_written": int(trials["checkpoint_bytes"].sum()),
+                      **run.checkpoints,
                       "bytes_left": sum(f.stat().st_size for f in run.study_dir.rglob("*") if f.is_file())},
         "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
         "resumed": run.resumed,
@@ -498,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
               f"{max_parallel(trials)} in parallel, slots busy {100 * record['slot_utilisation']:.0f} %, study folder "
               f"{record['footprint']['bytes_left'] / 1e6:.0f} MB, wall {time.time() - t_start:.0f}s ===")
+        print(footprint_line(record["footprint"], run.slots))
         print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
               f"weights: {run.weights.describe()})")
         print("\n".join(summary_lines(metrics, run.study_dir)))

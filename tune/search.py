@@ -1,4 +1,5 @@
-"""Optuna TPE behind Ray Tune, with the bookkeeping Ray's OptunaSearch leaves out.
+"""The search: Optuna TPE behind Ray Tune, with the bookkeeping Ray's OptunaSearch leaves out,
+and the ASHA scheduler with the epochs its trials checkpoint at.
 
 Ray 2.60's OptunaSearch reports intermediate values by Ray's `training_iteration` and tells
 Optuna COMPLETE for every trial that returned a metric, including trials ASHA stopped early.
@@ -15,13 +16,36 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
+from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
 from crackcore.results import open_journal
+
+
+def make_scheduler(cfg: StudyConfig) -> ASHAScheduler:
+    return ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
+                         reduction_factor=cfg.reduction_factor)
+
+
+def asha_rungs(cfg: StudyConfig) -> list[int]:
+    """The epochs where ASHA may stop a trial: grace_period x reduction_factor^k below max_epochs
+    (Ray 2.60's one-bracket _Bracket milestones; tests/test_search.py compares them)."""
+    count = int(np.log(cfg.max_epochs / cfg.grace_period) / np.log(cfg.reduction_factor) + 1)
+    return sorted(r for k in range(count) if (r := cfg.grace_period * cfg.reduction_factor ** k) < cfg.max_epochs)
+
+
+def checkpoint_epochs(cfg: StudyConfig) -> tuple[int, ...]:
+    """The epochs after which a trial writes its checkpoint: every checkpoint_every-th, but not
+    the last (nothing resumes a finished trial) nor an ASHA rung, where the trial is stopped
+    more often than not (1 - 1/reduction_factor of those that reach it) and the checkpoint would
+    be written for nothing; a trial that goes on from a rung writes one an epoch later."""
+    rungs = set(asha_rungs(cfg))
+    return tuple(e for e in range(1, cfg.max_epochs) if e % cfg.checkpoint_every == 0 and e not in rungs)
 
 
 def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:

@@ -7,7 +7,9 @@ the study, in any working folder: it fetches config and journal back, Ray restor
 URI, and the restored searcher opens the fetched journal (tune.search pickles it by reference)."""
 from __future__ import annotations
 
+import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +124,49 @@ class DropFinishedCheckpoints(tune.Callback):
                 saved.filesystem.delete_dir(saved.path)
             except OSError as exc:  # already gone, or storage unreachable: the study goes on
                 print(f"warning: could not delete a finished trial's checkpoint {saved.path}: {exc}", file=sys.stderr)
+
+
+def checkpoint_bytes(experiment: Path) -> int:
+    """Bytes of every trial checkpoint in Ray's experiment folder at this moment, those being written included."""
+    total = 0
+    for trial in os.scandir(experiment) if experiment.is_dir() else ():
+        for saved in os.scandir(trial.path) if trial.is_dir() else ():
+            if saved.name.startswith("checkpoint_"):
+                for root, _, files in os.walk(saved.path):
+                    total += sum(os.stat(os.path.join(root, f)).st_size for f in files)
+    return total
+
+
+class CheckpointWatch:
+    """The peak of the checkpoint bytes a search holds on local storage, sampled every `every`
+    seconds in a thread of the driver (a few dozen stats; it is what the disk actually held,
+    Ray's copy of a new checkpoint before it drops the trial's older one included). URI
+    storage is not sampled: listing a bucket that often costs requests; peak is None then."""
+
+    def __init__(self, experiment: str, every: float = 0.1) -> None:
+        self.experiment = None if "://" in experiment else Path(experiment)
+        self.every, self.peak = every, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="checkpoint-watch", daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            try:
+                self.peak = max(self.peak or 0, checkpoint_bytes(self.experiment))
+            except OSError:  # a folder Ray deleted between scandir and stat: sample again
+                pass
+            if self._stop.wait(self.every):
+                return
+
+    def __enter__(self) -> "CheckpointWatch":
+        if self.experiment is not None:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 class SyncStudyFiles(tune.Callback):

@@ -54,7 +54,7 @@ def _maybe_inject_fault(epoch: int) -> None:
 
 
 def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backbone_ref: Any, max_epochs: int,
-                cpus: float, gpus: float, checkpoint_every: int = 1) -> None:
+                cpus: float, gpus: float, checkpoint_epochs: tuple[int, ...]) -> None:
     started = time.time()  # the slot's time before the first epoch (data fetch, model build) is start-up
     if torch.cuda.is_available():  # a reused worker: the last trial's cached blocks would shrink free memory
         torch.cuda.empty_cache()
@@ -72,9 +72,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
     def on_epoch(row: dict[str, Any], capture) -> None:
         nonlocal last_epoch
         _maybe_inject_fault(row["epoch"])
-        # every checkpoint_every epochs: fewer uploads to remote storage, more epochs lost on a crash.
-        # None after the last epoch: nothing resumes a finished trial.
-        due = row["epoch"] % checkpoint_every == 0 and row["epoch"] < max_epochs
+        due = row["epoch"] in checkpoint_epochs  # tune.search.checkpoint_epochs: which and why
         with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
             t = time.perf_counter()
             size = checkpoint.save(capture(), Path(d)) if due else 0
