@@ -170,6 +170,10 @@ class TrainConfig:
     def held_out(self) -> set[str]:
         return {s for s in (self.val_source, self.test_source) if s is not None}
 
+    def selection_sources(self) -> list[str] | None:
+        """The sources whose val rows trials are scored on: the held-out val source alone, or all (None)."""
+        return [self.val_source] if self.val_source else None
+
     def selection(self) -> str:
         """What trials and the best trial are scored on, in words."""
         if self.val_source:

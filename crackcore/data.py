@@ -126,8 +126,7 @@ def _decode_into(tmp: Path, paths: list[Path], image_size: int, progress: bool) 
     with ThreadPoolExecutor(max_workers=io_workers()) as pool:
         list(track(pool.map(work, range(len(paths))), f"decode {image_size}px", len(paths), unit="images",
                    enabled=progress))
-    out.flush()
-    del out
+    out.flush()  # the mapping itself closes when `out` goes out of scope, before the caller renames the file
     return bad
 
 

@@ -258,7 +258,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
 
     # selection is scored on the val source when one is held out; the in-domain val rows then
     # give one more per-source accuracy
-    val_loader = loader("val", [cfg.val_source] if cfg.val_source else None)
+    val_loader = loader("val", cfg.selection_sources())
     domain_val = loader("val", data.roles("train")) if cfg.val_source else None
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
                                 nesterov=cfg.momentum > 0)

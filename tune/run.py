@@ -379,7 +379,7 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
                 **({"val_shift_acc": float(best["last_val_shift_acc"])} if "last_val_shift_acc" in best else {}),
                 **({"repeats": repeated} if repeated else {}),
                 "train_config": best_cfg.to_dict()}, run.study_dir / "best_config.json")
-    n_val = len(data.indices("val", [cfg.train.val_source] if cfg.train.val_source else None))
+    n_val = len(data.indices("val", cfg.train.selection_sources()))
     val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)
     print(f"\nbest trial {best['trial_id']}: {params.to_dict()}  val acc "
           f"{format_accuracy(best['last_val_acc'], n_val, *val_ci)}\n"
