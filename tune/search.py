@@ -41,9 +41,9 @@ def asha_rungs(cfg: StudyConfig) -> list[int]:
 
 def checkpoint_epochs(cfg: StudyConfig) -> tuple[int, ...]:
     """The epochs after which a trial writes its checkpoint: every checkpoint_every-th, but not
-    the last (nothing resumes a finished trial) nor an ASHA rung, where the trial is stopped
-    more often than not (1 - 1/reduction_factor of those that reach it) and the checkpoint would
-    be written for nothing; a trial that goes on from a rung writes one an epoch later."""
+    the last (nothing resumes a finished trial) nor an ASHA rung, where ASHA stops all but
+    1/reduction_factor of the trials that reach it (their checkpoint would be written for
+    nothing); a trial that goes on from a rung writes one an epoch later."""
     rungs = set(asha_rungs(cfg))
     return tuple(e for e in range(1, cfg.max_epochs) if e % cfg.checkpoint_every == 0 and e not in rungs)
 
