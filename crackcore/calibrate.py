@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from crackcore.calibration import THRESHOLD_RULE, apply_temperature, fit_temperature, fit_threshold
-from crackcore.classifier import TorchClassifier
+from crackcore.classifier import FieldModel, TorchClassifier, load_torch_meta, temperature_of, threshold_of
 from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import decode_file, io_workers
-from crackcore.metrics import metrics_with_intervals
+from crackcore.metrics import binary_metrics, metrics_with_intervals
 from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
-from crackcore.predict import DEFAULT_THRESHOLD, load_model
+from crackcore.predict import load_model
 from crackcore.results import CALIBRATION_FORMAT
 from crackcore.sources import discover
 from crackcore.train import resolve_device
@@ -100,16 +100,13 @@ def decode_all(root: Path, paths: pd.Series, image_size: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def features(model: nn.Module, meta: dict[str, Any], images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+def features(field: FieldModel, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
     """The 512 pooled features fc sees, for every image (float32, CPU): the head refit and all
     three columns' logits come from one pass of the backbone."""
-    device = meta["device"]
-    mean = torch.tensor(meta["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(meta["std"], device=device).view(1, 3, 1, 1)
+    model, device = field.net, field.mean.device
     fc, model.fc = model.fc, nn.Identity()
     try:
-        return torch.cat([model((b.to(device).float() / 255 - mean) / std).float().cpu()
-                          for b in images.split(batch_size)])
+        return torch.cat([model(field.normalise(b.to(device))).float().cpu() for b in images.split(batch_size)])
     finally:
         model.fc = fc
 
@@ -147,7 +144,7 @@ def score_column(logits: np.ndarray, labels: np.ndarray, fit: np.ndarray, rest: 
         threshold = fit_threshold(labels[fit], prob[fit])
     pred = (prob >= threshold).astype(int)
     m = metrics_with_intervals(labels[rest], pred[rest], prob[rest], groups[rest], seed=seed)
-    fit_m = metrics_with_intervals(labels[fit], pred[fit], prob[fit])
+    fit_m = binary_metrics(labels[fit], pred[fit], prob[fit])  # the k's own figures need no intervals
     return {"temperature": float(temperature), "threshold": float(threshold), **{k: m[k] for k in METRIC_KEYS},
             "f1_on_k": fit_m["f1"], "accuracy_on_k": fit_m["accuracy"]}, prob
 
@@ -211,12 +208,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(np.unique(labels[rest])) < 2:
         print("warning: the evaluation rest holds one class only; precision or recall is not informative",
               file=sys.stderr)
-    feats = features(model, meta, decode_all(root, samples["path"], meta["image_size"]))
+    feats = features(classifier.field, decode_all(root, samples["path"], meta["image_size"]))
     z = logit_crack(model.fc, feats)
-    before_t = float(meta.get("temperature") or 1.0)
+    before_t = temperature_of(meta)
     columns, probs = {}, {}
     columns["before"], probs["before"] = score_column(z, labels, fit, rest, groups, a.seed, before_t,
-                                                      float(meta.get("threshold", DEFAULT_THRESHOLD)))
+                                                      threshold_of(meta))
     try:
         columns["after"], probs["after"] = score_column(z, labels, fit, rest, groups, a.seed)
         head = None
@@ -233,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
               "n_left_out": int((~fit & ~rest).sum()), "photos": int(samples["group"].nunique()),
               "head_refit": {"epochs": a.fine_tune_head, "lr": HEAD_LR, "batch_size": HEAD_BATCH} if head else None,
               "metrics": columns, "image_size": meta["image_size"], "device": str(meta["device"])}
-    payload = torch.load(a.model, map_location="cpu", weights_only=True)  # load_model has vetted it
+    payload = load_torch_meta(a.model)
     summary = {k: record[k] for k in ("site", "site_name", "k", "seed", "rule", "n_rest")}
 
     def fill(tmp: Path) -> None:

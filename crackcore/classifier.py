@@ -34,6 +34,16 @@ INPUT_NAME, OUTPUT_NAMES = "image", ("logits", "prob_crack")
 HINT = "pass the model.pt a study or python -m crackcore.fit wrote, or a model.onnx from python -m crackcore.export"
 
 
+def threshold_of(meta: dict[str, Any]) -> float:
+    """The probability of a crack at or above which an image (a tile) is labelled crack."""
+    return DEFAULT_THRESHOLD if meta.get("threshold") is None else float(meta["threshold"])
+
+
+def temperature_of(meta: dict[str, Any]) -> float:
+    """The temperature prob_crack is scaled by (1: none was fitted)."""
+    return float(meta.get("temperature") or 1.0)
+
+
 class FieldModel(nn.Module):
     """The network with its input contract built in: uint8 RGB [B,3,S,S] -> (logits [B,2],
     prob_crack [B]). What PyTorch runs in predict and what crackcore.export traces, so both
@@ -46,9 +56,12 @@ class FieldModel(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
         self.temperature = float(temperature)
 
+    def normalise(self, image: torch.Tensor) -> torch.Tensor:
+        """uint8 RGB -> the float input the network was trained on."""
+        return (image.float() / 255 - self.mean) / self.std
+
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (image.float() / 255 - self.mean) / self.std
-        logits = self.net(x).float()
+        logits = self.net(self.normalise(image)).float()
         return logits, torch.sigmoid((logits[:, 1] - logits[:, 0]) / self.temperature)
 
 
@@ -69,16 +82,14 @@ class Classifier(ABC):
                                  f"{list(batch_u8.shape)} (decode with crackcore.images.decode_file(path, {size}))")
 
     def prob_crack(self, batch_u8: torch.Tensor) -> np.ndarray:
+        """uint8 [B,3,S,S] at the model's image size -> prob_crack (temperature-scaled if saved)."""
         return self.run(batch_u8)[1].astype(np.float64)
-
-    def logits(self, batch_u8: torch.Tensor) -> np.ndarray:
-        return self.run(batch_u8)[0]
 
 
 class TorchClassifier(Classifier):
     def __init__(self, net: CrackResNet, meta: dict[str, Any], device: torch.device):
         self.meta = {**meta, "device": device, "runtime": "pytorch"}
-        self.field = FieldModel(net, meta["mean"], meta["std"], float(meta.get("temperature") or 1.0)).to(device).eval()
+        self.field = FieldModel(net, meta["mean"], meta["std"], temperature_of(meta)).to(device).eval()
 
     @torch.inference_mode()
     def run(self, batch_u8: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -152,8 +163,7 @@ def onnx_metadata(meta: dict[str, Any], source_sha256: str, source_name: str) ->
             "image_size": str(meta["image_size"]), "resize": "shorter side to image_size, centre crop (antialiased)",
             "mean": json.dumps(list(meta["mean"])), "std": json.dumps(list(meta["std"])),
             "classes": json.dumps(list(meta["classes"])), "arch": str(meta.get("arch", "resnet18")),
-            "temperature": repr(float(meta.get("temperature") or 1.0)),
-            "threshold": repr(float(DEFAULT_THRESHOLD if meta.get("threshold") is None else meta["threshold"])),
+            "temperature": repr(temperature_of(meta)), "threshold": repr(threshold_of(meta)),
             "source_model": source_name, "source_sha256": source_sha256,
             "config": json.dumps(meta.get("config") or {}, sort_keys=True, default=str),
             "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str)}

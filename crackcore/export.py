@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crackcore.classifier import (DEFAULT_THRESHOLD, ONNX_FORMAT, OnnxClassifier, TorchClassifier, load_classifier,
-                                  onnx_metadata, to_onnx)
+from crackcore.classifier import (ONNX_FORMAT, OnnxClassifier, TorchClassifier, load_classifier,
+                                  onnx_metadata, threshold_of, to_onnx)
 from crackcore.config import TrainConfig
 from crackcore.exceptions import ModelFileError
 from crackcore.hashing import sha256_file
@@ -79,7 +79,7 @@ def parity(reference: TorchClassifier, exported: OnnxClassifier, batch: torch.Te
            batch_size: int = 16) -> dict[str, Any]:
     """Both runtimes on the same uint8 batch: the first image alone (batch 1), the rest in
     batches of `batch_size`, so the dynamic batch dimension is exercised too."""
-    threshold = DEFAULT_THRESHOLD if reference.meta.get("threshold") is None else reference.meta["threshold"]
+    threshold = threshold_of(reference.meta)
     chunks = [batch[:1]] + [batch[i:i + batch_size] for i in range(1, len(batch), batch_size)]
     d_logit = d_prob = largest = 0.0
     agree = 0

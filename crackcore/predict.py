@@ -28,7 +28,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier
+from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier, temperature_of, threshold_of
 from crackcore.exceptions import DataError, ModelFileError
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
@@ -54,20 +54,10 @@ def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Cl
     return model, model.meta
 
 
-def threshold_of(meta: dict[str, Any]) -> float:
-    """The probability of a crack at or above which an image (a tile) is labelled crack."""
-    return float(meta.get("threshold", DEFAULT_THRESHOLD))
-
-
 def describe_threshold(meta: dict[str, Any]) -> str:
     c = meta.get("calibration")
     where = f"calibrated on {c.get('site_name', c.get('site'))}, k={c.get('k')}" if c else "default"
     return f"decision threshold {threshold_of(meta):.3g} ({where})"
-
-
-def classify(model: Classifier, meta: dict[str, Any], batch_u8: torch.Tensor) -> np.ndarray:
-    """uint8 [B,3,S,S] at the model's image size -> prob_crack (temperature-scaled if saved)."""
-    return model.prob_crack(batch_u8)
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
@@ -87,6 +77,7 @@ def predict_patches(model: Classifier, meta: dict[str, Any], paths: list[Path], 
                     progress: bool = True, labels: dict[Path, int | None] | None = None
                     ) -> tuple[pd.DataFrame, list[tuple[Path, str]]]:
     rows, failed = [], []
+    threshold = threshold_of(meta)
     for start in track(range(0, len(paths), batch_size), "patches", unit="batches",
                        enabled=progress and len(paths) > batch_size):
         imgs, ok = [], []
@@ -97,8 +88,8 @@ def predict_patches(model: Classifier, meta: dict[str, Any], paths: list[Path], 
             except Exception as exc:
                 failed.append((p, str(exc).splitlines()[0][:120]))
         if ok:
-            prob = classify(model, meta, torch.stack(imgs))
-            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= threshold_of(meta)),
+            prob = model.prob_crack(torch.stack(imgs))
+            rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= threshold),
                       "true_label": (labels or {}).get(p, true_label(Path(p.parent.name, p.name)))} for p, q in zip(ok, prob)]
     df = pd.DataFrame(rows, columns=["path", "prob_crack", "pred_label", "true_label"])
     return df.astype({"true_label": "Int64"}), failed
@@ -121,7 +112,7 @@ def predict_photo(model: Classifier, meta: dict[str, Any], path: Path, tile: int
     for start in range(0, len(boxes), batch_size):
         crops = [photo[:, y:y + tile, x:x + tile] for x, y in boxes[start:start + batch_size]]
         batch = TF.resize(torch.stack(crops), [meta["image_size"]] * 2, antialias=True)
-        probs.append(classify(model, meta, batch))
+        probs.append(model.prob_crack(batch))
     tiles = pd.DataFrame([{"photo": str(path), "x": x, "y": y, "w": tile, "h": tile} for x, y in boxes])
     return tiles.assign(prob_crack=np.concatenate(probs)), photo
 
@@ -223,7 +214,7 @@ def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], label
             print(f"skipped unreadable image {labelled[i]}: {str(exc).splitlines()[0][:120]}", file=sys.stderr)
     if not ok:
         raise DataError("no labelled image could be decoded; nothing to score")
-    suite = run_suite(lambda x: torch.from_numpy(classify(model, meta, x)), torch.stack(imgs), y[ok],
+    suite = run_suite(lambda x: torch.from_numpy(model.prob_crack(x)), torch.stack(imgs), y[ok],
                       cells=suite_cells(names), max_images=None, batch_size=batch_size, device=meta["device"])
     table = shift_frame(suite)
     write_parquet(table, out.with_name(out.name + "_shifts.parquet"))
@@ -282,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         if not is_photo and max(w, h) > PATCH_MAX_SIDE * min(w, h):
             print(f"warning: {f} is {w}x{h}, too small to tile: only its centre {min(w, h)}x{min(w, h)} is classified",
                   file=sys.stderr)
-    print(f"model {a.model} ({meta['image_size']} px, temperature {meta.get('temperature') or 1.0:.2f}, "
+    print(f"model {a.model} ({meta['image_size']} px, temperature {temperature_of(meta):.2f}, "
           f"{describe_threshold(meta)}, {meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
     processed = 0
     if patches:
@@ -300,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         all_tiles, summaries, tile_seconds = [], [], 0.0
         heat_dir = a.out.with_name(a.out.name + "_heatmaps")
         heat_names = heatmap_names(photos)
+        threshold = threshold_of(meta)
         for f in track(photos, "photos", unit="photos", enabled=len(photos) >= 3):
             try:
                 start = time.perf_counter()
@@ -309,9 +301,9 @@ def main(argv: list[str] | None = None) -> int:
                 failed.append((f, str(exc).splitlines()[0][:120]))
                 continue
             all_tiles.append(tiles)
-            summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2], threshold_of(meta)),
+            summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2], threshold),
                               "heatmap": heat_names[f]})
-            write_bytes(heatmap_png(photo, tiles, threshold_of(meta)), heat_dir / heat_names[f])
+            write_bytes(heatmap_png(photo, tiles, threshold), heat_dir / heat_names[f])
         if all_tiles:
             summary = pd.DataFrame(summaries)
             write_parquet(pd.concat(all_tiles, ignore_index=True), a.out.with_name(a.out.name + "_tiles.parquet"))

@@ -46,7 +46,7 @@ from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropF
                           ray_storage, study_started, sync_outputs)
 from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
-from tune.trials import BEST_RULE, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
+from tune.trials import best_rule, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = REPO / "experiments" / "study.toml"
@@ -343,7 +343,7 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
 
 
 def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams]) -> tuple[pd.Series, str, dict]:
-    """The trial to retrain (BEST_RULE, or the best mean over seeds with --repeat-top), the
+    """The trial to retrain (best_rule, or the best mean over seeds with --repeat-top), the
     rule that chose it and the repeats' figures."""
     cfg = run.cfg
     best = pick_best(trials, cfg.metric)
@@ -352,8 +352,7 @@ def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams
         print("warning: no trial ran all max_epochs, so there is nothing for --repeat-top to repeat; the best trial "
               "is chosen by the single-seed rule", file=sys.stderr)
     if cfg.repeat_top == 0 or n_complete == 0:
-        return best, BEST_RULE if cfg.metric == "val_acc" else BEST_RULE.replace(
-            "val accuracy", "val_shift_acc (the mean val accuracy over clean and shift.VAL_CELLS)"), {}
+        return best, best_rule(cfg.metric), {}
     n_configs = min(cfg.repeat_top, n_complete)  # only trials that ran all max_epochs are repeated
     print(f"\nrepeating the top {n_configs} complete trial(s) with {cfg.repeats} seeds each ...", flush=True)
     repeats = repeat_top(cfg, trials, params_of, run.data_ref, run.backbone_ref)
@@ -422,12 +421,18 @@ def slot_use(trials: pd.DataFrame, history: pd.DataFrame, slots: int, search_sec
                              "reports_uploads_and_gaps": round(float(total - np.nansum(list(parts.values()))), 2)}}
 
 
+def resume_command(run: StudyRun, a: argparse.Namespace, auto: bool = False) -> str:
+    """The command line that continues this study."""
+    return f"python tune/run.py --study-name {run.cfg.name} --storage-path {a.storage_path} --resume" + (" auto" if auto else "")
+
+
 def footprint_line(footprint: dict[str, Any], slots: int) -> str:
     written, largest, peak = (footprint[k] for k in ("checkpoint_bytes_written", "checkpoint_bytes_largest",
                                                      "checkpoint_bytes_peak"))
     held = "not sampled on URI storage" if peak is None else f"{peak / 1e6:.0f} MB"
+    # the bytes left in the study folder are on the summary line above
     return (f"checkpoints: {written / 1e9:.2f} GB written, at most {held} held at once (trial slots x largest "
-            f"checkpoint = {slots} x {largest / 1e6:.0f} MB), {footprint['bytes_left'] / 1e6:.0f} MB left in the study folder")
+            f"checkpoint = {slots} x {largest / 1e6:.0f} MB)")
 
 
 def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, float], trials: pd.DataFrame,
@@ -496,8 +501,8 @@ def main(argv: list[str] | None = None) -> int:
         load_inputs(run, resources)
         trials, params_of, finished, search_seconds = search(run)
         if finished < run.cfg.num_samples:
-            print(f"study interrupted after {finished}/{run.cfg.num_samples} trials; continue it with: python tune/run.py "
-                  f"--study-name {run.cfg.name} --storage-path {a.storage_path} --resume", file=sys.stderr)
+            print(f"study interrupted after {finished}/{run.cfg.num_samples} trials; continue it with: "
+                  f"{resume_command(run, a)}", file=sys.stderr)
             return 130
         best, rule, repeated = choose(run, trials, params_of)
         params = params_of[best["trial_id"]]
@@ -524,8 +529,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         ray.shutdown()  # Ray's log monitor would print the failed trials' tracebacks after our line
         # the journal and Ray's snapshot are whole (see crackcore.results.open_journal): the study resumes
-        raise StorageError(f"{line}; study {run.cfg.name} stopped: fix that, then continue it with: python tune/run.py "
-                           f"--study-name {run.cfg.name} --storage-path {a.storage_path} --resume auto") from exc
+        raise StorageError(f"{line}; study {run.cfg.name} stopped: fix that, then continue it with: "
+                           f"{resume_command(run, a, auto=True)}") from exc
 
 
 if __name__ == "__main__":

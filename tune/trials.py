@@ -76,10 +76,17 @@ def max_parallel(trials: pd.DataFrame) -> int:
 
 BEST_RULE = ("highest val accuracy at the last epoch among trials that ran all max_epochs (ties: lower val loss, "
              "then lower trial id); if none did, among all trials that reported and did not diverge")
+METRIC_WORDS = {"val_acc": "val accuracy",
+                "val_shift_acc": "val_shift_acc (the mean val accuracy over clean and shift.VAL_CELLS)"}
+
+
+def best_rule(metric: str = "val_acc") -> str:
+    """BEST_RULE in the words of the metric the study selects on."""
+    return BEST_RULE.replace("val accuracy", METRIC_WORDS[metric])
 
 
 def pick_best(trials: pd.DataFrame, metric: str = "val_acc") -> pd.Series:
-    """The trial to retrain by BEST_RULE, scored on `metric` (the study's: val_acc or val_shift_acc)."""
+    """The trial to retrain by best_rule(metric), scored on `metric` (the study's: val_acc or val_shift_acc)."""
     reported = trials[(trials["epochs"] > 0) & (trials["status"] != "DIVERGED")]
     if reported.empty and (trials["status"] == "DIVERGED").any():
         raise StudyError("every trial that reported diverged (non-finite training loss); lower space.lr_max in the "
