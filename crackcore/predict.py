@@ -215,7 +215,9 @@ def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], label
     if not ok:
         raise DataError("no labelled image could be decoded; nothing to score")
     suite = run_suite(lambda x: torch.from_numpy(model.prob_crack(x)), torch.stack(imgs), y[ok],
-                      cells=suite_cells(names), max_images=None, batch_size=batch_size, device=meta["device"])
+                      cells=suite_cells(names), max_images=None, batch_size=batch_size,
+                      # onnxruntime takes its batches from host memory; meta["device"] names its provider
+                      device=meta["device"] if meta["runtime"] == "pytorch" else "cpu")
     table = shift_frame(suite)
     write_parquet(table, out.with_name(out.name + "_shifts.parquet"))
     wide = table.assign(cell=[f"{100 * a:.1f} [{100 * lo:.1f}-{100 * hi:.1f}]" for a, lo, hi in

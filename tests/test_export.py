@@ -110,6 +110,11 @@ def test_predict_on_onnx_matches_model_pt(exported: dict, export_output: str, tm
     pt_photos, onnx_photos = (pd.read_parquet(f"{outs[k]}_photos.parquet") for k in ("pt", "onnx"))
     assert (pt_photos["crack_tiles"] == onnx_photos["crack_tiles"]).all()
     assert (tmp_path / "out-onnx_heatmaps" / "wall_heatmap.png").is_file()
+    for kind in ("pt", "onnx"):  # the shift suite too (it gave torch onnxruntime's device name)
+        assert predict_main(["--model", str(exported[kind]), str(inputs), "--out", str(tmp_path / f"shift-{kind}"),
+                             "--shifts", "jpeg"]) == 0
+    a, b = (pd.read_parquet(tmp_path / f"shift-{k}_shifts.parquet") for k in ("pt", "onnx"))
+    assert len(a) == 4 and (a["n"] == len(files)).all() and (a["accuracy"] == b["accuracy"]).all()
 
 
 def one_line_error(main, args: list[str], capsys) -> str:
