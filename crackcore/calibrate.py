@@ -34,7 +34,7 @@ from crackcore.images import decode_file, io_workers
 from crackcore.metrics import binary_metrics, metrics_with_intervals
 from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
 from crackcore.predict import load_model
-from crackcore.results import CALIBRATION_FORMAT
+from crackcore.results import CALIBRATION_FORMAT, is_calibration
 from crackcore.sources import discover
 from crackcore.train import resolve_device
 
@@ -55,8 +55,8 @@ def check_out(out: Path) -> None:
         return
     marker = out / "calibration.json"
     try:
-        ours = out.is_dir() and json.loads(marker.read_text()).get("format") == CALIBRATION_FORMAT
-    except (OSError, ValueError, AttributeError):
+        ours = out.is_dir() and is_calibration(json.loads(marker.read_text()))
+    except (OSError, ValueError):
         ours = False
     if not ours:
         raise ConfigError(f"--out {out} exists and was not written by crackcore.calibrate (no calibration.json of "

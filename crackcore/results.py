@@ -110,6 +110,11 @@ def _read(f: Path, read: Callable[[], Any]) -> Any:
                               "that writes it") from None
 
 
+def is_calibration(record: Any) -> bool:
+    """A calibration.json of crackcore.calibrate's, not someone else's file of that name."""
+    return isinstance(record, dict) and record.get("format") == CALIBRATION_FORMAT
+
+
 def load_calibrations(study_dir: str | Path) -> pd.DataFrame:
     """Every calibration written beside a study (CALIBRATION_GLOB), one row per site and model
     column (before / after / head refit): its temperature, threshold and figures on the site's
@@ -117,7 +122,7 @@ def load_calibrations(study_dir: str | Path) -> pd.DataFrame:
     rows = []
     for f in sorted(Path(study_dir).glob(CALIBRATION_GLOB)):
         d = _read(f, lambda: json.loads(f.read_text()))
-        if not isinstance(d, dict) or d.get("format") != CALIBRATION_FORMAT:
+        if not is_calibration(d):
             continue  # someone else's file of that name: not ours to read
         columns = d.get("metrics", {})  # JSON keeps no order: the table's own
         for column in sorted(columns, key=lambda c: (CALIBRATION_COLUMNS + (c,)).index(c)):

@@ -103,16 +103,18 @@ def experiment(uri: str, name: str, new_study: bool = False) -> str:
     return found.experiment_id
 
 
+def _flatten(nested: dict[str, Any], sep: str) -> dict[str, Any]:
+    return pd.json_normalize(nested, sep=sep).iloc[0].to_dict() if nested else {}
+
+
 def flat_params(config: dict[str, Any]) -> dict[str, str]:
     """A nested config as MLflow parameters: dotted keys, string values."""
-    flat = pd.json_normalize(config, sep=".").iloc[0].to_dict() if config else {}
-    return {k: str(v)[:MAX_PARAM_CHARS] for k, v in flat.items()}
+    return {k: str(v)[:MAX_PARAM_CHARS] for k, v in _flatten(config, ".").items()}
 
 
 def numbers(values: dict[str, Any], sep: str = "/") -> dict[str, float]:
     """The finite numeric leaves of a nested dict (bools and lists left out), keys joined by `sep`."""
-    flat = pd.json_normalize(values, sep=sep).iloc[0].to_dict() if values else {}
-    return {k: float(v) for k, v in flat.items()
+    return {k: float(v) for k, v in _flatten(values, sep).items()
             if isinstance(v, _numbers.Real) and not isinstance(v, bool) and math.isfinite(v)}  # numpy scalars too
 
 

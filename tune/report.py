@@ -26,7 +26,7 @@ import pandas as pd  # noqa: E402
 from crackcore.exceptions import StudyFilesError  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
-from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
+from crackcore.results import JOURNAL, Study, load_optuna_study, load_study  # noqa: E402
 from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE  # noqa: E402
 from crackcore.tracking import log_folder  # noqa: E402
 
@@ -209,11 +209,11 @@ def fig_shift_heatmap(s: Study, path: Path) -> str:
     """Test accuracy of the final model under each shift (rows) and severity (columns), clean first."""
     t = s.shift
     cells = t[t["severity"] > 0]
-    acc = cells.pivot(index="shift", columns="severity", values="accuracy").reindex(list(dict.fromkeys(cells["shift"])))
+    p = cells.pivot(index="shift", columns="severity", values=["accuracy", "ci95_low", "ci95_high"]).reindex(
+        list(dict.fromkeys(cells["shift"])))
+    acc, low, high = p["accuracy"], p["ci95_low"], p["ci95_high"]
     clean = t.loc[t["severity"] == 0, "accuracy"]
     grid = acc.assign(**{"0": float(clean.iloc[0]) if len(clean) else np.nan})[["0", *acc.columns]]
-    low = cells.pivot(index="shift", columns="severity", values="ci95_low").reindex(acc.index)
-    high = cells.pivot(index="shift", columns="severity", values="ci95_high").reindex(acc.index)
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(grid) + 1.8))
     im = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
     for i, shift in enumerate(grid.index):
@@ -312,7 +312,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
            f"- trials: {len(s.trials)} ({', '.join(f'{v} {k.lower()}' for k, v in status.items())}); "
            f"up to {s.study.get('max_parallel_trials', '?')} in parallel" + (
                f"; read from the Optuna journal: the study stopped before its search ended (continue it with "
-               f"`python tune/run.py --study-name {s.name} --resume auto`)" if s.trials_from != "trials.parquet" else ""),
+               f"`python tune/run.py --study-name {s.name} --resume auto`)" if s.trials_from == JOURNAL else ""),
            f"- wall time: {s.study['wall_seconds']:.0f} s (search {s.study['search_seconds']:.0f} s, "
            f"final retrain {s.study['final_seconds']:.0f} s)" if "wall_seconds" in s.study else
            "- wall time: not recorded (no study.json: the study did not finish)", ""]
