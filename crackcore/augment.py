@@ -24,7 +24,7 @@ import torchvision.transforms.v2.functional as TF
 from torchvision.ops import roi_align
 
 from crackcore.config import AUGMENT_POLICIES
-from crackcore.shift import REFERENCE_SIZE, colour_cast, per_sample_conv
+from crackcore.shift import REFERENCE_SIZE, colour_cast, per_sample_conv, scaled
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ def per_image_transform(policy: str, image_size: int) -> T.Transform:
                                    saturation=p.saturation or None))
     if p.blur_p:
         steps.append(T.RandomApply([T.GaussianBlur(blur_kernel_size(p, image_size),
-                                                   sigma=tuple(s * image_size / REFERENCE_SIZE for s in p.blur_sigma))],
+                                                   sigma=tuple(scaled(s, image_size) for s in p.blur_sigma))],
                                    p=p.blur_p))
     if p.noise_p or p.cast_p:  # torchvision's GaussianNoise has one sigma, and there is no white balance
         steps.append(DrawnParams(policy, image_size, ("noise_sigma", "noise_seed", "cast")))
@@ -161,7 +161,7 @@ def sample_params(policy: str, batch: int, image_size: int, generator: torch.Gen
     if p.blur_p:  # sigma 0 = not blurred
         on = torch.rand(batch, generator=g) < p.blur_p
         sigma = p.blur_sigma[0] + (p.blur_sigma[1] - p.blur_sigma[0]) * torch.rand(batch, generator=g)
-        out["blur_sigma"] = torch.where(on, sigma * image_size / REFERENCE_SIZE, torch.zeros(()))
+        out["blur_sigma"] = torch.where(on, scaled(sigma, image_size), torch.zeros(()))
         out["blur_kernel"] = torch.tensor(blur_kernel_size(p, image_size))
     if p.noise_p:  # one seed for the batch's noise, so it can be drawn on the device
         on = torch.rand(batch, generator=g) < p.noise_p
@@ -306,10 +306,7 @@ def apply_params(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tens
         # One bilinear sample at each output pixel's centre: a crop box is never larger than the
         # output, so this is resized_crop's bilinear upsampling (more samples per bin would blur,
         # and cost 3x on a CPU)
-        size = x.shape[-1]
-        boxes = torch.cat([torch.arange(len(x), dtype=x.dtype)[:, None], params["crop"].to(x.dtype)], 1)
-        x = roi_align(x, boxes.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
-                      sampling_ratio=1, aligned=True)
+        x = _roi_resize(x, params["crop"], x.shape[-1], sampling_ratio=1)
     if not moved:
         x = _dihedral(x, params)
     return _photometric(_color(x, params), params)
@@ -320,9 +317,14 @@ def _resize_windows(x: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Te
     averages ceil(L/S) x ceil(L/S) bilinear samples per output pixel, so a zoomed-out (larger)
     window is low-passed before it is shrunk, as an antialiased resize is."""
     x = x.float().div_(255) if x.dtype == torch.uint8 else x
+    return _roi_resize(x, boxes, size, sampling_ratio=0)
+
+
+def _roi_resize(x: torch.Tensor, boxes: torch.Tensor, size: int, sampling_ratio: int) -> torch.Tensor:
+    """Sample i's box [x0, y0, x1, y1] of float `x` resized to size x size (roi_align, pixel-aligned)."""
     rois = torch.cat([torch.arange(len(x), dtype=x.dtype)[:, None], boxes.to(x.dtype)], 1)
     return roi_align(x, rois.to(x.device, non_blocking=True), output_size=(size, size), spatial_scale=1.0,
-                     sampling_ratio=0, aligned=True)
+                     sampling_ratio=sampling_ratio, aligned=True)
 
 
 def gaussian_kernels(sigma: torch.Tensor, k: int) -> torch.Tensor:

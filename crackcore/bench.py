@@ -268,16 +268,28 @@ def inference_bench(image_size: int, batch_sizes: list[int], rounds: int, min_se
 
         for clf in runtimes.values():  # warm-up: first-call allocations, oneDNN/ORT kernel selection
             clf.prob_crack(x)
-        img_s: dict[str, list[float]] = {name: [] for name in runtimes}
-        for _ in range(rounds):
-            for name, clf in runtimes.items():
-                img_s[name].append(timed(clf))
+        img_s = interleaved_rounds({name: (lambda clf=clf: timed(clf)) for name, clf in runtimes.items()}, rounds)
         best = {name: max(v) for name, v in img_s.items()}
         rows.append({"batch_size": b, "pytorch_img_s": round(best["pytorch"], 1),
                      "onnxruntime_img_s": round(best["onnxruntime"], 1),
                      "onnxruntime_over_pytorch": round(best["onnxruntime"] / best["pytorch"], 2),
-                     "round_img_s": {k: [round(v, 1) for v in vs] for k, vs in img_s.items()}})
+                     "round_img_s": rounded(img_s)})
     return rows
+
+
+def interleaved_rounds(benches: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Each bench's figure in every round, the benches interleaved within a round: on a shared
+    machine the slower rounds measure the neighbours (timeit's rule, so callers keep the best),
+    and interleaving exposes every bench to the same conditions."""
+    figures: dict[str, list[float]] = {name: [] for name in benches}
+    for _ in range(rounds):
+        for name, run in benches.items():
+            figures[name].append(run())
+    return figures
+
+
+def rounded(figures: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {k: [round(v, 1) for v in vs] for k, vs in figures.items()}
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -345,12 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     benches = {"model_only": model_only_bench(cfg, device, steps, warmup=1 if a.quick else 5)}
     benches["pipeline"], run_eval = pipeline_bench(cfg, data, device, rounds)
     benches["pil_baseline"] = pil_baseline_bench(cfg, Path(data.source["root"]), train_paths, device, workers)
-    # interleaved rounds, best of each: on a shared machine the slower rounds measure the
-    # neighbours (timeit's rule), and interleaving exposes all three to the same conditions
-    round_img_s: dict[str, list[float]] = {name: [] for name in benches}
-    for _ in range(rounds):
-        for name, run in benches.items():
-            round_img_s[name].append(run())
+    round_img_s = interleaved_rounds(benches, rounds)
     model_only, pipeline, pil = (max(round_img_s[k]) for k in ("model_only", "pipeline", "pil_baseline"))
     eval_img_s = run_eval()
     loader_only, pil_loader_only = bench_loaders_only(cfg, data, Path(data.source["root"]), train_paths, device, workers)
@@ -368,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         "loader_only_img_s": round(loader_only, 1), "pil_loader_only_img_s": round(pil_loader_only, 1),
         "loader_speedup_over_pil": round(loader_only / pil_loader_only, 1), "eval_img_s": round(eval_img_s, 1),
         "peak_memory_mb": round(peak_memory_mb(device), 1), "rounds": rounds,
-        "round_img_s": {k: [round(v, 1) for v in vs] for k, vs in round_img_s.items()}, "quick": a.quick,
+        "round_img_s": rounded(round_img_s), "quick": a.quick,
     }
     if a.study:
         packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]

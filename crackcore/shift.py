@@ -53,7 +53,6 @@ SEVERITIES = (1, 2, 3)
 # the cheap subset scored on val every epoch for metric = "val_shift_acc": one geometric, one
 # optical, one compression and one photometric shift, at the middle severity
 VAL_CELLS = (("scale_down", 2), ("gaussian_blur", 2), ("jpeg", 2), ("contrast", 2))
-DEFAULT_MAX_IMAGES = 500  # per cell: a stratified, seeded subset of the test split when it is larger
 
 
 def parse_shifts(text: str | None) -> list[str]:
@@ -67,7 +66,8 @@ def parse_shifts(text: str | None) -> list[str]:
     return [n for n in SHIFTS if n in names]
 
 
-def _scaled(px: float, size: int) -> float:
+def scaled(px: float, size: int) -> float:
+    """A length stated at REFERENCE_SIZE px, at `size` px."""
     return px * size / REFERENCE_SIZE
 
 
@@ -147,10 +147,10 @@ def apply_shift(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> tor
         small = TF.resize(x, [max(1, round(size * level))] * 2, antialias=True)
         return reflect_pad_to(small, size)
     if name == "gaussian_blur":
-        sigma = _scaled(level, size)
+        sigma = scaled(level, size)
         return TF.gaussian_blur(x, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
     if name == "motion_blur":
-        length = _odd(_scaled(level, size))
+        length = _odd(scaled(level, size))
         g = torch.Generator().manual_seed(_seed(seed, name))
         angles = torch.rand(len(x), generator=g) * math.pi
         return to_uint8(per_sample_conv(x.float(), line_kernels(torch.full((len(x),), length), angles, length)))
@@ -198,7 +198,7 @@ def _cell(correct: int, n: int) -> dict[str, Any]:
 
 def run_suite(score: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, labels: np.ndarray, *,
               index: np.ndarray | None = None, cells: list[tuple[str, int]] | None = None,
-              max_images: int | None = DEFAULT_MAX_IMAGES, seed: int = 0, batch_size: int = 256,
+              max_images: int | None = None, seed: int = 0, batch_size: int = 256,
               device: torch.device | str = "cpu", clean: bool = True) -> dict[str, Any]:
     """Accuracy on the clean images and under each (shift, severity) cell, each with n and a
     Wilson 95 % CI. `score(uint8 batch on device) -> P(crack)` per image; predicted crack at
