@@ -44,8 +44,9 @@ from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, io_workers
 from crackcore.model import build_model, trainable_parameters
 from crackcore.outputs import build_folder, write_text
-from crackcore.train import (available_cpus, evaluate, make_scheduler, model_inputs, precision_name, resolve_device,
-                             train_one_epoch, training_precision, training_step)
+from crackcore.devices import available_cpus, resolve_device
+from crackcore.train import (evaluate, make_scheduler, model_inputs, precision_name, train_one_epoch, training_precision,
+                             training_step)
 
 
 def _sync(device: torch.device) -> None:
@@ -298,7 +299,7 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crackcore.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default=os.environ.get("CRACK_DATA"), help="Positive/ Negative/ folder (default synthetic)")
     p.add_argument("--image-size", type=int, help="default 64 on CPU, 227 on GPU")
@@ -325,6 +326,11 @@ def main(argv: list[str] | None = None) -> int:
                    "process may use; on a busy machine 1 thread is the fairer comparison)")
     p.add_argument("--quick", action="store_true", help="tiny sizes for CI; measures nothing meaningful")
     p.add_argument("--json-out", type=Path)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.inference:
         return main_inference(a)
@@ -337,6 +343,18 @@ def main(argv: list[str] | None = None) -> int:
         a.data = str(replicate_dataset(a.data, a.replicate))
         print(f"replicated to {a.replicate} images in {time.perf_counter() - t0:.0f}s: {a.data} "
               "(near-duplicates of each other: for timing, not accuracy)", file=sys.stderr)
+    out = training_bench(a)
+    if a.study:
+        device = resolve_device(a.device)
+        packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
+        out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1, subset=a.study_subset,
+                                   image_size=out["image_size"])
+    return print_result(out, a.json_out)
+
+
+def training_bench(a: argparse.Namespace) -> dict[str, Any]:
+    """Training img/s of the model alone, our data pipeline and a PIL ImageFolder baseline
+    (interleaved rounds, best of each), the loaders alone, eval img/s and peak memory."""
     device = resolve_device(a.device)
     size = a.image_size or (32 if a.quick else (227 if device.type == "cuda" else 64))
     subset = a.subset or (40 if a.quick else None)
@@ -377,11 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_memory_mb": round(peak_memory_mb(device), 1), "rounds": rounds,
         "round_img_s": rounded(round_img_s), "quick": a.quick,
     }
-    if a.study:
-        packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
-        out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1, subset=a.study_subset,
-                                   image_size=size)
-    return print_result(out, a.json_out)
+    return out
 
 
 def print_result(out: dict[str, Any], json_out: Path | None) -> int:

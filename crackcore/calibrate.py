@@ -28,15 +28,14 @@ import torch
 from torch import nn
 
 from crackcore.calibration import THRESHOLD_RULE, apply_temperature, fit_temperature, fit_threshold
-from crackcore.classifier import FieldModel, TorchClassifier, load_torch_meta, temperature_of, threshold_of
+from crackcore.classifier import FieldModel, TorchClassifier, load_classifier, load_torch_meta, temperature_of, threshold_of
+from crackcore.devices import resolve_device
 from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import decode_file, io_workers
 from crackcore.metrics import binary_metrics, metrics_with_intervals
 from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
-from crackcore.predict import load_model
 from crackcore.results import CALIBRATION_FORMAT, is_calibration
 from crackcore.sources import discover
-from crackcore.train import resolve_device
 
 GROUP_BY = r"^(.*)__"  # PHOTO__rYcX.jpg: the windows of one photo
 HEAD_LR, HEAD_BATCH = 1e-3, 8
@@ -189,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--fine-tune-head {a.fine_tune_head} must be 0 (off) or a number of epochs")
     check_out(a.out)
     check_writable(a.out.parent, f"--out {a.out}", "choose another --out")  # before the work, not after
-    classifier, meta = load_model(a.model, resolve_device(a.device))
+    classifier = load_classifier(a.model, resolve_device(a.device))
+    meta = classifier.meta
     if not isinstance(classifier, TorchClassifier):
         raise ConfigError(f"--model {a.model}: calibrate refits a model.pt (export the calibrated model.pt to ONNX "
                           "afterwards with python -m crackcore.export)")

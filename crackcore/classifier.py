@@ -25,7 +25,7 @@ from torch import nn
 from crackcore.exceptions import ModelFileError
 from crackcore.model import CrackResNet
 from crackcore.outputs import MODEL_FORMAT
-from crackcore.train import available_cpus, resolve_device
+from crackcore.devices import available_cpus, resolve_device
 
 ONNX_FORMAT = f"{MODEL_FORMAT}-onnx"  # metadata_props["format"] of the ONNX files crackcore.export writes
 ONNX_VERSION = 1
@@ -225,7 +225,7 @@ def load_torch_meta(path: Path) -> dict[str, Any]:
 
 
 def load_classifier(path: str | Path, device: torch.device | None = None) -> Classifier:
-    """model.pt (PyTorch) or *.onnx (onnxruntime), each checked to be ours."""
+    """model.pt (PyTorch) or *.onnx (onnxruntime), each checked to be ours, its decision threshold too."""
     path = Path(path)
     if path.is_dir():
         raise ModelFileError(f"--model {path} is a folder; pass the model file in it, e.g. {model_file_in(path)}")
@@ -233,11 +233,17 @@ def load_classifier(path: str | Path, device: torch.device | None = None) -> Cla
         raise ModelFileError(f"model file {path} does not exist; {HINT}")
     device = device or resolve_device("auto")
     if path.suffix.lower() == ".onnx":
-        return OnnxClassifier(path, device)
-    meta = load_torch_meta(path)
-    net = CrackResNet(freeze_depth=0)
-    try:
-        net.load_state_dict(meta.pop("state_dict"))
-    except (RuntimeError, KeyError, TypeError) as exc:  # damaged or foreign tensors
-        raise ModelFileError(f"{path} holds damaged weights ({str(exc).splitlines()[0][:100]}); {HINT}") from None
-    return TorchClassifier(net, meta, device)
+        model: Classifier = OnnxClassifier(path, device)
+    else:
+        meta = load_torch_meta(path)
+        net = CrackResNet(freeze_depth=0)
+        try:
+            net.load_state_dict(meta.pop("state_dict"))
+        except (RuntimeError, KeyError, TypeError) as exc:  # damaged or foreign tensors
+            raise ModelFileError(f"{path} holds damaged weights ({str(exc).splitlines()[0][:100]}); {HINT}") from None
+        model = TorchClassifier(net, meta, device)
+    threshold = model.meta.setdefault("threshold", DEFAULT_THRESHOLD)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ModelFileError(f"{path} holds a decision threshold {threshold!r} that is not a probability in 0..1; "
+                             "re-run python -m crackcore.calibrate for it")
+    return model

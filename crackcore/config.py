@@ -22,6 +22,14 @@ LR_SCHEDULES = ("cosine", "constant")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # of a study or a data source: a folder name
 
 
+def setting(default: Any = dataclasses.MISSING, *, help: str, flag: str | None = None, choices: tuple | None = None,
+            metavar: str | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field that is also a command-line flag (crackcore.flags builds it): its help,
+    and the flag's name, choices and metavar where they are not the field's own."""
+    meta = {"help": help, **{k: v for k, v in (("flag", flag), ("choices", choices), ("metavar", metavar)) if v}}
+    return field(default=default, default_factory=default_factory, metadata=meta)
+
+
 def check_choice(key: str, value: Any, allowed: tuple) -> None:
     """The one check of a value that must be one of a fixed set (policy, depth, strategy)."""
     if value not in allowed:
@@ -63,41 +71,50 @@ class TrainConfig:
     """Everything one training run (a trial, the final retrain, the baseline) depends on."""
 
     # data
-    data: str | dict[str, str] | None = None  # a folder (one source), {name: folder} (several), None or "synthetic" = the synthetic set
-    group_by: str | None = None  # regex: file names with the same first capture group (a photo) share a split
-    val_source: str | None = None  # a source never trained on: trials and the best trial are scored on it
-    test_source: str | None = None  # a source never trained on nor selected on: the final evaluation's
-    external: dict[str, str] = field(default_factory=dict)  # {name: labelled folder} evaluated after training
-    image_size: int = 64
-    subset: int | None = None  # images per class (deterministic by hash); None = all
+    data: str | dict[str, str] | None = setting(
+        None, metavar="[NAME=]PATH", help="a crack/no-crack folder, repeatable for several sources (NAME=PATH), or "
+        "`synthetic` (default $CRACK_DATA, then data/concrete-crack-images, else the embedded real sample)")
+    group_by: str | None = setting(None, help="regex: file names with the same first capture group (one photo) share "
+                                   "a split, e.g. '^(.*)__' for PHOTO__rYcX.jpg windows")
+    val_source: str | None = setting(None, help="a --data source never trained on: trials and the best trial are "
+                                     "scored on all of its images")
+    test_source: str | None = setting(None, help="a --data source used only for the final evaluation")
+    external: dict[str, str] = setting(flag="--eval", metavar="NAME=PATH", default_factory=dict,
+                                       help="a labelled folder the final model is evaluated on (repeatable)")
+    image_size: int = setting(64, help="images are decoded to this square size in px (native 227)")
+    subset: int | None = setting(None, help="images per class, per source (deterministic by hash); default all")
     split_fractions: tuple[float, float, float] = (0.70, 0.15, 0.15)
-    split_strategy: str = "random"  # "grouped" also keeps near-duplicates in one split
+    split_strategy: str = setting("random", choices=SPLIT_STRATEGIES,
+                                  help="`grouped` also keeps near-duplicate groups in one split")
     split_seed: int = 0
     synthetic_per_class: int = 400  # size of the procedural synthetic set (data None or "synthetic")
     # model
-    weights: str = "auto"  # "auto" | "imagenet" | "random" | path to resnet18 .pth
-    freeze_depth: int = 0  # 0 = fine-tune all, 5 = head only
+    weights: str = setting("auto", help="auto | imagenet | random | PATH to resnet18-f37072fd.pth")
+    freeze_depth: int = setting(0, choices=FREEZE_DEPTHS, help="ResNet stages frozen: 0 = fine-tune all .. 5 = head only")
     # optimisation
-    lr: float = 0.01
+    lr: float = setting(0.01, help="peak learning rate (SGD, Nesterov momentum)")
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    batch_size: int = 64
-    epochs: int = 10
-    lr_schedule: str = "cosine"  # "cosine" | "constant"
-    augment_policy: str = "flip"
+    batch_size: int = setting(64, help="training batch size")
+    epochs: int = setting(10, help="training epochs")
+    lr_schedule: str = setting("cosine", choices=LR_SCHEDULES, help="after a 3 %% warm-up: cosine to zero, or constant")
+    augment_policy: str = setting("flip", choices=AUGMENT_POLICIES, help="augmentation policy (crackcore.augment)")
     label_smoothing: float = 0.0
     # execution
-    seed: int = 0
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    seed: int = setting(0, help="the training seed (weights init, batch order, augmentation)")
+    device: str = setting("auto", help="auto | cpu | cuda | cuda:N | mps")
     num_threads: int | None = None  # torch CPU threads; None = CPUs this process may use
     amp: bool = True  # train under autocast where the device runs it natively (train.autocast_dtype)
     channels_last: bool = True  # faster on CUDA and on oneDNN CPUs alike
     compile: bool = False  # torch.compile the model (CUDA; measured in crackcore.bench)
     gpu_share: float = 1.0  # of the GPU's memory this run may plan for (a packed trial: its gpus_per_trial)
     # shift suite (crackcore.shift): the test split under camera / site shifts after training
-    shift_suite: bool = True
-    shift_max_images: int | None = 500  # per cell, a stratified seeded subset of the test split; None = all
-    val_shift: bool = False  # also score val under shift.VAL_CELLS every epoch (history: val_shift_acc)
+    shift_suite: bool = setting(True, help="score the test split under the shift suite after training "
+                                "(final_metrics.json 'shift'); --no-shift-suite skips it")
+    shift_max_images: int | None = setting(500, help="test images scored per shift cell (a stratified seeded "
+                                           "subset); 0 = all")
+    val_shift: bool = setting(False, help="also score val under the cheap shifts (shift.VAL_CELLS) every epoch "
+                              "(history: val_shift_acc)")
 
     def __post_init__(self) -> None:
         check_types(self, "train")
@@ -201,11 +218,14 @@ class TrialParams:
     sampler through Ray to the optimizer, and into the repeats and the final retrain. A key
     left None is not searched and keeps the study's [train] value."""
 
-    lr: float
-    freeze_depth: int
-    augment_policy: str
-    weight_decay: float | None = None
-    batch_size: int | None = None
+    # Each searched key is declared here once: its kind and the [space] keys that bound it (a list
+    # left empty there is not searched); tune.search builds the distributions from this, and
+    # load_study_config keeps [train] from setting what the search decides.
+    lr: float = field(metadata={"kind": "log-uniform", "space": ("lr_min", "lr_max")})
+    freeze_depth: int = field(metadata={"kind": "ordinal", "space": ("freeze_depths",)})
+    augment_policy: str = field(metadata={"kind": "categorical", "space": ("augment_policies",)})
+    weight_decay: float | None = field(default=None, metadata={"kind": "categorical", "space": ("weight_decays",)})
+    batch_size: int | None = field(default=None, metadata={"kind": "categorical", "space": ("batch_sizes",)})
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -232,6 +252,15 @@ class SearchSpace:
     start_points: list[dict[str, Any]] = field(
         default_factory=lambda: [{"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"}])
 
+    def searched(self) -> dict[str, tuple[str, list[Any]]]:
+        """{key: (kind, its [space] values)} of every TrialParams key this space searches."""
+        found = {}
+        for f in fields(TrialParams):
+            values = [getattr(self, key) for key in f.metadata["space"]]
+            if all(v not in (None, []) for v in values):
+                found[f.name] = (f.metadata["kind"], values)
+        return found
+
     def __post_init__(self) -> None:
         check_types(self, "space")
         if not self.freeze_depths or not self.augment_policies:
@@ -252,24 +281,28 @@ class SearchSpace:
 
 @dataclass
 class StudyConfig:
-    name: str = "study"
-    num_samples: int = 32
+    name: str = setting("study", flag="--study-name", help="results go to STORAGE/STUDY-NAME")
+    num_samples: int = setting(32, help="number of trials")
     metric: str = "val_acc"
-    max_epochs: int = 4  # ASHA max_t
-    grace_period: int = 1
+    max_epochs: int = setting(4, help="epochs of a trial that is never stopped early (ASHA max_t)")
+    grace_period: int = setting(1, help="epochs before ASHA may stop a trial")
     reduction_factor: int = 3
-    final_epochs: int = 10
-    seed: int = 0
-    cpus_per_trial: float = 1.0
-    gpus_per_trial: float | None = None  # fractional packs trials per GPU; None: 0.25 with GPUs, else 0
-    max_concurrent_trials: int | None = None  # None = as many as resources allow
+    final_epochs: int = setting(10, help="epochs of the final retrain")
+    seed: int = setting(0, help="the seed of the search and of the training")
+    cpus_per_trial: float = setting(1.0, help="CPUs each trial holds")
+    gpus_per_trial: float | None = setting(None, help="GPUs each trial holds; a fraction packs trials per GPU, e.g. "
+                                           "0.25 = 4 per GPU (default 0.25 with GPUs; 0 keeps trials on CPUs)")
+    max_concurrent_trials: int | None = setting(None, help="trials at once; default as many as the resources allow")
     max_failures: int = 2
-    repeat_top: int = 0  # honest evaluation: re-run the top-K configs ...
-    repeats: int = 3  # ... R times with different seeds
-    compare_splits: bool = False
-    leave_one_out: bool = False  # retrain the chosen setting once per source with it held out (loso.parquet)
+    repeat_top: int = setting(0, help="re-run the top K configs with --repeats seeds and pick by the mean")
+    repeats: int = setting(3, help="seeds per config with --repeat-top")
+    compare_splits: bool = setting(False, help="also retrain the best config under the other split strategy")
+    leave_one_out: bool = setting(False, help="retrain the chosen setting once per source with that source held "
+                                  "out (loso.parquet)")
     checkpoint_every: int = 1  # epochs between a trial's checkpoints, bar rungs and the last (tune.search.checkpoint_epochs)
-    mlflow: str | None = None  # MLflow tracking URI: every trial and the final retrain a run (tune.tracking)
+    mlflow: str | None = setting(None, metavar="URI", help="record every trial and the final retrain as MLflow runs "
+                                 "of an experiment named after the study (or --out's folder), e.g. "
+                                 "sqlite:///results/mlflow.db")
     # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
     # budgets adapt to the device without a second experiment file.
     cpu: dict[str, Any] = field(default_factory=dict)
@@ -357,8 +390,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
     if isinstance(train, dict) and isinstance(space, dict):  # other types: StudyConfig says "must be a table"
         if "seed" in values and "seed" not in train:  # as --seed: one seed for the search and the training
             train["seed"] = values["seed"]
-        decided = {*SEARCH_KEYS[:3], "epochs"} | {key for key, listed in (("weight_decay", "weight_decays"),
-                                                                          ("batch_size", "batch_sizes")) if space.get(listed)}
+        decided = {*_from_dict(SearchSpace, space, "space").searched(), "epochs"}
         profiles = [values[name] for name in ("cpu", "gpu") if isinstance(values.get(name), dict)]
         for key in [*train, *(k.removeprefix("train.") for profile in profiles for k in profile)]:
             if key in decided:

@@ -3,71 +3,43 @@ same files as the study's final retrain (crackcore.outputs)."""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-from crackcore.config import (AUGMENT_POLICIES, FREEZE_DEPTHS, LR_SCHEDULES, SPLIT_STRATEGIES, TrainConfig, config_json,
-                              leave_one_out)
+from crackcore.config import StudyConfig, TrainConfig, config_json, leave_one_out
 from crackcore.data import prepare_data
 from crackcore.exceptions import ConfigError
 from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
-from crackcore.sources import EMBEDDED_SAMPLE, data_setting, parse_sources
+from crackcore.flags import add_flags, flag_values
+from crackcore.sources import EMBEDDED_SAMPLE, default_data
 from crackcore.tracking import experiment, finish_run, log_epoch, open_store, tracked_run
 from crackcore.train import HISTORY_COLUMNS, fit
 
 
+# the settings python -m crackcore.fit takes as flags, each made from its config field (crackcore.flags)
+TRAIN_FLAGS = ["data", "group_by", "val_source", "test_source", "external", "epochs", "lr", "batch_size", "freeze_depth",
+               "augment_policy", "image_size", "subset", "weights", "seed", "split_strategy", "device", "lr_schedule",
+               "shift_suite", "shift_max_images", "val_shift"]
+
+
 def build_parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m crackcore.fit", description="Train one ResNet-18 crack classifier "
                                 "(the baseline) and write its metrics, errors and model.")
-    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
-                   help="a crack/no-crack folder, repeatable for several sources, or `synthetic` (default $CRACK_DATA, "
-                   "else the embedded real sample)")
-    p.add_argument("--group-by", help="regex: file names with the same first capture group share a split, "
-                   "e.g. '^(.*)__' for PHOTO__rYcX.jpg windows")
-    p.add_argument("--val-source", help="a --data source never trained on: the val figures are its images")
-    p.add_argument("--test-source", help="a --data source used only for the final evaluation")
-    p.add_argument("--eval", action="append", default=[], metavar="NAME=PATH", help="labelled folder evaluated after "
-                   "training (repeatable)")
-    p.add_argument("--leave-one-out", action="store_true", help="also retrain once per source with it held out "
-                   "(loso.parquet)")
-    p.add_argument("--out", type=Path, default=Path("results/baseline"))
+    add_flags(p, TrainConfig, TRAIN_FLAGS, defaults=True)
+    add_flags(p, StudyConfig, ["leave_one_out", "mlflow"])
+    p.add_argument("--out", type=Path, default=Path("results/baseline"), help="the run's folder (default results/baseline)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out (once the new one is written)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--freeze-depth", type=int, default=d.freeze_depth, choices=FREEZE_DEPTHS)
-    p.add_argument("--augment-policy", default=d.augment_policy, choices=AUGMENT_POLICIES)
-    p.add_argument("--image-size", type=int, default=d.image_size)
-    p.add_argument("--subset", type=int, default=None, help="images per class (deterministic)")
-    p.add_argument("--weights", default=d.weights, help="auto | imagenet | random | PATH to resnet18 .pth")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--split-strategy", default=d.split_strategy, choices=SPLIT_STRATEGIES)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--lr-schedule", default=d.lr_schedule, choices=LR_SCHEDULES)
-    p.add_argument("--mlflow", metavar="URI", help="also record the run in MLflow (parameters, per-epoch and test "
-                   "metrics, model.pt, errors.parquet), in an experiment named after --out's folder; e.g. "
-                   "sqlite:///results/mlflow.db")
-    p.add_argument("--no-shift-suite", dest="shift_suite", action="store_false",
-                   help="skip the shift suite on the test split (final_metrics.json 'shift')")
-    p.add_argument("--shift-max-images", type=int, default=d.shift_max_images,
-                   help="test images scored per shift cell (a stratified seeded subset); 0 = all")
-    p.add_argument("--val-shift", action="store_true", help="also score val under the cheap shifts each epoch "
-                   "(final_history.parquet: val_shift_acc)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
-    data = data_setting(a.data) or os.environ.get("CRACK_DATA") or str(EMBEDDED_SAMPLE)
-    cfg = TrainConfig(data=data, group_by=a.group_by, val_source=a.val_source, test_source=a.test_source,
-                      external=parse_sources(a.eval), epochs=a.epochs, lr=a.lr, batch_size=a.batch_size, freeze_depth=a.freeze_depth,
-                      augment_policy=a.augment_policy, image_size=a.image_size, subset=a.subset, weights=a.weights,
-                      seed=a.seed, split_strategy=a.split_strategy, device=a.device, lr_schedule=a.lr_schedule,
-                      shift_suite=a.shift_suite, shift_max_images=a.shift_max_images or None, val_shift=a.val_shift)
+    given = {k: v for k, v in flag_values(a, TRAIN_FLAGS).items() if v is not None}  # --data, --eval: None if not given
+    if given.get("shift_max_images") == 0:
+        given["shift_max_images"] = None  # every test image
+    cfg = TrainConfig(**{**given, "data": given.get("data") or default_data() or str(EMBEDDED_SAMPLE)})
     if a.leave_one_out:
         leave_one_out(cfg)  # at least two sources, before any training
     if a.out.is_file():

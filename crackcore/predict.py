@@ -29,29 +29,18 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier, temperature_of, threshold_of
+from crackcore.devices import resolve_device
 from crackcore.exceptions import DataError, ModelFileError
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.outputs import write_bytes, write_parquet
-from crackcore.results import shift_frame
-from crackcore.shift import capped_rows, parse_shifts, run_suite, suite_cells
+from crackcore.shift import capped_rows, parse_shifts, run_suite, shift_frame, suite_cells
 from crackcore.progress import track
 from crackcore.sources import FOLDER_LABEL
-from crackcore.train import resolve_device
 
 TILE = 227
 PATCH_MAX_SIDE = 1.5  # in tiles: an image whose sides are all below this is a patch, not a photo
 HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
-
-
-def load_model(path: str | Path, device: torch.device | None = None) -> tuple[Classifier, dict[str, Any]]:
-    """model.pt (run on PyTorch) or model.onnx (run on onnxruntime), and its meta."""
-    model = load_classifier(path, device)
-    threshold = model.meta.setdefault("threshold", DEFAULT_THRESHOLD)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
-        raise ModelFileError(f"{path} holds a decision threshold {threshold!r} that is not a probability in 0..1; "
-                             "re-run python -m crackcore.calibrate for it")
-    return model, model.meta
 
 
 def describe_threshold(meta: dict[str, Any]) -> str:
@@ -255,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.out.name in ("", ".", ".."):
         raise ModelFileError(f"--out {a.out} names a folder; pass a file prefix such as {a.out / 'wall'} "
                              "(writes wall.parquet, ...)")
-    model, meta = load_model(a.model, resolve_device(a.device))
+    model = load_classifier(a.model, resolve_device(a.device))
+    meta = model.meta
     files, labels, problems = collect_inputs(a.inputs)
     for problem in problems:
         print(f"warning: {problem}", file=sys.stderr)

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import pandas as pd
 
 from crackcore.exceptions import StudyFilesError
+from crackcore.shift import shift_frame
 
 TABLES = {"trials": "trials.parquet", "history": "history.parquet", "final_history": "final_history.parquet",
           "errors": "errors.parquet", "predictions": "predictions.parquet", "split": "split.parquet",
@@ -89,17 +90,6 @@ class Study:
         rows += [{"set": name, **s} for name, s in m.get("per_source", {}).items()]
         rows += [{"set": name, "role": "external (--eval)", **s} for name, s in m.get("external", {}).items()]
         return pd.DataFrame(rows)
-
-
-SHIFT_COLUMNS = ["shift", "severity", "level", "parameter", "n", "accuracy", "ci95_low", "ci95_high"]
-
-
-def shift_frame(suite: dict[str, Any] | None) -> pd.DataFrame:
-    """A shift suite's result (crackcore.shift.run_suite) as a table: the clean row first."""
-    if not suite:
-        return pd.DataFrame(columns=SHIFT_COLUMNS)
-    clean = [{"shift": "clean", "severity": 0, "level": None, "parameter": "", **suite["clean"]}] if suite["clean"] else []
-    return pd.DataFrame([*clean, *suite["cells"]], columns=SHIFT_COLUMNS)
 
 
 def _read(f: Path, read: Callable[[], Any]) -> Any:

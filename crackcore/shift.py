@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
@@ -228,3 +229,14 @@ def run_suite(score: Callable[[torch.Tensor], torch.Tensor], images: torch.Tenso
     return {"clean": clean_cell, "mean_accuracy": float(np.mean([c["accuracy"] for c in table])) if table else float("nan"),
             "cells": table, "n_per_cell": len(rows), "of_n": len(labels), "max_images": max_images, "seed": seed,
             "image_size": int(images.shape[-1]), "seconds": time.perf_counter() - start}
+
+
+SHIFT_COLUMNS = ["shift", "severity", "level", "parameter", "n", "accuracy", "ci95_low", "ci95_high"]
+
+
+def shift_frame(suite: dict[str, Any] | None) -> pd.DataFrame:
+    """A shift suite's result (crackcore.shift.run_suite) as a table: the clean row first."""
+    if not suite:
+        return pd.DataFrame(columns=SHIFT_COLUMNS)
+    clean = [{"shift": "clean", "severity": 0, "level": None, "parameter": "", **suite["clean"]}] if suite["clean"] else []
+    return pd.DataFrame([*clean, *suite["cells"]], columns=SHIFT_COLUMNS)

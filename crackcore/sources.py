@@ -20,6 +20,8 @@ FOLDER_LABEL = {**{n.lower(): 1 for n in CRACK_FOLDERS}, **{n.lower(): 0 for n i
 # The default data when no --data, $CRACK_DATA or downloaded set is given: 1,400 real patches
 # shipped in the package (see its README.md); `--data synthetic` asks for the procedural set.
 EMBEDDED_SAMPLE = Path(__file__).resolve().parent / "sample_data" / "concrete"
+# where `python -m crackcore.download --to data/` puts the public set in a checkout
+DOWNLOADED = Path(__file__).resolve().parents[1] / "data" / "concrete-crack-images"
 EMBEDDED_CITATION = "Özgenel 2019, CC BY 4.0"
 SYNTHETIC = "synthetic"
 LAYOUTS = ("Positive/Negative, crack/no_crack (or nocrack, no-crack), cracked/uncracked, or SDNET2018's "
@@ -122,6 +124,12 @@ def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
         _warn(f"skipped {len(skipped_non_image)} non-image file(s) under {root}, e.g. {skipped_non_image[0]}")
     samples = pd.DataFrame(rows, columns=["path", "label", "bytes"])
     return samples, {"skipped_non_image": len(skipped_non_image)}
+
+
+def default_data() -> str | None:
+    """The data every tool uses when no --data is given: $CRACK_DATA, else the downloaded public
+    set when present, else None (the caller's fallback: the experiment file's, then EMBEDDED_SAMPLE)."""
+    return os.environ.get("CRACK_DATA") or (str(DOWNLOADED) if DOWNLOADED.is_dir() else None)
 
 
 def data_setting(specs: list[str] | None) -> str | dict[str, str] | None:

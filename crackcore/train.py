@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -19,7 +18,8 @@ from torch import nn
 from crackcore import checkpoint
 from crackcore.augment import batch_augment
 from crackcore.config import TrainConfig
-from crackcore.exceptions import ConfigError, DivergedError
+from crackcore.exceptions import DivergedError
+from crackcore.devices import available_cpus, resolve_device
 from crackcore.data import BatchLoader, PreparedData, as_tensor, normalize, prepare_data
 from crackcore.metrics import binary_metrics, format_accuracy
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
@@ -27,19 +27,6 @@ from crackcore.progress import track
 from crackcore.shift import VAL_CELLS, run_suite
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s"]
-
-
-def resolve_device(spec: str = "auto") -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={spec} requested but CUDA is not available; use --device cpu or auto")
-    return device
-
-
-def available_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:

@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 
-from tune.run import build_parser
+from tune.settings import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,8 @@ from PIL import Image
 from crackcore.config import TrainConfig
 from crackcore.data import prepare_data
 from crackcore.outputs import write_run_outputs
-from crackcore.predict import load_model, main, photo_summary, predict_photo
+from crackcore.classifier import load_classifier
+from crackcore.predict import main, photo_summary, predict_photo
 from crackcore.train import fit
 
 ROWS, COLS = 4, 5
@@ -52,7 +53,8 @@ def mosaic(run, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_mosaic_crack_tiles_are_found(run, mosaic: Path) -> None:
-    model, meta = load_model(run[0] / "model.pt")
+    model = load_classifier(run[0] / "model.pt")
+    meta = model.meta
     start = time.perf_counter()
     tiles, photo = predict_photo(model, meta, mosaic, tile=227, stride=227)
     seconds = time.perf_counter() - start
@@ -70,7 +72,8 @@ def test_mosaic_crack_tiles_are_found(run, mosaic: Path) -> None:
 def test_edge_tiles_cover_an_odd_sized_photo(run, mosaic: Path, tmp_path: Path) -> None:
     odd = tmp_path / "odd.jpg"
     Image.open(mosaic).crop((0, 0, 1000, 700)).save(odd)
-    model, meta = load_model(run[0] / "model.pt")
+    model = load_classifier(run[0] / "model.pt")
+    meta = model.meta
     tiles, _ = predict_photo(model, meta, odd, tile=227, stride=200)
     assert (tiles["x"] + tiles["w"]).max() == 1000 and (tiles["y"] + tiles["h"]).max() == 700
     assert tiles["x"].min() == 0 and tiles["y"].min() == 0

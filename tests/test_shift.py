@@ -213,7 +213,7 @@ def test_the_trial_to_retrain_is_chosen_by_the_study_metric() -> None:
 
 
 def test_the_study_cli_skips_the_suite_with_no_shift_suite() -> None:
-    from tune.run import parse_flags
+    from tune.settings import parse_flags
 
     assert parse_flags(["--no-shift-suite"])[1]["train.shift_suite"] is False
     assert parse_flags([])[1]["train.shift_suite"] is None  # the experiment file's value (default: run it)

@@ -501,7 +501,7 @@ def test_start_points_fit_the_space_or_are_skipped(capsys) -> None:
 
 def test_gpu_profile_and_gpus_per_trial_resolve_by_precedence(tmp_path: Path) -> None:
     from crackcore.config import StudyConfig
-    from tune.run import build_parser, resolve_config
+    from tune.settings import build_parser, resolve_config
 
     def resolve(flags: list[str], has_gpu: bool, **file: Any) -> StudyConfig:
         return resolve_config(build_parser().parse_args(flags), StudyConfig(**file), has_gpu)
@@ -534,7 +534,8 @@ def test_best_trial_rule_on_a_hand_made_table() -> None:
 
 def test_data_source_order_flag_env_download_folder_file_then_embedded_sample(tmp_path: Path, monkeypatch,
                                                                              capsys) -> None:
-    import tune.run as run
+    import crackcore.sources
+    import tune.settings as run
     from crackcore.config import StudyConfig, TrainConfig
     from crackcore.data import prepare_data
     from crackcore.sources import EMBEDDED_SAMPLE
@@ -544,7 +545,7 @@ def test_data_source_order_flag_env_download_folder_file_then_embedded_sample(tm
         return run.resolve_config(a, StudyConfig(train=file or {}), has_gpu=False).train.data
 
     downloaded = tmp_path / "data" / "concrete-crack-images"
-    monkeypatch.setattr(run, "DOWNLOAD_DEFAULT", downloaded)
+    monkeypatch.setattr(crackcore.sources, "DOWNLOADED", downloaded)
     monkeypatch.delenv("CRACK_DATA", raising=False)
     assert data_of([]) == str(EMBEDDED_SAMPLE)  # nothing anywhere: the real sample shipped in the package
     assert data_of([], {"data": "/from/file"}) == "/from/file"  # the experiment file comes before it

@@ -16,7 +16,8 @@ from crackcore.config import StudyConfig, TrainConfig
 from crackcore.exceptions import StudyError
 from crackcore.faults import kill_point
 from crackcore.progress import bars
-from crackcore.train import available_cpus, fit
+from crackcore.devices import available_cpus
+from crackcore.train import fit
 from tune.trainable import within_resources
 
 

@@ -142,15 +142,16 @@ def fig_final_history(s: Study, path: Path) -> str:
 
 def fig_confusion_roc(s: Study, path: Path) -> str:
     p = s.test_predictions()
-    y, pred, prob = p["true_label"].to_numpy(), p["pred_label"].to_numpy(), p["prob_crack"].to_numpy()
-    cm = np.array([[((y == t) & (pred == q)).sum() for q in (0, 1)] for t in (0, 1)])
+    y, prob = p["true_label"].to_numpy(), p["prob_crack"].to_numpy()
+    c = s.final_metrics["confusion"]  # the retrain's own count, not a second one
+    cm = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.5))
     a1.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         a1.text(j, i, f"{v}\n({100 * v / max(1, cm[i].sum()):.1f} % of row)", ha="center", va="center",
                 color="white" if v > cm.max() / 2 else "black")
     a1.set(xticks=[0, 1], xticklabels=["no crack", "crack"], yticks=[0, 1], yticklabels=["no crack", "crack"],
-           xlabel="predicted", ylabel="true", title=f"Confusion matrix (test, n={len(p)})")
+           xlabel="predicted", ylabel="true", title=f"Confusion matrix (test, n={cm.sum()})")
     fpr, tpr = roc_curve(y == 1, prob)  # tied (saturated) probabilities are one step
     a2.plot(fpr, tpr, label=f"ROC-AUC {s.final_metrics.get('roc_auc', float('nan')):.4f}")
     a2.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")

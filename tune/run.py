@@ -16,7 +16,6 @@ import shlex
 import sys
 import time
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +26,17 @@ import ray
 from ray.tune.error import TuneError
 
 from crackcore import faults
-from crackcore.config import (SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
+from crackcore.config import (StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
                               leave_one_out,
                               load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
-from crackcore.exceptions import ConfigError, StorageError, StudyError, storage_error
+from crackcore.exceptions import StorageError, StudyError, storage_error
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import WeightsInfo, load_backbone, resolve_weights
 from crackcore.neardup import near_duplicate_leaks
 from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
-from crackcore.sources import EMBEDDED_SAMPLE, SYNTHETIC, check_root, data_setting, parse_sources
+from crackcore.sources import SYNTHETIC, check_root
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, resume_search
@@ -46,112 +45,8 @@ from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropF
                           ray_storage, study_started, sync_outputs)
 from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
+from tune.settings import parse_flags, resolve_config, resume_conflicts
 from tune.trials import best_rule, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_EXPERIMENT = REPO / "experiments" / "study.toml"
-DOWNLOAD_DEFAULT = REPO / "data" / "concrete-crack-images"
-SMOKE = {"num_samples": 4, "max_epochs": 2, "grace_period": 1, "final_epochs": 2, "train.image_size": 32,
-         "train.subset": 40, "train.synthetic_per_class": 60}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python tune/run.py", description=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--config", type=Path, default=DEFAULT_EXPERIMENT, help="experiment TOML under experiments/")
-    p.add_argument("--num-samples", type=int, help="number of trials")
-    p.add_argument("--data", action="append", metavar="[NAME=]PATH",
-                   help="a crack/no-crack folder, repeatable for several sources, or `synthetic` (default "
-                   "$CRACK_DATA, then data/concrete-crack-images, then the experiment file, else the embedded real "
-                   "sample)")
-    p.add_argument("--group-by", help="regex: file names with the same first capture group (one photo) share a split")
-    p.add_argument("--val-source", help="a --data source never trained on: trials and the best trial are scored on it")
-    p.add_argument("--test-source", help="a --data source used only for the final evaluation")
-    p.add_argument("--eval", action="append", metavar="NAME=PATH", help="labelled folder the final model is evaluated on")
-    p.add_argument("--leave-one-out", action="store_true", default=None,
-                   help="retrain the chosen setting once per source with that source held out (loso.parquet)")
-    p.add_argument("--study-name", help="results go to STORAGE/STUDY-NAME")
-    p.add_argument("--storage-path", default="results", help="local folder or URI (s3://, gs://) shared by all nodes")
-    p.add_argument("--address", default=os.environ.get("RAY_ADDRESS"),
-                   help="existing Ray cluster (host:port or auto); default $RAY_ADDRESS, else a local Ray")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
-                   help="continue an interrupted study with this name; `--resume auto`: continue it if it exists and "
-                   "is unfinished, start it if it does not, leave a finished one alone (a restarted driver pod)")
-    p.add_argument("--max-epochs", type=int)
-    p.add_argument("--grace-period", type=int)
-    p.add_argument("--final-epochs", type=int)
-    p.add_argument("--image-size", type=int)
-    p.add_argument("--subset", type=int, help="images per class, for quick runs")
-    p.add_argument("--gpus-per-trial", type=float, help="fractional packs trials per GPU, e.g. 0.25 = 4 per GPU")
-    p.add_argument("--cpus-per-trial", type=float)
-    p.add_argument("--max-concurrent-trials", type=int, help="default: as many as the resources allow")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--weights", help="auto | imagenet | random | PATH to resnet18-f37072fd.pth")
-    p.add_argument("--split-strategy", choices=SPLIT_STRATEGIES)
-    p.add_argument("--repeat-top", type=int, help="re-run the top K configs with --repeats seeds")
-    p.add_argument("--repeats", type=int)
-    p.add_argument("--compare-splits", action=argparse.BooleanOptionalAction,
-                   help="also retrain the best config under the other split strategy")
-    p.add_argument("--mlflow", metavar="URI", help="record every trial and the final retrain as MLflow runs of an "
-                   "experiment named after the study, e.g. sqlite:///results/mlflow.db")
-    p.add_argument("--no-shift-suite", dest="shift_suite", action="store_const", const=False,
-                   help="skip the shift suite on the test split after the final retrain")
-    p.add_argument("--smoke-test", action="store_true", help="tiny budget: 4 trials x 2 epochs at 32 px")
-    return p
-
-
-def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
-    data = data_setting(a.data) or os.environ.get("CRACK_DATA") or (str(DOWNLOAD_DEFAULT) if DOWNLOAD_DEFAULT.is_dir()
-                                                                     else None)
-    if isinstance(data, str) and data != SYNTHETIC:  # one spelling, saved and compared on --resume (parse_sources resolves the others)
-        data = str(Path(data).expanduser().resolve())
-    return {"num_samples": a.num_samples, "name": a.study_name, "max_epochs": a.max_epochs,
-            "grace_period": a.grace_period, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
-            "cpus_per_trial": a.cpus_per_trial, "max_concurrent_trials": a.max_concurrent_trials, "seed": a.seed,
-            "repeat_top": a.repeat_top, "repeats": a.repeats, "compare_splits": a.compare_splits,
-            "leave_one_out": a.leave_one_out, "train.group_by": a.group_by, "train.val_source": a.val_source,
-            "train.test_source": a.test_source, "train.external": parse_sources(a.eval) if a.eval else None,
-            "train.data": data, "train.image_size": a.image_size, "train.subset": a.subset,
-            "train.weights": a.weights, "train.split_strategy": a.split_strategy, "train.shift_suite": a.shift_suite,
-            "train.seed": a.seed, "mlflow": a.mlflow}
-
-
-def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig,
-                     flags: dict[str, Any] | None = None) -> list[str]:
-    """Flags given with --resume that disagree with the saved study: a resumed study keeps its
-    settings, so such a flag would be silently ignored (the experiment file is not re-read)."""
-    wanted = {k: v for k, v in (flags or flag_overrides(a)).items() if v is not None and k != "name"}
-    if a.data is None:
-        wanted.pop("train.data", None)  # $CRACK_DATA or the download folder, not the user's words now
-    if a.smoke_test:
-        wanted = {**{k: attrgetter(k)(cfg) for k in SMOKE}, **wanted}
-    return [f"{k} is {attrgetter(k)(saved)!r} there, not {v!r}" for k, v in sorted(wanted.items())
-            if attrgetter(k)(saved) != v]
-
-
-def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
-                   flags: dict[str, Any] | None = None, warn: bool = True) -> StudyConfig:
-    """Defaults < experiment file < its [cpu]/[gpu] profile < --smoke-test < flags (`flags`:
-    flag_overrides(a), resolved once by main). With GPUs and no gpus_per_trial from file or
-    flag, trials pack 4 per GPU."""
-    cfg = apply_overrides(from_file, from_file.gpu if has_gpu else from_file.cpu)
-    if a.smoke_test:
-        cfg = apply_overrides(cfg, {**SMOKE, "num_samples": min(cfg.num_samples, SMOKE["num_samples"])})
-    flags = dict(flags or flag_overrides(a))
-    if flags["max_epochs"] is not None and flags["grace_period"] is None:
-        flags["grace_period"] = min(cfg.grace_period, flags["max_epochs"])
-    cfg = apply_overrides(cfg, flags)
-    if cfg.train.data is None:  # nothing from flags, $CRACK_DATA, the download folder or the file
-        cfg = apply_overrides(cfg, {"train.data": str(EMBEDDED_SAMPLE)})
-    if not has_gpu:
-        if flags["gpus_per_trial"] and warn:
-            print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
-                  "on CPUs", file=sys.stderr)
-        return apply_overrides(cfg, {"gpus_per_trial": 0.0})
-    if cfg.gpus_per_trial is None:  # set nowhere; an explicit 0 (file or flag) keeps trials on CPUs
-        return apply_overrides(cfg, {"gpus_per_trial": 0.25})
-    return cfg
-
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
                slots: int) -> Any:
@@ -243,27 +138,19 @@ class StudyRun:
     retrain_run_id: str | None = None
 
 
-def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """The command line and its overrides of the experiment file, resolved once. Counts are
-    checked here, before Ray starts, in the flags' own words."""
-    a = build_parser().parse_args(argv)
-    if a.resume not in (False, True, "auto"):
-        raise ConfigError(f"--resume takes no value, or 'auto' (got {a.resume!r})")
-    for name in ("num_samples", "max_epochs", "final_epochs", "image_size", "subset"):
-        value = getattr(a, name)
-        if value is not None and value < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
-    return a, flag_overrides(a)
-
-
-def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyConfig,
+def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyConfig, configs: dict[bool, StudyConfig],
                resources: dict[str, float]) -> StudyRun | None:
     """A new study under a free name, or with --resume the saved one and its saved config.
+    `configs`: the study's config without / with GPUs, as main resolved them (none for --resume).
     None: the study is already complete."""
-    cfg = resolve_config(a, from_file, resources.get("GPU", 0) > 0, flags)
+    has_gpu = resources.get("GPU", 0) > 0
+    cfg = configs.get(has_gpu) or resolve_config(a, from_file, has_gpu, flags)
+    if not has_gpu and flags.get("gpus_per_trial"):
+        print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
+              "on CPUs", file=sys.stderr)
     study_dir, storage = ray_storage(cfg, a.storage_path)
     resume = a.resume is True or (a.resume == "auto" and study_started(study_dir, storage))
-    if not resume and not a.study_name and study_started(study_dir, storage):
+    if not resume and not a.name and study_started(study_dir, storage):
         # a default-named re-run (e.g. a second `make study`) gets the next free name, never an overwrite
         base, n = cfg.name, 2
         while study_started(study_dir, storage):
@@ -281,7 +168,7 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
         print(f"fetched {', '.join(RESUME_FILES)} of study {cfg.name} from {storage}/{OUTPUTS_DIR}", flush=True)
     if not saved.is_file():
         raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
-    saved_cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
+    saved_cfg = StudyConfig(**json.loads(saved.read_text()))
     conflicts = resume_conflicts(a, cfg, saved_cfg, flags)
     if conflicts:
         raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
@@ -476,23 +363,24 @@ def main(argv: list[str] | None = None) -> int:
     faults.arm()
     a, flags = parse_flags(argv)
     from_file = load_study_config(a.config)  # bad file, flags or data folders fail before Ray starts
-    if a.resume is not True:  # a resumed study keeps its saved sources
-        train = apply_overrides(from_file, {k: v for k, v in flags.items() if k.startswith("train.")}).train
-        train.check_sources()
-        if a.leave_one_out or from_file.leave_one_out:
-            leave_one_out(train)  # at least two sources
-        for path in {**train.sources(), **train.external}.values():
-            if path and path != SYNTHETIC:
-                check_root(path)
-        for has_gpu in (False, True):  # ranges of both profiles (which one applies is known once Ray is up)
-            resolve_config(a, from_file, has_gpu, flags, warn=False)
     if "://" not in a.storage_path:
         check_writable(a.storage_path, f"--storage-path {a.storage_path}", "pass another --storage-path")
     check_writable(cache_dir(), "the decode cache", f"set {CACHE_ENV} to a writable folder")
     if uri := a.mlflow or (None if a.resume is True else from_file.mlflow):  # a resumed study keeps its own
         flags["mlflow"] = open_store(uri, create_in=None if "://" in a.storage_path else a.storage_path)
+    # both profiles, each resolved and validated once (which one applies is known once Ray is up);
+    # a resumed study keeps its saved settings and sources
+    configs = {} if a.resume is True else {has_gpu: resolve_config(a, from_file, has_gpu, flags) for has_gpu in (False, True)}
+    if configs:
+        train = configs[False].train
+        train.check_sources()
+        if configs[False].leave_one_out:
+            leave_one_out(train)  # at least two sources
+        for path in {**train.sources(), **train.external}.values():
+            if path and path != SYNTHETIC:
+                check_root(path)
     resources = connect_ray(a.address)
-    run = open_study(a, flags, from_file, resources)
+    run = open_study(a, flags, from_file, configs, resources)
     if run is None:
         return 0
     if run.cfg.mlflow:  # one experiment per study: a resumed study goes on in its own

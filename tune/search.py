@@ -49,18 +49,17 @@ def checkpoint_epochs(cfg: StudyConfig) -> tuple[int, ...]:
 
 
 def search_space(cfg: StudyConfig) -> dict[str, BaseDistribution]:
-    s = cfg.space
-    depths = sorted(set(s.freeze_depths))
-    space: dict[str, BaseDistribution] = {
-        "lr": FloatDistribution(s.lr_min, s.lr_max, log=True),
-        # freeze depth is ordinal: an int range lets TPE exploit its order
-        "freeze_depth": IntDistribution(depths[0], depths[-1]) if depths == list(range(depths[0], depths[-1] + 1))
-        else CategoricalDistribution(depths),
-        "augment_policy": CategoricalDistribution(list(s.augment_policies)),
-    }
-    for key, values in (("weight_decay", s.weight_decays), ("batch_size", s.batch_sizes)):
-        if values:  # searched only when listed
-            space[key] = CategoricalDistribution(list(values))
+    """Optuna's distributions of the keys the study searches, as TrialParams declares them."""
+    space: dict[str, BaseDistribution] = {}
+    for key, (kind, values) in cfg.space.searched().items():
+        if kind == "log-uniform":
+            space[key] = FloatDistribution(*values, log=True)
+        elif kind == "ordinal":  # an int range lets TPE exploit the order (freeze depth)
+            levels = sorted(set(values[0]))
+            space[key] = IntDistribution(levels[0], levels[-1]) if levels == list(range(levels[0], levels[-1] + 1)) \
+                else CategoricalDistribution(levels)
+        else:
+            space[key] = CategoricalDistribution(list(values[0]))
     return space
 
 
