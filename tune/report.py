@@ -24,6 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from crackcore.exceptions import StudyFilesError  # noqa: E402
+from crackcore.images import open_image  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
 from crackcore.results import JOURNAL, Study, load_optuna_study, load_study  # noqa: E402
@@ -175,9 +176,7 @@ def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
         ax.axis("off")
     for ax, e in zip(axes.flat, errors.itertuples()):
         try:
-            from PIL import Image
-
-            ax.imshow(Image.open(Path(roots.get(getattr(e, "source", None), src.get("root", ""))) / e.path).convert("RGB"))
+            ax.imshow(open_image(Path(roots.get(getattr(e, "source", None), src.get("root", ""))) / e.path).convert("RGB"))
         except Exception:  # moved, unreadable, or a decompression bomb: the grid still shows the rest
             ax.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", transform=ax.transAxes)
         where = f"{e.source}: " if len(roots) > 1 else ""
