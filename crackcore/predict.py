@@ -69,8 +69,9 @@ def image_size_of(path: Path) -> tuple[int, int]:
     if path.suffix.lower() == TENSOR_SUFFIX:
         return (0, 0)  # saved tensors are patches
     with open_image(path) as im:
-        w, h = im.size
-        return (h, w) if im.getexif().get(ExifTags.Base.Orientation) in EXIF_TURNED else (w, h)
+        w, h = im.size  # Pillow's TIFF reader has applied the tag already
+        turned = im.format != "TIFF" and im.getexif().get(ExifTags.Base.Orientation) in EXIF_TURNED
+        return (h, w) if turned else (w, h)
 
 
 def true_label(path: Path) -> int | None:
