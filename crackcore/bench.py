@@ -41,7 +41,7 @@ from crackcore.classifier import Classifier, OnnxClassifier, TorchClassifier, on
 from crackcore.config import TrainConfig
 from crackcore.data import BatchLoader, discover, normalize, prepare_data
 from crackcore.exceptions import ConfigError, DataError
-from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, io_workers
+from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD, cache_dir, io_workers, open_image
 from crackcore.model import build_model, trainable_parameters
 from crackcore.outputs import build_folder, write_text
 from crackcore.devices import available_cpus, resolve_device
@@ -123,7 +123,7 @@ def pil_loader(cfg: TrainConfig, root: Path, paths: list[str], device: torch.dev
             return len(paths)
 
         def __getitem__(self, i: int):
-            with Image.open(root / paths[i]) as im:
+            with open_image(root / paths[i]) as im:  # the pixel limit every decode path has
                 return tf(im.convert("RGB")), int(paths[i].startswith("Positive"))
 
     return torch.utils.data.DataLoader(Files(), batch_size=cfg.batch_size, shuffle=True, num_workers=workers,
@@ -229,7 +229,7 @@ def replicate_dataset(source: str | Path, count: int, root: Path | None = None) 
             if variant == 0:
                 shutil.copyfile(src / row["path"], dest)
             else:
-                with Image.open(src / row["path"]) as im:
+                with open_image(src / row["path"]) as im:
                     im.convert("RGB").transpose(ops[variant]).save(dest, quality=95)
 
         for name in CLASSES:

@@ -33,7 +33,7 @@ from crackcore.devices import resolve_device
 from crackcore.exceptions import ConfigError, DataError
 from crackcore.images import decode_file, io_workers
 from crackcore.metrics import binary_metrics, metrics_with_intervals
-from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
+from crackcore.outputs import check_writable, claim_folder, folder_in_use, save_torch, write_folder, write_json, write_parquet
 from crackcore.results import CALIBRATION_FORMAT, is_calibration
 from crackcore.sources import discover
 
@@ -50,7 +50,7 @@ METRIC_KEYS = ("n", "accuracy", "accuracy_ci95", "precision", "precision_ci95", 
 def check_out(out: Path) -> None:
     """--out may be new, an empty folder or an earlier calibration (replaced once the new one is
     complete); anything else would be lost, so it is refused before any work."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if not out.exists() or (out.is_dir() and not folder_in_use(out)):
         return
     marker = out / "calibration.json"
     try:
@@ -93,9 +93,25 @@ def draw(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
     return samples.index.isin(chosen)
 
 
-def decode_all(root: Path, paths: pd.Series, image_size: int) -> torch.Tensor:
+def decode_all(root: Path, paths: pd.Series, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
+    """The images that decode, and a mask of which did; one line for the others (unreadable,
+    or over the pixel limit)."""
+    def one(p: str) -> torch.Tensor | str:
+        try:
+            return decode_file(root / p, image_size)
+        except Exception as exc:  # an unreadable file is left out, as training leaves it out
+            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
     with ThreadPoolExecutor(max_workers=io_workers()) as pool:
-        return torch.stack(list(pool.map(lambda p: decode_file(root / p, image_size), paths)))
+        decoded = list(pool.map(one, paths))
+    ok = np.array([isinstance(d, torch.Tensor) for d in decoded], dtype=bool)
+    if not ok.all():
+        first = int(np.flatnonzero(~ok)[0])
+        print(f"warning: skipped {int((~ok).sum())} unreadable image file(s) of {root}, e.g. {paths.iloc[first]} "
+              f"({decoded[first]})", file=sys.stderr)
+    if not ok.any():
+        raise DataError(f"--labelled {root}: no image could be decoded")
+    return torch.stack([d for d in decoded if isinstance(d, torch.Tensor)]), ok
 
 
 @torch.inference_mode()
@@ -188,6 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--fine-tune-head {a.fine_tune_head} must be 0 (off) or a number of epochs")
     check_out(a.out)
     check_writable(a.out.parent, f"--out {a.out}", "choose another --out")  # before the work, not after
+    with claim_folder(a.out):  # two calibrations started at once to one --out: one goes on
+        check_out(a.out)  # again: another run may have written it since
+        return calibrate(a, t0)
+
+
+def calibrate(a: argparse.Namespace, t0: float) -> int:
+    """The calibration, with --out claimed."""
     classifier = load_classifier(a.model, resolve_device(a.device))
     meta = classifier.meta
     if not isinstance(classifier, TorchClassifier):
@@ -196,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     model = classifier.field.net
     root = a.labelled.expanduser().resolve()
     samples = site_samples(root, a.group_by)
+    images, readable = decode_all(root, samples["path"], meta["image_size"])
+    samples = samples[readable].reset_index(drop=True)
     fit = draw(samples, a.k, a.seed)
     rest = ~samples["group"].isin(samples.loc[fit, "group"]).to_numpy()
     if not rest.any():
@@ -208,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(np.unique(labels[rest])) < 2:
         print("warning: the evaluation rest holds one class only; precision or recall is not informative",
               file=sys.stderr)
-    feats = features(classifier.field, decode_all(root, samples["path"], meta["image_size"]))
+    feats = features(classifier.field, images)
     z = logit_crack(model.fc, feats)
     before_t = temperature_of(meta)
     columns, probs = {}, {}

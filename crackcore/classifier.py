@@ -166,7 +166,10 @@ def onnx_metadata(meta: dict[str, Any], source_sha256: str, source_name: str) ->
             "temperature": repr(temperature_of(meta)), "threshold": repr(threshold_of(meta)),
             "source_model": source_name, "source_sha256": source_sha256,
             "config": json.dumps(meta.get("config") or {}, sort_keys=True, default=str),
-            "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str)}
+            "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str),
+            # crackcore.calibrate's record (site, k, figures): predict names where the threshold came from
+            **({"calibration": json.dumps(meta["calibration"], sort_keys=True, default=str)}
+               if meta.get("calibration") else {})}
 
 
 def onnx_meta(path: str | Path, props: dict[str, str]) -> dict[str, Any]:
@@ -183,7 +186,8 @@ def onnx_meta(path: str | Path, props: dict[str, str]) -> dict[str, Any]:
                 "classes": json.loads(props["classes"]), "arch": props.get("arch"),
                 "temperature": float(props["temperature"]), "threshold": float(props["threshold"]),
                 "config": json.loads(props["config"]), "weights": json.loads(props.get("weights", "{}")),
-                "source_sha256": props["source_sha256"], "source_model": props.get("source_model")}
+                "source_sha256": props["source_sha256"], "source_model": props.get("source_model"),
+                **({"calibration": json.loads(props["calibration"])} if "calibration" in props else {})}
     except (KeyError, ValueError) as exc:
         raise ModelFileError(f"{path} has damaged crackcore metadata ({type(exc).__name__}: {exc}); export it again "
                              "with python -m crackcore.export") from None

@@ -217,7 +217,7 @@ def _source_files(name: str, path: str | None, cfg: TrainConfig) -> tuple[pd.Dat
     role = ("external" if name in cfg.external else "val" if name == cfg.val_source else
             "test" if name == cfg.test_source else "train")
     return samples, {"kind": kind, "root": str(root.resolve()), "role": role, "files": len(samples),
-                     "skipped_non_image": skipped["skipped_non_image"]}
+                     **skipped}
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
@@ -239,6 +239,7 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     role_of = {name: r["role"] for name, r in records.items()}
     role = samples["source"].map(role_of)
     copies = (role == "train") & samples["content_hash"].isin(set(samples.loc[role != "train", "content_hash"]))
+    copied = samples[copies].groupby(["source", "label"]).size()  # why a class may be left with no image
     if copies.any():  # a held-out image must not be trained on through a copy in a training source
         _warn(f"left {int(copies.sum())} training image(s) out: byte-identical to images of a held-out or --eval set")
         samples = samples[~copies]
@@ -274,6 +275,12 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     for name, record in records.items():
         for label, class_name in enumerate(CLASSES):
             if not ((samples["source"] == name) & (samples["label"] == label)).any():
+                if copied.get((name, label), 0):
+                    held = ", ".join(n for n, r in records.items() if r["role"] != "train")
+                    raise DataError(f"no {class_name} images left under {record['root']}: its {copied[(name, label)]} "
+                                    f"{class_name} image(s) are byte-identical copies of images in {held}, which are "
+                                    "never trained on; pass an --eval / held-out folder that does not copy the "
+                                    "training images")
                 raise DataError(f"no readable {class_name} images left under {record['root']}; every file failed to "
                                 "decode")
 
@@ -288,10 +295,12 @@ def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
     source = {
         "kind": kinds.pop() if len(kinds) == 1 else "mixed",
         "root": records[samples["source"].iat[0]]["root"] if len(records) == 1 else {n: r["root"] for n, r in records.items()},
-        "files_found": n_files + sum(r["skipped_non_image"] for r in records.values()) + n_conflicting,
+        "files_found": n_files + sum(r["skipped_non_image"] + r["skipped_non_utf8_name"] for r in records.values())
+        + n_conflicting,
         "images_used": len(samples),
         "exact_duplicate_files": int(n_exact_dupes),
         "skipped_non_image": sum(r["skipped_non_image"] for r in records.values()),
+        "skipped_non_utf8_name": sum(r["skipped_non_utf8_name"] for r in records.values()),
         "skipped_unreadable": len(bad),
         "split_strategy": cfg.split_strategy,
         "groups": int(samples["group"].nunique()),

@@ -11,7 +11,8 @@ from crackcore.config import StudyConfig, TrainConfig, config_json, leave_one_ou
 from crackcore.data import prepare_data
 from crackcore.exceptions import ConfigError
 from crackcore.images import CACHE_ENV, cache_dir
-from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_folder, write_parquet, write_run_outputs
+from crackcore.outputs import (check_writable, claim_folder, folder_in_use, loso_table, summary_lines, versions, write_folder,
+                               write_parquet, write_run_outputs)
 from crackcore.flags import add_flags, flag_values
 from crackcore.sources import EMBEDDED_SAMPLE, default_data
 from crackcore.tracking import experiment, finish_run, log_epoch, open_store, tracked_run
@@ -46,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--out {a.out} is a file; pass a folder for the run")
     check_writable(a.out.parent, f"--out {a.out}", "choose another --out")  # before training, not after
     check_writable(cache_dir(), "the decode cache", f"set {CACHE_ENV} to a writable folder")
-    if a.out.exists() and any(a.out.iterdir()) and not a.overwrite:
-        raise ConfigError(f"--out {a.out} is not empty (an earlier run?); pass --overwrite to replace it once the new "
-                          "run is written, or another --out")
+    with claim_folder(a.out):  # two runs started at once to one --out: one goes on, the other stops here
+        if folder_in_use(a.out) and not a.overwrite:
+            raise ConfigError(f"--out {a.out} is not empty (an earlier run?); pass --overwrite to replace it once the "
+                              "new run is written, or another --out")
+        return train_to(a, cfg)
+
+
+def train_to(a: argparse.Namespace, cfg: TrainConfig) -> int:
+    """The run, with --out claimed: tracked in MLflow if asked, trained and written."""
     uri = open_store(a.mlflow, create_in=a.out.parent) if a.mlflow else None  # a bad URI fails before training
     print("config:", config_json(cfg), flush=True)
     t0 = time.time()

@@ -1,15 +1,20 @@
 """Image files and the pixel contract: which files are images, how one becomes a uint8
 [3, S, S] tensor, the class order and ImageNet normalisation, where decoded caches live and
-how many threads read files. A leaf: data, neardup, synthetic and predict share it."""
+how many threads read files, and the two guards every reader shares: one pixel limit (a
+decompression bomb is refused from its header, before any decode) and file names that are not
+UTF-8. A leaf: data, neardup, synthetic, bench, calibrate and predict share it."""
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image, ImageOps
 from torchvision.io import ImageReadMode, decode_image
 
 CLASSES = ("Negative", "Positive")  # label = index: Negative (no crack) = 0, Positive (crack) = 1
@@ -21,6 +26,48 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 CACHE_ENV = "CRACK_CACHE"
+# One pixel limit for every decode path (PIL's own default, about 0.27 GB as RGB: a 48-Mpx phone
+# photo passes, a 48 KB PNG of 20000x20000 px does not), checked from the header by open_image.
+# PIL's guard stays as a backstop for any other PIL reader (it refuses twice this); its warning
+# for 1-2x is silenced, as open_image refuses those itself with a clearer line.
+MAX_PIXELS = 89_478_485
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class ImageTooLargeError(ValueError):
+    """An image's header declares more pixels than MAX_PIXELS (a decompression bomb or a huge scan)."""
+
+
+def readable_name(path: str | Path) -> str:
+    """A file name as it can be printed and stored: bytes that are not UTF-8 as \\xNN."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(path: str | Path) -> bool:
+    """Whether a path is valid UTF-8: parquet (Arrow) and JSON cannot store one that is not."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def open_image(path: Path) -> Any:
+    """A PIL image with only its header read; ImageTooLargeError when it declares more than
+    MAX_PIXELS. Every reader of image files goes through it (or read_rgb / decode_file)."""
+    try:
+        im = Image.open(path)
+    except Image.DecompressionBombError as exc:  # over twice the limit: PIL's backstop refused it first
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels[1]) / 1e6:.0f} Mpx" if pixels else f"over {2 * MAX_PIXELS / 1e6:.0f} Mpx"
+    else:
+        if im.width * im.height <= MAX_PIXELS:
+            return im
+        size = f"{im.width}x{im.height} px"
+        im.close()
+    raise ImageTooLargeError(f"{readable_name(Path(path).name)}: {size}, over the {MAX_PIXELS / 1e6:.1f}-Mpx limit "
+                             "(crackcore.images.MAX_PIXELS); a decompression bomb, or downscale or split it")
 
 
 def cache_dir() -> Path:
@@ -32,17 +79,17 @@ def io_workers() -> int:
     return max(1, min(16, os.cpu_count() or 1))
 
 
-def read_rgb(path: Path) -> torch.Tensor:
+def read_rgb(path: Path, exif: bool = False) -> torch.Tensor:
     """An image file -> uint8 [3, H, W] at its own size; grayscale/RGBA/palette become RGB.
-    torchvision decodes JPEG/PNG/WebP, PIL decodes BMP/TIFF. 16-bit images are scaled to 8
-    bits: a plain cast would wrap them."""
-    if path.suffix.lower() not in PIL_SUFFIXES:
-        img = decode_image(str(path), mode=ImageReadMode.RGB)
-        return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return pil_rgb(im)
+    torchvision decodes JPEG/PNG/WebP, PIL decodes BMP/TIFF, each only after the header passed
+    the pixel limit. 16-bit images are scaled to 8 bits: a plain cast would wrap them. `exif`:
+    turn the image as its EXIF Orientation tag says (photos from phones; the training patches
+    are used as stored)."""
+    with open_image(path) as im:
+        if path.suffix.lower() in PIL_SUFFIXES:
+            return pil_rgb(ImageOps.exif_transpose(im) if exif else im)
+    img = decode_image(str(path), mode=ImageReadMode.RGB, apply_exif_orientation=exif)
+    return img if img.dtype == torch.uint8 else TF.to_dtype(img, torch.uint8, scale=True)
 
 
 def pil_rgb(im: Any) -> torch.Tensor:
@@ -58,9 +105,9 @@ def pil_rgb(im: Any) -> torch.Tensor:
     return TF.pil_to_tensor(im.convert("RGB"))
 
 
-def decode_file(path: Path, image_size: int) -> torch.Tensor:
+def decode_file(path: Path, image_size: int, exif: bool = False) -> torch.Tensor:
     """One file -> uint8 [3, S, S]. Grayscale/RGBA become RGB; other sizes are resized on
-    the shorter side and centre-cropped (the dataset's patches are square)."""
+    the shorter side and centre-cropped (the dataset's patches are square). `exif`: as read_rgb."""
     if path.suffix.lower() == TENSOR_SUFFIX:
         img = torch.load(path, weights_only=True, map_location="cpu")
         if not isinstance(img, torch.Tensor):
@@ -82,7 +129,7 @@ def decode_file(path: Path, image_size: int) -> torch.Tensor:
         if img.shape[0] == 1:
             img = img.expand(3, -1, -1)
     else:
-        img = read_rgb(path)
+        img = read_rgb(path, exif)
     if tuple(img.shape[1:]) != (image_size, image_size):
         img = TF.resize(img, [image_size], antialias=True)
         img = TF.center_crop(img, [image_size, image_size])

@@ -32,7 +32,7 @@ import pandas as pd
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from crackcore.images import TENSOR_SUFFIX, cache_dir, decode_file, io_workers, pil_rgb
+from crackcore.images import TENSOR_SUFFIX, cache_dir, decode_file, io_workers, open_image, pil_rgb
 from crackcore.outputs import write_parquet
 from crackcore.progress import track
 
@@ -51,7 +51,7 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
         if path.suffix.lower() == TENSOR_SUFFIX:
             img = Image.fromarray(decode_file(path, 227).permute(1, 2, 0).numpy())
         else:
-            img = Image.open(path)
+            img = open_image(path)  # the pixel limit, before load() decodes
             img.load()
     except Exception:
         return None

@@ -7,16 +7,19 @@ from __future__ import annotations
 import json
 import os
 import platform
+import fcntl
 import shutil
 import tempfile
+import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pandas as pd
 import torch
 
 from crackcore.calibration import apply_temperature, fit_temperature
-from crackcore.exceptions import StorageError, storage_error
+from crackcore.exceptions import ConfigError, StorageError, storage_error
 from crackcore.faults import kill_point
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from crackcore.metrics import binary_metrics, expected_calibration_error, format_accuracy, reliability_table
@@ -153,6 +156,58 @@ def write_folder(out: Path, fill: Callable[[Path], None]) -> Path:
     return out
 
 
+LOCK_NAME = ".crackcore.lock"  # inside a claimed --out while its run is on; not "an earlier run"
+
+
+def folder_in_use(out: Path) -> bool:
+    """Whether `out` holds anything but a claim's lock file (an earlier run, other files)."""
+    return out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
+
+
+@contextmanager
+def claim_folder(out: Path, flag: str = "--out") -> Iterator[None]:
+    """`out` claimed for one run, atomically: the folder is made (if new) and a lock file in it
+    is flock()ed, so of two runs started at once to one folder only one goes on; the other gets a
+    ConfigError naming the holder. The kernel drops the lock when its process dies, so a killed
+    run leaves no stale claim. On leaving, the lock file and a folder made here and left empty
+    are removed (a run that wrote --out replaced the folder, lock file and all)."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise ConfigError(f"{flag} {out} is being written by another run ({holder}); wait for it to finish, or "
+                              f"pass another {flag}") from None
+        try:  # the file may have been removed by the run that held it just before we locked it
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
+    try:
+        yield
+    finally:
+        try:
+            if os.stat(lock).st_ino == os.fstat(fd).st_ino:
+                os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+        if created:
+            try:
+                out.rmdir()  # only if empty: a run that failed before writing leaves no folder
+            except OSError:
+                pass
+
+
 def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
     return _atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
 
@@ -169,8 +224,24 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
     return _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def _torch_save(obj: Any, tmp: Path) -> None:
+    # through a Python file: torch's own file writer turns a full disk into a RuntimeError
+    # ("PytorchStreamWriter failed writing file", "unexpected pos") with no errno; a Python file's
+    # write raises the OSError, which torch keeps as the context of its RuntimeError
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, str(tmp)) from None
+        raise
+
+
 def save_torch(obj: Any, path: str | Path) -> Path:
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, atomically; a full disk is an OSError (ENOSPC) naming the file, which
+    storage_error turns into one line."""
+    return _atomic(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def versions() -> dict[str, str]:

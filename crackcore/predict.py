@@ -26,17 +26,17 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
+from PIL import ExifTags
 
 from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier, temperature_of, threshold_of
 from crackcore.devices import resolve_device
 from crackcore.exceptions import DataError, ModelFileError
-from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb
+from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, open_image, read_rgb, readable_name, utf8_name
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.outputs import write_bytes, write_parquet
 from crackcore.shift import capped_rows, parse_shifts, run_suite, shift_frame, suite_cells
 from crackcore.progress import track
-from crackcore.sources import FOLDER_LABEL
+from crackcore.sources import FOLDER_LABEL, warn_bad_names
 
 TILE = 227
 PATCH_MAX_SIDE = 1.5  # in tiles: an image whose sides are all below this is a patch, not a photo
@@ -49,11 +49,18 @@ def describe_threshold(meta: dict[str, Any]) -> str:
     return f"decision threshold {threshold_of(meta):.3g} ({where})"
 
 
+EXIF_TURNED = {5, 6, 7, 8}  # EXIF Orientation values that swap width and height
+
+
 def image_size_of(path: Path) -> tuple[int, int]:
+    """(width, height) as the image is shown (after its EXIF orientation), from the header only;
+    ImageTooLargeError over the pixel limit."""
     if path.suffix.lower() == TENSOR_SUFFIX:
         return (0, 0)  # saved tensors are patches
-    with Image.open(path) as im:
-        return im.size
+    with open_image(path) as im:
+        w, h = im.size  # Pillow's TIFF reader has applied the tag already
+        turned = im.format != "TIFF" and im.getexif().get(ExifTags.Base.Orientation) in EXIF_TURNED
+        return (h, w) if turned else (w, h)
 
 
 def true_label(path: Path) -> int | None:
@@ -72,10 +79,10 @@ def predict_patches(model: Classifier, meta: dict[str, Any], paths: list[Path], 
         imgs, ok = [], []
         for p in paths[start:start + batch_size]:
             try:
-                imgs.append(decode_file(p, meta["image_size"]))
+                imgs.append(decode_file(p, meta["image_size"], exif=True))
                 ok.append(p)
             except Exception as exc:
-                failed.append((p, str(exc).splitlines()[0][:120]))
+                failed.append((p, str(exc).splitlines()[0][:200]))
         if ok:
             prob = model.prob_crack(torch.stack(imgs))
             rows += [{"path": str(p), "prob_crack": float(q), "pred_label": int(q >= threshold),
@@ -93,8 +100,9 @@ def window_starts(length: int, tile: int, stride: int) -> list[int]:
 
 def predict_photo(model: Classifier, meta: dict[str, Any], path: Path, tile: int = TILE, stride: int = TILE,
                   batch_size: int = 128) -> tuple[pd.DataFrame, torch.Tensor]:
-    """Per-tile probabilities of one photo, and the decoded photo (uint8 [3,H,W])."""
-    photo = read_rgb(path)
+    """Per-tile probabilities of one photo, and the decoded photo (uint8 [3,H,W]) turned upright
+    as its EXIF orientation says (phones store the sensor's orientation and a tag)."""
+    photo = read_rgb(path, exif=True)
     _, h, w = photo.shape
     boxes = [(x, y) for y in window_starts(h, tile, stride) for x in window_starts(w, tile, stride)]
     probs = []
@@ -145,20 +153,23 @@ def heatmap_png(photo: torch.Tensor, tiles: pd.DataFrame, threshold: float = DEF
 
 def collect_inputs(inputs: list[str]) -> tuple[list[Path], dict[Path, int | None], list[str]]:
     """The image files of the inputs, their labels from class folders below each input folder,
-    and what could not be read."""
-    files, labels, problems = [], {}, []
+    and what could not be read. Files whose names are not UTF-8 are skipped, with one line."""
+    files, labels, problems, bad_names = [], {}, [], []
     for item in inputs:
         p = Path(item).expanduser()
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES | {TENSOR_SUFFIX})
+            bad_names += [f for f in found if not utf8_name(f)]
+            found = [f for f in found if utf8_name(f)]
             if not found:
-                problems.append(f"{p} holds no images")
+                problems.append(f"{readable_name(p)} holds no images")
             files += found
             labels.update({f: true_label(f.relative_to(p)) for f in found})
         elif p.is_file():
-            files.append(p)
+            (files if utf8_name(p) else bad_names).append(p)
         else:
-            problems.append(f"{p} does not exist")
+            problems.append(f"{readable_name(p)} does not exist")
+    warn_bad_names(bad_names, "the inputs")
     return files, labels, problems
 
 
@@ -200,7 +211,7 @@ def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], label
             imgs.append(decode_file(labelled[i], meta["image_size"]))
             ok.append(i)
         except Exception as exc:
-            print(f"skipped unreadable image {labelled[i]}: {str(exc).splitlines()[0][:120]}", file=sys.stderr)
+            print(f"skipped unreadable image {labelled[i]}: {str(exc).splitlines()[0][:200]}", file=sys.stderr)
     if not ok:
         raise DataError("no labelled image could be decoded; nothing to score")
     suite = run_suite(lambda x: torch.from_numpy(model.prob_crack(x)), torch.stack(imgs), y[ok],
@@ -258,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             w, h = image_size_of(f)
         except Exception as exc:
-            failed.append((f, str(exc).splitlines()[0][:120]))
+            failed.append((f, str(exc).splitlines()[0][:200]))
             continue
         is_photo = w >= a.tile and h >= a.tile and max(w, h) > PATCH_MAX_SIDE * a.tile
         (photos if is_photo else patches).append(f)
@@ -290,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
                 tiles, photo = predict_photo(model, meta, f, a.tile, stride, a.batch_size)
                 tile_seconds += time.perf_counter() - start
             except Exception as exc:
-                failed.append((f, str(exc).splitlines()[0][:120]))
+                failed.append((f, str(exc).splitlines()[0][:200]))
                 continue
             all_tiles.append(tiles)
             summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2], threshold),

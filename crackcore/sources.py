@@ -11,7 +11,7 @@ import pandas as pd
 
 from crackcore.config import NAME
 from crackcore.exceptions import ConfigError, DataError
-from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX
+from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, readable_name, utf8_name
 
 CRACK_FOLDERS = ("Positive", "crack", "cracked", "CD", "CW", "CP")  # label 1; matched in any case
 NO_CRACK_FOLDERS = ("Negative", "no_crack", "nocrack", "no-crack", "uncracked", "UD", "UW", "UP")  # label 0
@@ -88,6 +88,15 @@ def _no_images(class_dir: Path) -> DataError:
     return DataError(f"class folder {class_dir} has no images (.jpg/.png/.pt); add images or fix --data")
 
 
+def warn_bad_names(names: list[Path], where: str | Path) -> None:
+    """One line for the files skipped because their names are not UTF-8 (Arrow, and so every
+    parquet table, cannot store such a name)."""
+    if names:
+        _warn(f"skipped {len(names)} file(s) under {readable_name(where)} whose names are not valid UTF-8, e.g. "
+              f"{readable_name(names[0])}; rename them to UTF-8 (e.g. convmv -f latin1 -t utf8 -r --notest FOLDER) "
+              "to use them")
+
+
 def check_root(root: str | Path) -> Path:
     """Fail fast (before any work) on a data folder that cannot be the dataset; reads each class
     folder only up to its first image."""
@@ -101,29 +110,36 @@ def check_root(root: str | Path) -> Path:
 def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """List the images (JPEG/PNG/... files or saved `.pt` tensors) under the class folders of `root`:
     one row per file (path relative to root, label 1 = crack, bytes), and counts of what was
-    skipped. Class folders (any case), directly under root or else one level down:
+    skipped (non-image files; names that are not UTF-8, one warning line). Class folders (any case), directly under root or else one level down:
     Positive/Negative; crack/no_crack, nocrack, no-crack; cracked/uncracked; SDNET2018 CD, CW, CP
     (crack) / UD, UW, UP (no crack), flat or as D/CD, W/UW, ... Raises DataError for a missing root,
     no recognised class folder, a missing class, or an empty class folder."""
     root = _existing_folder(root)
     rows: list[tuple[str, int, int]] = []
     skipped_non_image: list[str] = []
+    bad_names: list[Path] = []
+    empty: list[Path] = []
     for label, class_dir in _class_folders(root):
         found = 0
         for p in sorted(class_dir.rglob("*")):
             if not p.is_file() or p.name.startswith("."):
                 continue
-            if _is_image(p):
+            if not utf8_name(p.relative_to(root)):
+                bad_names.append(p.relative_to(root))
+            elif _is_image(p):
                 rows.append((p.relative_to(root).as_posix(), label, p.stat().st_size))
                 found += 1
             else:
                 skipped_non_image.append(p.relative_to(root).as_posix())
         if found == 0:
-            raise _no_images(class_dir)
+            empty.append(class_dir)
     if skipped_non_image:
         _warn(f"skipped {len(skipped_non_image)} non-image file(s) under {root}, e.g. {skipped_non_image[0]}")
+    warn_bad_names(bad_names, root)
+    if empty:
+        raise _no_images(empty[0])
     samples = pd.DataFrame(rows, columns=["path", "label", "bytes"])
-    return samples, {"skipped_non_image": len(skipped_non_image)}
+    return samples, {"skipped_non_image": len(skipped_non_image), "skipped_non_utf8_name": len(bad_names)}
 
 
 def default_data() -> str | None:

@@ -24,7 +24,7 @@ def legacy_discover(root: Path) -> tuple[pd.DataFrame, dict[str, int]]:
                 rows.append((p.relative_to(root).as_posix(), label, p.stat().st_size))
             else:
                 skipped += 1
-    return pd.DataFrame(rows, columns=["path", "label", "bytes"]), {"skipped_non_image": skipped}
+    return pd.DataFrame(rows, columns=["path", "label", "bytes"]), {"skipped_non_image": skipped, "skipped_non_utf8_name": 0}
 
 
 def build(root: Path, crack_data: Path, folders: dict[str, int], per_folder: int = 3) -> dict[str, int]:
@@ -57,7 +57,7 @@ def test_layouts_give_the_right_labels_and_paths(crack_data: Path, tmp_path: Pat
     root = tmp_path / "data"
     expected = build(root, crack_data, folders)
     samples, skipped = discover(root)
-    assert check_root(root) == root and skipped == {"skipped_non_image": 0}
+    assert check_root(root) == root and skipped == {"skipped_non_image": 0, "skipped_non_utf8_name": 0}
     assert list(samples.columns) == ["path", "label", "bytes"] and len(samples) == 3 * len(folders)
     # no-crack rows first, each class folder in path order, as Negative/ then Positive/ always were
     assert list(samples["path"]) == sorted(expected, key=lambda p: (expected[p], p))
@@ -84,7 +84,7 @@ def test_positive_negative_is_unchanged_on_the_real_sample(crack_data: Path, tmp
     samples, skipped = discover(root)
     reference, ref_skipped = legacy_discover(root)
     pd.testing.assert_frame_equal(samples, reference)
-    assert skipped == ref_skipped == {"skipped_non_image": 2} and len(samples) == 9
+    assert skipped == ref_skipped == {"skipped_non_image": 2, "skipped_non_utf8_name": 0} and len(samples) == 9
 
 
 def test_root_class_folders_win_over_nested_ones(crack_data: Path, tmp_path: Path) -> None:

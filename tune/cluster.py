@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import ray
+import ray._private.ray_constants as ray_constants  # Ray offers no public switch for a loopback-only node
 from ray.experimental import tqdm_ray
 
 from crackcore.config import StudyConfig, TrainConfig
@@ -41,6 +42,11 @@ def connect_ray(address: str | None) -> dict[str, Any]:
         if address:
             ray.init(address=address, logging_level="WARNING", log_to_driver=True)
         else:
+            # Ray resolves _node_ip_address="127.0.0.1" to the machine's reachable address, and its
+            # servers (GCS, raylet, object manager, workers) then listen on every interface. Out of
+            # cluster mode its node address stays the loopback one and they listen on 127.0.0.1
+            # alone: a local study needs no other host (a cluster is joined with --address).
+            ray_constants.ENABLE_RAY_CLUSTER = False
             ray.init(num_cpus=available_cpus(), include_dashboard=False, logging_level="WARNING",
                      _node_ip_address="127.0.0.1")
     except ConnectionError as exc:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import html
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -24,6 +25,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from crackcore.exceptions import StudyFilesError  # noqa: E402
+from crackcore.images import open_image  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
 from crackcore.results import JOURNAL, Study, load_optuna_study, load_study  # noqa: E402
@@ -176,9 +178,7 @@ def fig_error_grid(s: Study, path: Path, cap: int) -> tuple[str, int]:
         ax.axis("off")
     for ax, e in zip(axes.flat, errors.itertuples()):
         try:
-            from PIL import Image
-
-            ax.imshow(Image.open(Path(roots.get(getattr(e, "source", None), src.get("root", ""))) / e.path).convert("RGB"))
+            ax.imshow(open_image(Path(roots.get(getattr(e, "source", None), src.get("root", ""))) / e.path).convert("RGB"))
         except Exception:  # moved, unreadable, or a decompression bomb: the grid still shows the rest
             ax.text(0.5, 0.5, "image not\nreachable", ha="center", va="center", transform=ax.transAxes)
         where = f"{e.source}: " if len(roots) > 1 else ""
@@ -230,10 +230,53 @@ def fig_shift_heatmap(s: Study, path: Path) -> str:
             "interval below; column 0 is the clean images (the same subset).")
 
 
+def _text(value: Any) -> str:
+    """Text from user data (paths, names, messages) made inert in Markdown: HTML escaped, and no
+    code span or link can start in it."""
+    return re.sub(r"([\\`\[\]])", r"\\\1", html.escape(str(value), quote=False))
+
+
+def _code(value: Any) -> str:
+    """`value` as a Markdown code span (which escapes its HTML), fenced by more backticks than
+    it holds, so a backtick in a path cannot end the span early."""
+    text = str(value)
+    fence = "`" * (max((len(run) for run in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
+# final_metrics.json's numbers the report formats: a wrong-typed one is a damaged file, not a traceback
+METRIC_NUMBERS = ("test_accuracy", "n_test", "ci95_low", "ci95_high", "precision", "recall", "f1", "roc_auc", "ece",
+                  "errors", "temperature", "ece_calibrated")
+SET_NUMBERS = ("n", "accuracy", "ci95_low", "ci95_high", "precision", "recall", "f1")
+
+
+def check_final_metrics(m: Any, path: Path) -> None:
+    """One line naming the file and the key when final_metrics.json holds a value the report
+    cannot format (hand-edited, or written by something else)."""
+    def number(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    fix = "restore it, or re-run the final retrain (python tune/run.py --study-name NAME --resume auto)"
+    if not isinstance(m, dict):
+        raise StudyFilesError(f"{path} holds a {type(m).__name__}, not an object of metrics; {fix}")
+    bad = [(k, m[k]) for k in METRIC_NUMBERS if k in m and not number(m[k])]
+    for group in ("per_source", "external"):
+        sets = m.get(group, {})
+        if not isinstance(sets, dict) or not all(isinstance(s, dict) for s in sets.values()):
+            bad.append((group, sets))
+            continue
+        bad += [(f"{group}.{name}.{k}", s[k]) for name, s in sets.items() for k in SET_NUMBERS if k in s and not number(s[k])]
+    if bad:
+        key, value = bad[0]
+        raise StudyFilesError(f"{path}: {key} is {value!r:.60} ({type(value).__name__}), not a number; {fix}")
+
+
 def _table(df: pd.DataFrame) -> str:
-    """A Markdown table (one string of lines; the `tables` extension renders it)."""
+    """A Markdown table (one string of lines; the `tables` extension renders it); text cells are
+    user data (paths, set names) and escaped as such."""
     cols = list(df.columns)
-    fmt = lambda v: (f"{v:.4g}" if isinstance(v, float) else str(v)).replace("|", "\\|")
+    fmt = lambda v: (f"{v:.4g}" if isinstance(v, float) else _text(v)).replace("|", "\\|")
     return "\n".join(["| " + " | ".join(map(str, cols)) + " |", "|" + "---|" * len(cols)] +
                       ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.itertuples(index=False)])
 
@@ -270,7 +313,7 @@ def _params(params: dict[str, Any] | None) -> str:
 def _data_root(src: dict[str, Any]) -> str:
     root = src.get("root", "?")
     roots = root if isinstance(root, dict) else {None: root}
-    return ", ".join(f"{name + ' ' if name else ''}`{r}`" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
+    return ", ".join(f"{_text(name) + ' ' if name else ''}{_code(r)}" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
                                                               if r == str(EMBEDDED_SAMPLE) else "")
                      for name, r in roots.items())
 
@@ -296,7 +339,8 @@ def calibration_section(s: Study) -> list[str]:
 
 def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list[str], list[str]]:
     """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
-    md, notes = [f"# Study report: {s.name}", ""], []
+    md, notes = [f"# Study report: {_text(s.name)}", ""], []
+    check_final_metrics(s.final_metrics, s.path / "final_metrics.json")
     src, weights = s.study.get("data_source", {}), s.study.get("weights", {})
     if src.get("kind") == "synthetic":
         md += ["> **SYNTHETIC DATA.** This study ran on the procedural synthetic crack set; its numbers say nothing "
@@ -327,7 +371,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
                             "last_val_loss", "seconds") if c in top]
         md += ["## Top 10 trials", "", _table(top[cols]), ""]
     if s.best_config:
-        md += ["## Best configuration", "", f"- trial `{s.best_config.get('trial_id')}`: {_params(s.best_config.get('params'))}",
+        md += ["## Best configuration", "", f"- trial {_code(s.best_config.get('trial_id'))}: {_text(_params(s.best_config.get('params')))}",
                f"- rule: {s.best_config.get('rule')}", ""]
     m = s.final_metrics
     if m:
@@ -349,7 +393,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
                        "cannot differ by leakage; any difference is the split's sampling noise.", ""]
     per_set = s.per_set()
     if len(per_set) > 1 or len(s.loso):
-        md += ["## Other structures", "", f"Selected on {s.best_config.get('selection', 'the val split')}.", "",
+        md += ["## Other structures", "", f"Selected on {_text(s.best_config.get('selection', 'the val split'))}.", "",
                _table(per_set[["set", "role", "n", "accuracy", "ci95_low", "ci95_high", "precision", "recall", "f1"]]), ""]
         if len(s.loso):
             md += ["### Leave one source out", "", _table(s.loso[["held_out_source", "n", "accuracy", "ci95_low",
@@ -385,7 +429,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             sentence = draw(out / name)
             md += [f"### {title}", "", f"![{title}]({name})", "", sentence, ""]
         except Exception as exc:  # a figure that cannot be drawn is explained, not fatal
-            md += [f"### {title}", "", f"Not drawn: {str(exc).rstrip('.')}.", ""]
+            md += [f"### {title}", "", f"Not drawn: {_text(str(exc).rstrip('.'))}.", ""]
     if "errors.parquet" not in s.missing:
         md += ["### Misclassified images (test split, held-out sources, --eval sets)", ""]
         if s.errors.empty:
@@ -406,10 +450,15 @@ CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;line-height
 
 
 def render_html(md: list[str], title: str) -> str:
-    """report.md as a standalone page (Python-Markdown with its `tables` extension)."""
+    """report.md as a standalone page (Python-Markdown with its `tables` extension). The report
+    writes no raw HTML of its own, so Markdown's raw-HTML pass-through is switched off: any
+    that reaches it from user data is shown as text."""
     import markdown
 
-    body = markdown.markdown("\n".join(md), extensions=["tables"], output_format="html")
+    converter = markdown.Markdown(extensions=["tables"], output_format="html")
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
+    body = converter.convert("\n".join(md))
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{CSS}</style></head><body>{body}</body></html>")
 
