@@ -27,7 +27,7 @@ import ray
 from ray.tune.error import TuneError
 
 from crackcore import faults
-from crackcore.config import (SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
+from crackcore.config import (SCHEDULERS, SEARCHERS, SPLIT_STRATEGIES, StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
                               leave_one_out,
                               load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
@@ -78,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted study with this name; `--resume auto`: continue it if it exists and "
                    "is unfinished, start it if it does not, leave a finished one alone (a restarted driver pod)")
     p.add_argument("--max-epochs", type=int)
+    p.add_argument("--searcher", choices=SEARCHERS, help="Optuna sampler behind Ray's OptunaSearch")
+    p.add_argument("--scheduler", choices=SCHEDULERS, help="Ray scheduler that stops trials early (fifo: none)")
     p.add_argument("--grace-period", type=int)
+    p.add_argument("--reduction-factor", type=int, help="asha / hyperband keep 1/reduction_factor at each rung")
     p.add_argument("--final-epochs", type=int)
     p.add_argument("--image-size", type=int)
     p.add_argument("--subset", type=int, help="images per class, for quick runs")
@@ -106,7 +109,8 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
     if isinstance(data, str) and data != SYNTHETIC:  # one spelling, saved and compared on --resume (parse_sources resolves the others)
         data = str(Path(data).expanduser().resolve())
     return {"num_samples": a.num_samples, "name": a.study_name, "max_epochs": a.max_epochs,
-            "grace_period": a.grace_period, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
+            "grace_period": a.grace_period, "reduction_factor": a.reduction_factor, "searcher": a.searcher,
+            "scheduler": a.scheduler, "final_epochs": a.final_epochs, "gpus_per_trial": a.gpus_per_trial,
             "cpus_per_trial": a.cpus_per_trial, "max_concurrent_trials": a.max_concurrent_trials, "seed": a.seed,
             "repeat_top": a.repeat_top, "repeats": a.repeats, "compare_splits": a.compare_splits,
             "leave_one_out": a.leave_one_out, "train.group_by": a.group_by, "train.val_source": a.val_source,
