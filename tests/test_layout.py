@@ -20,8 +20,8 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.calibrate"},  # an entry point too, built on predict's load_model
     {"tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
     {"tune.cluster"},
-    {"tune.trials"},
-    {"tune.run", "tune.report"},
+    {"tune.trials", "tune.replay"},
+    {"tune.run", "tune.report", "tune.curves"},
 ]
 
 
