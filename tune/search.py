@@ -18,6 +18,7 @@ Private members used here, read from the pinned ray 2.60.0 and optuna 5.0.0 (eac
 "private:" below); tests/test_search.py fails loudly if one disappears in an upgrade."""
 from __future__ import annotations
 
+import math
 import pickle
 import sys
 import warnings
@@ -37,15 +38,16 @@ from crackcore.results import open_journal
 
 def make_scheduler(cfg: StudyConfig) -> TrialScheduler:
     """Ray's scheduler for cfg.scheduler, judging trials by epoch (metric and mode come from the
-    TuneConfig). The median rule never pauses a trial (min_time_slice past max_epochs): a paused
-    function trial would restart from its last checkpoint."""
+    TuneConfig). The median rule never pauses a trial (an infinite min_time_slice; Ray's first
+    pause comes after -inf, so any finite slice pauses once): a paused function trial would
+    restart from its last checkpoint."""
     if cfg.scheduler in ("asha", "hyperband"):
         brackets = max(1, len(asha_rungs(cfg))) if cfg.scheduler == "hyperband" else 1
         return AsyncHyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
                                        reduction_factor=cfg.reduction_factor, brackets=brackets)
     if cfg.scheduler == "median":
         return MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period, min_samples_required=3,
-                                  min_time_slice=cfg.max_epochs + 1, hard_stop=True)
+                                  min_time_slice=math.inf, hard_stop=True)
     return FIFOScheduler()
 
 
