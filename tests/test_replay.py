@@ -133,3 +133,12 @@ def test_the_reference_pair_is_always_replayed() -> None:
     a = parse(["x.parquet", "--searchers", "tpe", "--schedulers", "asha", "--out", "o"])
     assert "random" in a.searcher_list and "fifo" in a.scheduler_list
 
+
+def test_the_shipped_table_is_whole_and_small() -> None:
+    table = pd.read_parquet(SHIPPED)
+    recipe = json.loads(SHIPPED.with_suffix(".json").read_text())
+    assert set(CURVE_COLUMNS) <= set(table.columns) and "val_acc_masonry" in table.columns
+    for objective in ("val_acc", "val_acc_masonry"):
+        curves = Curves.from_table(table, objective)
+        assert curves.epochs == recipe["max_epochs"] and len(curves.params) == recipe["settings"]
+    assert SHIPPED.stat().st_size < 100_000 and "random init" in recipe["weights"]
