@@ -239,9 +239,12 @@ def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, title: str) -> 
     import matplotlib.pyplot as plt
 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.4, 1]})
-    for (searcher, scheduler), g in anytime.groupby(["searcher", "scheduler"], sort=False):
-        line, = ax.plot(g["epochs"], g["iqm"], label=f"{searcher}+{scheduler}", lw=2 if (searcher, scheduler) == REFERENCE else 1.2)
-        ax.fill_between(g["epochs"], g["ci95_low"], g["ci95_high"], color=line.get_color(), alpha=0.12)
+    colours = plt.get_cmap("tab20").colors
+    for k, ((searcher, scheduler), g) in enumerate(anytime.groupby(["searcher", "scheduler"], sort=False)):
+        ref = (searcher, scheduler) == REFERENCE
+        line, = ax.plot(g["epochs"], g["iqm"], label=f"{searcher}+{scheduler}", lw=2.2 if ref else 1.2,
+                        color="k" if ref else colours[k % 20])
+        ax.fill_between(g["epochs"], g["ci95_low"], g["ci95_high"], color=line.get_color(), alpha=0.08)
     ax.axhline(reach["target"].iloc[0], color="k", ls=":", lw=1, label="random+fifo final (median)")
     ax.set(xlabel="cumulative epochs", ylabel="incumbent score (IQM, 95 % CI)", title=title)
     ax.legend(fontsize=7, ncol=2)
@@ -250,10 +253,13 @@ def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, title: str) -> 
     bx.barh(r["label"], finite.fillna(0), xerr=[(finite - r["fraction_ci95_low"]).fillna(0).clip(lower=0),
                                                  (r["fraction_ci95_high"].replace(math.inf, np.nan) - finite).fillna(0).clip(lower=0)],
             color=["tab:gray" if np.isnan(v) else "tab:blue" for v in finite])
+    for y, v in enumerate(finite):
+        if np.isnan(v):
+            bx.text(0.01, y, "not reached in half the studies", va="center", fontsize=7, color="0.4")
     bx.axvline(0.5, color="k", ls=":", lw=1)
-    bx.set(xlabel="epochs to reach random+fifo's final best / random+fifo's epochs (median, 95 % CI; grey: not reached)",
-           title="speed")
-    bx.xaxis.label.set_size(7)
+    bx.set(xlim=(0, 1.05), xlabel="share of random+fifo's epochs spent to reach its final best (median, 95 % CI)",
+           title="epochs to reach random+fifo's final best")
+    bx.xaxis.label.set_size(8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
