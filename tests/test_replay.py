@@ -142,3 +142,15 @@ def test_the_shipped_table_is_whole_and_small() -> None:
         curves = Curves.from_table(table, objective)
         assert curves.epochs == recipe["max_epochs"] and len(curves.params) == recipe["settings"]
     assert SHIPPED.stat().st_size < 100_000 and "random init" in recipe["weights"]
+
+
+def test_report_adds_the_replay_section(replayed: Path, tiny_study: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from tune.report import main as report
+
+    study = tmp_path / "tiny"
+    shutil.copytree(tiny_study, study, ignore=shutil.ignore_patterns("ray"))
+    assert report([str(study), "--max-errors", "0", "--replay", str(replayed)]) == 0
+    md = (study / "report" / "report.md").read_text()
+    assert "## Searchers and schedulers replayed on" in md and (study / "report" / "replay_val_acc.png").is_file()
