@@ -19,6 +19,8 @@ METRICS = ("val_acc", "val_shift_acc")  # what ASHA, Optuna and the choice of th
 FREEZE_DEPTHS = tuple(range(6))  # stages frozen: 0 = fine-tune all .. 5 = head only
 SPLIT_STRATEGIES = ("random", "grouped")
 LR_SCHEDULES = ("cosine", "constant")
+SEARCHERS = ("tpe", "random", "qmc", "gp", "cmaes")  # Optuna samplers behind Ray's OptunaSearch (tune.search)
+SCHEDULERS = ("asha", "hyperband", "median", "fifo")  # Ray's schedulers; hyperband = asynchronous (ASHA's brackets)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # of a study or a data source: a folder name
 
 
@@ -284,9 +286,11 @@ class StudyConfig:
     name: str = setting("study", flag="--study-name", help="results go to STORAGE/STUDY-NAME")
     num_samples: int = setting(32, help="number of trials")
     metric: str = "val_acc"
-    max_epochs: int = setting(4, help="epochs of a trial that is never stopped early (ASHA max_t)")
-    grace_period: int = setting(1, help="epochs before ASHA may stop a trial")
-    reduction_factor: int = 3
+    max_epochs: int = setting(4, help="epochs of a trial that is never stopped early (the scheduler's max_t)")
+    searcher: str = setting("tpe", choices=SEARCHERS, help="Optuna sampler behind Ray's OptunaSearch")
+    scheduler: str = setting("asha", choices=SCHEDULERS, help="Ray scheduler that stops trials early (fifo: none)")
+    grace_period: int = setting(1, help="the first epoch a scheduler may stop a trial at")
+    reduction_factor: int = setting(3, help="asha / hyperband keep 1/reduction_factor of the trials at each rung")
     final_epochs: int = setting(10, help="epochs of the final retrain")
     seed: int = setting(0, help="the seed of the search and of the training")
     cpus_per_trial: float = setting(1.0, help="CPUs each trial holds")
@@ -333,6 +337,10 @@ class StudyConfig:
         if (self.gpus_per_trial or 0) > 1 and not float(self.gpus_per_trial).is_integer():
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 Ray needs whole GPUs; use e.g. 0.5, 1 or 2")
         check_choice("metric", self.metric, METRICS)
+        check_choice("searcher", self.searcher, SEARCHERS)
+        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        if self.searcher == "cmaes":
+            self._check_cmaes_space()
         if self.metric == "val_shift_acc":  # every trial scores val under the cheap shifts at each epoch
             self.train = self.train.replace(val_shift=True)
         if self.reduction_factor < 2:
@@ -345,6 +353,24 @@ class StudyConfig:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1 (epochs between checkpoints)")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
+
+    def _check_cmaes_space(self) -> None:
+        """Optuna's CMA-ES models numbers only, in two dimensions or more: anything else it hands,
+        silently, to random sampling, so such a study would be a random search under another name."""
+        s = self.space
+        categorical = [k for k, values in (("augment_policy", s.augment_policies), ("weight_decay", s.weight_decays),
+                                           ("batch_size", s.batch_sizes)) if len(values) > 1]
+        depths = sorted(set(s.freeze_depths))
+        numeric = 1 + (len(depths) > 1)  # lr, and freeze depth when it varies
+        if depths != list(range(depths[0], depths[-1] + 1)) and len(depths) > 1:
+            categorical.append("freeze_depth")  # not a contiguous range: searched as a categorical
+            numeric = 1
+        if categorical or numeric < 2:
+            why = f"{', '.join(categorical)} {'is' if len(categorical) == 1 else 'are'} categorical" if categorical \
+                else "only lr varies (CMA-ES needs two numeric parameters or more)"
+            raise ConfigError(f"searcher=cmaes cannot search this space: {why}; use --searcher tpe or gp, or give "
+                              "one value each in space.augment_policies / weight_decays / batch_sizes and a range "
+                              "of space.freeze_depths")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -261,8 +261,10 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                              amp=cfg.amp, channels_last=channels_last, label_smoothing=cfg.label_smoothing,
                              scaler=scaler, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
         val = evaluate(step_model, val_loader, data, channels_last=channels_last)
-        per_source = val_by_source(val, None if domain_val is None else evaluate(step_model, domain_val, data,
-                                                                                  channels_last=channels_last))
+        domain = None if domain_val is None else evaluate(step_model, domain_val, data, channels_last=channels_last)
+        per_source = val_by_source(val, domain)
+        if domain is not None:  # val_loss is the held-out source's; the in-domain one beside it (tune.curves)
+            per_source["val_loss_domain"] = domain["loss"]
         if cfg.val_shift:  # the clean val pass is done; the cheap shifts add one pass each
             shifted = evaluate_shifts(step_model, data, val_loader.index.numpy(), device, cells=list(VAL_CELLS),
                                       seed=cfg.seed, channels_last=channels_last, clean=False)

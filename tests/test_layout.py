@@ -21,8 +21,8 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export", "crackcore.calibrate"},
     {"tune.settings", "tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
     {"tune.cluster"},
-    {"tune.trials"},
-    {"tune.run", "tune.report"},
+    {"tune.trials", "tune.replay"},
+    {"tune.run", "tune.report", "tune.curves"},
 ]
 SERVING = ("crackcore.predict", "crackcore.export", "crackcore.calibrate")  # the field's commands
 TRAINING_FLOOR = {"crackcore.train", "crackcore.data", "crackcore.augment", "crackcore.neardup", "crackcore.synthetic"}

@@ -67,6 +67,7 @@ def test_held_out_sources_never_reach_a_training_batch(crack_data: Path, walls: 
     assert set(result.val["predictions"]["source"]) == {"masonry"} and result.val["n"] == 60
     h = result.history.iloc[-1]
     assert h["val_acc"] == h["val_acc_masonry"] == result.val["accuracy"] and "val_acc_concrete" in h
+    assert h["val_loss"] == result.val["loss"] and h["val_loss_domain"] > 0  # the in-domain loss beside it (tune.curves)
     assert set(result.test["predictions"]["source"]) == {"concrete"}
     assert set(result.held_out) == {"masonry", "quay"} and result.held_out["quay"]["n"] == 60
     assert result.external["again"]["n"] == (data.samples["source"] == "again").sum() > 60  # --eval is scored whole

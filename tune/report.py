@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import html
+import json
 import os
 import re
 import shutil
@@ -337,7 +338,30 @@ def calibration_section(s: Study) -> list[str]:
             _table(pd.DataFrame(rows)), ""]
 
 
-def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list[str], list[str]]:
+def replay_section(replay: Path, out: Path) -> list[str]:
+    """A tune.replay folder as a figure (redrawn here) and its speed table, in the report."""
+    from tune.replay import REPLAY_FILES, draw
+
+    missing = [name for name in REPLAY_FILES if not (replay / name).is_file()]
+    if missing:
+        raise StudyFilesError(f"--replay {replay}: {', '.join(missing)} missing; give a folder written by "
+                              "python -m tune.replay --out DIR")
+    anytime, reach = pd.read_parquet(replay / "anytime.parquet"), pd.read_parquet(replay / "reach.parquet")
+    recipe = json.loads((replay / "replay.json").read_text())
+    name = f"replay_{recipe['objective']}.png"
+    draw(anytime, reach, out / name, f"{recipe['objective']}: {recipe['num_samples']} trials, {recipe['workers']} workers, "
+         f"{recipe['repeats']} repeats")
+    table = reach.sort_values("median_fraction")[["searcher", "scheduler", "reached", "median_epochs", "median_fraction",
+                                                  "fraction_ci95_low", "fraction_ci95_high", "final_iqm"]]
+    return [f"## Searchers and schedulers replayed on {recipe['curves']} ({recipe['objective']})", "",
+            f"![replay]({name})", "",
+            f"Epochs to reach random+FIFO's final best (median over {recipe['repeats']} replayed studies, bootstrap "
+            f"95 % CI), as a share of random+FIFO's {recipe['num_samples'] * recipe['budget']} epochs:", "",
+            _table(table.round(3)), ""]
+
+
+def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
+                 replays: list[Path] | None = None) -> tuple[list[str], list[str]]:
     """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
     md, notes = [f"# Study report: {_text(s.name)}", ""], []
     check_final_metrics(s.final_metrics, s.path / "final_metrics.json")
@@ -440,6 +464,8 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN) -> tuple[list
             sentence, shown = fig_error_grid(s, out / "errors_grid.png", cap)
             md += ["![Misclassified test images](errors_grid.png)", "",
                    f"{sentence} Showing {shown} of {len(s.errors)}.", ""]
+    for replay in replays or []:
+        md += replay_section(replay, out)
     (out / "report.md").write_text("\n".join(md))
     return md, notes
 
@@ -467,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python tune/report.py", description="Figures and a readable report of a study.")
     p.add_argument("study", type=Path, help="results/<study-name>")
     p.add_argument("--max-errors", type=int, default=MAX_ERRORS_SHOWN, help="misclassified images shown in the grid")
+    p.add_argument("--replay", type=Path, action="append", help="a tune.replay --out folder to add (repeatable)")
     a = p.parse_args(argv)
     if a.max_errors < 0:
         raise StudyFilesError(f"--max-errors must be >= 0 (got {a.max_errors}); 0 leaves the error grid out")
@@ -476,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(dir=a.study, prefix=".report-"))
     tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the report is served/shared like any other output
     try:
-        md, notes = build_report(s, tmp, a.max_errors)
+        md, notes = build_report(s, tmp, a.max_errors, a.replay)
         (tmp / "index.html").write_text(render_html(md, f"Study report: {s.name}"))
         old = a.study / f".report-old-{os.getpid()}"
         if target.exists():

@@ -2,7 +2,8 @@
 
 The tuning study, top to bottom: read the experiment file and flags into a StudyConfig,
 connect to (or start) Ray, decode the data once and ship it through the object store, run
-Optuna TPE + ASHA trials with Ray Tune, then retrain the best configuration from scratch,
+trials with Ray Tune (an Optuna sampler proposes, a Ray scheduler stops early; TPE + ASHA by
+default), then retrain the best configuration from scratch,
 evaluate it on the held-out test split and write every output under results/<study>/.
 `main` tells it in stages: open (or resume) the study, load its inputs, search, choose,
 retrain, write.
@@ -201,7 +202,7 @@ def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
     # (WeightsInfo, state dict) for every trial and retrain: the weights file exists on this node only
     run.backbone_ref = ray.put((run.weights, load_backbone(run.weights)))
     print(f"trials: {cfg.num_samples}, up to {run.slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} "
-          f"GPU each), ASHA {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
+          f"GPU each), {cfg.searcher} + {cfg.scheduler}, {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
 
 
 def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, float]:

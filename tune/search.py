@@ -1,5 +1,12 @@
-"""The search: Optuna TPE behind Ray Tune, with the bookkeeping Ray's OptunaSearch leaves out,
-and the ASHA scheduler with the epochs its trials checkpoint at.
+"""The search: an Optuna sampler (TPE, random, QMC, GP, CMA-ES) behind Ray Tune's OptunaSearch,
+with the bookkeeping OptunaSearch leaves out, and a Ray scheduler (ASHA, asynchronous
+HyperBand, median stopping, FIFO) with the epochs its trials checkpoint at.
+
+`hyperband` is Ray's AsyncHyperBandScheduler with one bracket per rung (asynchronous
+HyperBand, Li et al. 2020), not Ray's synchronous HyperBandScheduler: that one PAUSES trials at
+its milestones until their bracket fills, which a searcher feeding at most `slots` trials at a
+time never fills, and a paused function trial restarts from a checkpoint our trials do not
+write at a rung.
 
 Ray 2.60's OptunaSearch reports intermediate values by Ray's `training_iteration` and tells
 Optuna COMPLETE for every trial that returned a metric, including trials ASHA stopped early.
@@ -11,8 +18,10 @@ Private members used here, read from the pinned ray 2.60.0 and optuna 5.0.0 (eac
 "private:" below); tests/test_search.py fails loudly if one disappears in an upgrade."""
 from __future__ import annotations
 
+import math
 import pickle
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,31 +29,48 @@ import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
 from crackcore.results import open_journal
 
 
-def make_scheduler(cfg: StudyConfig) -> ASHAScheduler:
-    return ASHAScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
-                         reduction_factor=cfg.reduction_factor)
+def make_scheduler(cfg: StudyConfig) -> TrialScheduler:
+    """Ray's scheduler for cfg.scheduler, judging trials by epoch (metric and mode come from the
+    TuneConfig). The median rule never pauses a trial (an infinite min_time_slice; Ray's first
+    pause comes after -inf, so any finite slice pauses once): a paused function trial would
+    restart from its last checkpoint."""
+    if cfg.scheduler in ("asha", "hyperband"):
+        brackets = max(1, len(asha_rungs(cfg))) if cfg.scheduler == "hyperband" else 1
+        return AsyncHyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
+                                       reduction_factor=cfg.reduction_factor, brackets=brackets)
+    if cfg.scheduler == "median":
+        return MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period, min_samples_required=3,
+                                  min_time_slice=math.inf, hard_stop=True)
+    return FIFOScheduler()
 
 
 def asha_rungs(cfg: StudyConfig) -> list[int]:
     """The epochs where ASHA may stop a trial: grace_period x reduction_factor^k below max_epochs
-    (Ray 2.60's one-bracket _Bracket milestones; tests/test_search.py compares them)."""
+    (Ray 2.60's one-bracket _Bracket milestones; tests/test_search.py compares them). Asynchronous
+    HyperBand's later brackets start at later rungs of the same ladder."""
     count = int(np.log(cfg.max_epochs / cfg.grace_period) / np.log(cfg.reduction_factor) + 1)
     return sorted(r for k in range(count) if (r := cfg.grace_period * cfg.reduction_factor ** k) < cfg.max_epochs)
 
 
+def stop_epochs(cfg: StudyConfig) -> list[int]:
+    """The epochs where the scheduler judges (and may stop) a trial: ASHA's and HyperBand's rungs;
+    none for FIFO, and none fixed for the median rule, which may stop a trial at any epoch."""
+    return asha_rungs(cfg) if cfg.scheduler in ("asha", "hyperband") else []
+
+
 def checkpoint_epochs(cfg: StudyConfig) -> tuple[int, ...]:
     """The epochs after which a trial writes its checkpoint: every checkpoint_every-th, but not
-    the last (nothing resumes a finished trial) nor an ASHA rung, where ASHA stops all but
-    1/reduction_factor of the trials that reach it (their checkpoint would be written for
+    the last (nothing resumes a finished trial) nor a rung of ASHA / HyperBand, where they stop
+    all but 1/reduction_factor of the trials that reach it (their checkpoint would be written for
     nothing); a trial that goes on from a rung writes one an epoch later."""
-    rungs = set(asha_rungs(cfg))
+    rungs = set(stop_epochs(cfg))
     return tuple(e for e in range(1, cfg.max_epochs) if e % cfg.checkpoint_every == 0 and e not in rungs)
 
 
@@ -162,13 +188,33 @@ class EpochAwareOptunaSearch(OptunaSearch):
         self._completed_trials.add(trial_id)
 
 
+def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
+    """Optuna's sampler for cfg.searcher, seeded. The model-based ones start from the same number
+    of random trials (a third of the study, 4..10)."""
+    startup = max(4, min(10, cfg.num_samples // 3))
+    with warnings.catch_warnings():  # QMC and consider_pruned_trials are "experimental" in Optuna 5.0
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _sampler(cfg, startup)
+
+
+def _sampler(cfg: StudyConfig, startup: int) -> optuna.samplers.BaseSampler:
+    if cfg.searcher == "tpe":
+        # constant_liar keeps parallel TPE from proposing the same point to trials running at once
+        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
+    if cfg.searcher == "gp":
+        return optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=startup)
+    if cfg.searcher == "cmaes":
+        # consider_pruned_trials: with a scheduler most trials end PRUNED, CMA-ES would learn from few
+        return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=startup, consider_pruned_trials=True)
+    if cfg.searcher == "qmc":  # scrambled Sobol: a fresh low-discrepancy sequence per seed
+        return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
+    return optuna.samplers.RandomSampler(seed=cfg.seed)
+
+
 def make_searcher(cfg: StudyConfig, study_dir: Path) -> EpochAwareOptunaSearch:
     space = search_space(cfg)
-    # constant_liar keeps parallel TPE from proposing the same point to trials running at once
-    sampler = optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True,
-                                         n_startup_trials=max(4, min(10, cfg.num_samples // 3)))
     return EpochAwareOptunaSearch(space=space, metric=cfg.metric, mode="max", points_to_evaluate=start_points(cfg, space),
-                                  sampler=sampler, study_name=cfg.name, study_dir=study_dir,
+                                  sampler=make_sampler(cfg), study_name=cfg.name, study_dir=study_dir,
                                   max_epochs=cfg.max_epochs)
 
 
