@@ -230,7 +230,7 @@ def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], label
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m crackcore.predict", description=__doc__.split("\n\n")[1])
     p.add_argument("inputs", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--model", required=True, type=Path)
@@ -243,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead of predicting, run the shift suite on the labelled inputs: accuracy under each shift "
                         "x severity, with n and 95 %% CI (all shifts, or a comma list: scale_down, gaussian_blur, ...)")
     p.add_argument("--shift-max-images", type=int, help="score a stratified seeded subset of this many images")
-    a = p.parse_args(argv)
-    shifts = parse_shifts(a.shifts) if a.shifts is not None else None  # an unknown name fails before any work
+    return p
+
+
+def check_flags(a: argparse.Namespace) -> int:
+    """Every flag checked before the model is loaded; returns the window stride."""
     if a.shift_max_images is not None and a.shift_max_images < 2:
         raise ModelFileError(f"--shift-max-images must be >= 2 (got {a.shift_max_images})")
     stride = a.tile if a.stride is None else a.stride  # 0 is a mistake, not "the tile size"
@@ -255,6 +258,76 @@ def main(argv: list[str] | None = None) -> int:
     if a.out.name in ("", ".", ".."):
         raise ModelFileError(f"--out {a.out} names a folder; pass a file prefix such as {a.out / 'wall'} "
                              "(writes wall.parquet, ...)")
+    return stride
+
+
+def sort_inputs(files: list[Path], tile: int) -> tuple[list[Path], list[Path], list[tuple[Path, str]]]:
+    """(patches, photos to tile, unreadable files with why) by each image's size."""
+    patches, photos, failed = [], [], []
+    for f in files:
+        try:
+            w, h = image_size_of(f)
+        except Exception as exc:
+            failed.append((f, str(exc).splitlines()[0][:200]))
+            continue
+        is_photo = w >= tile and h >= tile and max(w, h) > PATCH_MAX_SIDE * tile
+        (photos if is_photo else patches).append(f)
+        if not is_photo and max(w, h) > PATCH_MAX_SIDE * min(w, h):
+            print(f"warning: {f} is {w}x{h}, too small to tile: only its centre {min(w, h)}x{min(w, h)} is classified",
+                  file=sys.stderr)
+    return patches, photos, failed
+
+
+def write_patches(model: Classifier, meta: dict[str, Any], patches: list[Path], labels: dict[Path, int | None],
+                  a: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
+    """OUT.parquet for the patches; returns (patches classified, unreadable ones)."""
+    start = time.perf_counter()
+    df, failed = predict_patches(model, meta, patches, a.batch_size, labels=labels)
+    seconds = time.perf_counter() - start
+    if not len(df):  # none readable: keep any earlier OUT.parquet
+        return 0, failed
+    write_parquet(df, a.out.with_name(a.out.name + ".parquet"))
+    print(f"patches: {int(df['pred_label'].sum())} crack, {int((df['pred_label'] == 0).sum())} no crack "
+          f"({len(df) / seconds:.0f} patches/s, decoding included) -> {a.out}.parquet")
+    print_labelled_metrics(df)
+    return len(df), failed
+
+
+def write_photos(model: Classifier, meta: dict[str, Any], photos: list[Path], stride: int,
+                 a: argparse.Namespace) -> tuple[int, list[tuple[Path, str]]]:
+    """OUT_tiles.parquet, OUT_photos.parquet and a heat map per photo; returns (photos done, unreadable ones)."""
+    all_tiles, summaries, failed, tile_seconds = [], [], [], 0.0
+    heat_dir = a.out.with_name(a.out.name + "_heatmaps")
+    heat_names = heatmap_names(photos)
+    threshold = threshold_of(meta)
+    for f in track(photos, "photos", unit="photos", enabled=len(photos) >= 3):
+        try:
+            start = time.perf_counter()
+            tiles, photo = predict_photo(model, meta, f, a.tile, stride, a.batch_size)
+            tile_seconds += time.perf_counter() - start
+        except Exception as exc:
+            failed.append((f, str(exc).splitlines()[0][:200]))
+            continue
+        all_tiles.append(tiles)
+        summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2], threshold), "heatmap": heat_names[f]})
+        write_bytes(heatmap_png(photo, tiles, threshold), heat_dir / heat_names[f])
+    if not all_tiles:
+        return 0, failed
+    summary = pd.DataFrame(summaries)
+    write_parquet(pd.concat(all_tiles, ignore_index=True), a.out.with_name(a.out.name + "_tiles.parquet"))
+    write_parquet(summary, a.out.with_name(a.out.name + "_photos.parquet"))
+    print(summary[["photo", "tiles", "crack_tiles", "crack_area_fraction", "max_prob_crack"]].to_string(index=False))
+    n_tiles = int(summary["tiles"].sum())
+    print(f"{n_tiles} tiles in {tile_seconds:.2f} s ({n_tiles / tile_seconds:.0f} tiles/s, decoding included, "
+          "heat maps not)")
+    print(f"photos -> {a.out}_tiles.parquet, {a.out}_photos.parquet, heat maps in {heat_dir}/")
+    return len(summary), failed
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    shifts = parse_shifts(a.shifts) if a.shifts is not None else None  # an unknown name fails before any work
+    stride = check_flags(a)
     model = load_classifier(a.model, resolve_device(a.device))
     meta = model.meta
     files, labels, problems = collect_inputs(a.inputs)
@@ -264,59 +337,16 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError("no images found in the inputs; pass image files or folders of .jpg/.png")
     if shifts is not None:
         return run_shifts(model, meta, files, labels, shifts, a.shift_max_images, a.batch_size, a.out)
-    patches, photos, failed = [], [], []
-    for f in files:
-        try:
-            w, h = image_size_of(f)
-        except Exception as exc:
-            failed.append((f, str(exc).splitlines()[0][:200]))
-            continue
-        is_photo = w >= a.tile and h >= a.tile and max(w, h) > PATCH_MAX_SIDE * a.tile
-        (photos if is_photo else patches).append(f)
-        if not is_photo and max(w, h) > PATCH_MAX_SIDE * min(w, h):
-            print(f"warning: {f} is {w}x{h}, too small to tile: only its centre {min(w, h)}x{min(w, h)} is classified",
-                  file=sys.stderr)
+    patches, photos, failed = sort_inputs(files, a.tile)
     print(f"model {a.model} ({meta['image_size']} px, temperature {temperature_of(meta):.2f}, "
           f"{describe_threshold(meta)}, {meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
     processed = 0
     if patches:
-        start = time.perf_counter()
-        df, bad = predict_patches(model, meta, patches, a.batch_size, labels=labels)
-        seconds = time.perf_counter() - start
-        failed += bad
-    if patches and len(df):  # none readable: keep any earlier OUT.parquet
-        write_parquet(df, a.out.with_name(a.out.name + ".parquet"))
-        processed += len(df)
-        print(f"patches: {int(df['pred_label'].sum())} crack, {int((df['pred_label'] == 0).sum())} no crack "
-              f"({len(df) / seconds:.0f} patches/s, decoding included) -> {a.out}.parquet")
-        print_labelled_metrics(df)
+        done, bad = write_patches(model, meta, patches, labels, a)
+        processed, failed = processed + done, failed + bad
     if photos:
-        all_tiles, summaries, tile_seconds = [], [], 0.0
-        heat_dir = a.out.with_name(a.out.name + "_heatmaps")
-        heat_names = heatmap_names(photos)
-        threshold = threshold_of(meta)
-        for f in track(photos, "photos", unit="photos", enabled=len(photos) >= 3):
-            try:
-                start = time.perf_counter()
-                tiles, photo = predict_photo(model, meta, f, a.tile, stride, a.batch_size)
-                tile_seconds += time.perf_counter() - start
-            except Exception as exc:
-                failed.append((f, str(exc).splitlines()[0][:200]))
-                continue
-            all_tiles.append(tiles)
-            summaries.append({**photo_summary(tiles, photo.shape[1], photo.shape[2], threshold),
-                              "heatmap": heat_names[f]})
-            write_bytes(heatmap_png(photo, tiles, threshold), heat_dir / heat_names[f])
-        if all_tiles:
-            summary = pd.DataFrame(summaries)
-            write_parquet(pd.concat(all_tiles, ignore_index=True), a.out.with_name(a.out.name + "_tiles.parquet"))
-            write_parquet(summary, a.out.with_name(a.out.name + "_photos.parquet"))
-            processed += len(summary)
-            print(summary[["photo", "tiles", "crack_tiles", "crack_area_fraction", "max_prob_crack"]].to_string(index=False))
-            n_tiles = int(summary["tiles"].sum())
-            print(f"{n_tiles} tiles in {tile_seconds:.2f} s ({n_tiles / tile_seconds:.0f} tiles/s, decoding included, "
-                  "heat maps not)")
-            print(f"photos -> {a.out}_tiles.parquet, {a.out}_photos.parquet, heat maps in {heat_dir}/")
+        done, bad = write_photos(model, meta, photos, stride, a)
+        processed, failed = processed + done, failed + bad
     for f, why in failed:
         print(f"skipped unreadable image {f}: {why}", file=sys.stderr)
     if failed:
