@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration",
      "crackcore.faults", "crackcore.progress"},
-    {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results",
+    {"crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli", "crackcore.results", "crackcore.lift",
      "crackcore.tracking", "crackcore.shift"},
     {"crackcore.augment", "crackcore.model", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",
      "crackcore.sources"},

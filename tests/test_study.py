@@ -100,6 +100,37 @@ def test_optuna_journal_records_epochs_and_pruning(tiny_study: Path) -> None:
             assert t.value == pytest.approx(row.last_val_acc)
 
 
+def test_the_pick_is_compared_with_the_reference_retrained_beside_it(tiny_study: Path) -> None:
+    from crackcore.results import load_study
+    from tune.trials import rank_trials
+
+    s = load_study(tiny_study)
+    reference = {"lr": 0.02, "freeze_depth": 0, "augment_policy": "none"}  # conftest.TINY_REFERENCE
+    # random init: freezing random layers is not searched
+    assert s.config["space"]["freeze_depths"] == [0] and (s.trials["freeze_depth"] == 0).all()
+    # the choice: lowest val loss's tie set, stated with the rule
+    assert "val log loss" in s.best_config["rule"] and s.study["best_rule"] == s.best_config["rule"]
+    ranked = rank_trials(s.trials, "val_acc", reference)
+    assert s.best_config["trial_id"] == ranked["trial_id"].iloc[0]
+    assert s.best_config["tie_set"] == s.study["tie_set"] == ranked.loc[ranked["tied"], "trial_id"].tolist()
+    assert s.trials["last_val_loss_sd"].gt(0).all() and (s.trials["last_val_n"] > 0).all()
+    # the reference, retrained beside the pick (not a trial's setting, so never the pick) on the same images
+    ref = s.final_metrics["reference"]
+    assert ref["params"] == reference and ref["retrained"] and not ref["is_pick"] and ref["from"] == "reference"
+    assert ref["test"]["n"] == s.final_metrics["n_test"] and 0 <= ref["test"]["accuracy"] <= 1
+    lift = s.lift.set_index("set").loc["test split"]
+    refp = s.reference_predictions[s.reference_predictions["set"] == "test split"]
+    pick = s.test_predictions().merge(refp, on=["source", "path"], suffixes=("", "_ref"))
+    assert lift["n"] == len(pick) == s.final_metrics["n_test"]
+    assert lift["reference_accuracy"] == pytest.approx(ref["test"]["accuracy"])
+    assert lift["pick_accuracy"] == pytest.approx(s.final_metrics["test_accuracy"])
+    assert lift["lift"] == pytest.approx(lift["pick_accuracy"] - lift["reference_accuracy"])
+    assert lift["ci95_low"] <= lift["lift"] <= lift["ci95_high"]
+    assert lift["pick_only_right"] == ((pick["pred_label"] == pick["true_label"]) & (pick["pred_label_ref"] != pick["true_label"])).sum()
+    # the rungs' fidelity: one rung (epoch 1) below max_epochs 2, over the trials that ran both epochs
+    assert s.fidelity["rung"].tolist() == [1] and s.fidelity["n"].iloc[0] == (s.trials["status"] == "COMPLETE").sum()
+
+
 def test_results_loader_reads_the_study(tiny_study: Path) -> None:
     from crackcore.results import load_study
 
