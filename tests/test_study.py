@@ -495,7 +495,7 @@ def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> 
         assert best["trial_id"] == again["trial_id"].iloc[0] and "seeds" in best["rule"]
         assert best["repeats"]["mean_val_loss"] == pytest.approx(repeats.groupby("trial_id")["val_loss"].mean()[best["trial_id"]])
         assert best["repeats"]["configs_repeated"] == repeats["trial_id"].nunique()
-    assert repeats["ci95_low"].between(0, 1).all() and repeats["ci95_high"].between(0, 1).all()
+        assert repeats["ci95_low"].between(0, 1).all() and repeats["ci95_high"].between(0, 1).all()
     split = pd.read_parquet(study_dir / "split.parquet")
     assert split.groupby("group")["split"].nunique().max() == 1  # near-duplicate groups never straddle splits
     assert json.loads((study_dir / "final_metrics.json").read_text())["split_strategy"] == "grouped"
