@@ -250,6 +250,9 @@ class SearchSpace:
     augment_policies: list[str] = field(default_factory=lambda: list(AUGMENT_POLICIES))
     weight_decays: list[float] = field(default_factory=list)  # empty = not searched
     batch_sizes: list[int] = field(default_factory=list)  # empty = not searched
+    # With random init (no ImageNet weights) freezing depth > 0 freezes random layers: the study then
+    # searches depth 0 only, unless this is true (tune.run.narrow_for_random_init).
+    freeze_random_init: bool = False
     # The seed notebook's setting, evaluated first so the study always beats (or matches) it.
     start_points: list[dict[str, Any]] = field(
         default_factory=lambda: [{"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"}])
@@ -280,6 +283,18 @@ class SearchSpace:
             if unknown:
                 raise ConfigError(f"space.start_points has unknown key(s) {unknown}; use {', '.join(SEARCH_KEYS)}")
 
+    def outside(self, point: dict[str, Any]) -> str:
+        """What of `point` (a setting: lr, freeze_depth, ...) this space cannot express; "" when it can."""
+        unknown = sorted(set(point) - set(SEARCH_KEYS))
+        if unknown:
+            return f"unknown key(s) {unknown}; use {', '.join(SEARCH_KEYS)}"
+        checks = {"lr": lambda v: isinstance(v, (int, float)) and self.lr_min <= v <= self.lr_max,
+                  "freeze_depth": lambda v: v in self.freeze_depths,
+                  "augment_policy": lambda v: v in self.augment_policies,
+                  "weight_decay": lambda v: not self.weight_decays or v in self.weight_decays,
+                  "batch_size": lambda v: not self.batch_sizes or v in self.batch_sizes}
+        return ", ".join(f"{k} = {v!r}" for k, v in point.items() if not checks[k](v))
+
 
 @dataclass
 class StudyConfig:
@@ -307,6 +322,11 @@ class StudyConfig:
     mlflow: str | None = setting(None, metavar="URI", help="record every trial and the final retrain as MLflow runs "
                                  "of an experiment named after the study (or --out's folder), e.g. "
                                  "sqlite:///results/mlflow.db")
+    # The setting tuning must beat, retrained beside the pick (final_metrics.json "lift"); None: the
+    # first of space.start_points. Keys it leaves out take the [train] value.
+    reference: dict[str, Any] | None = None
+    reference_retrain: bool = setting(True, flag="--reference", help="retrain the reference setting beside the pick "
+                                      "and measure the lift over it; --no-reference skips it")
     # Overrides applied when the cluster has no GPU / has GPUs, as {"dotted.key": value}:
     # budgets adapt to the device without a second experiment file.
     cpu: dict[str, Any] = field(default_factory=dict)
@@ -347,12 +367,27 @@ class StudyConfig:
             raise ConfigError(f"reduction_factor={self.reduction_factor} must be >= 2 (ASHA keeps 1/reduction_factor)")
         if self.final_epochs < 1 or self.max_failures < 0 or self.repeat_top < 0 or self.repeats < 0:
             raise ConfigError("final_epochs must be >= 1, and max_failures, repeat_top, repeats >= 0")
+        if self.repeat_top > self.num_samples:
+            raise ConfigError(f"repeat_top={self.repeat_top} is more than the num_samples={self.num_samples} trials the "
+                              "study runs; lower --repeat-top (it re-runs at most that many settings of the tie set)")
         if self.repeat_top > 0 and self.repeats < 2:
             raise ConfigError(f"repeats={self.repeats}: ranking by the mean over seeds needs at least 2 seeds")
         if self.checkpoint_every < 1:
             raise ConfigError(f"checkpoint_every={self.checkpoint_every} must be >= 1 (epochs between checkpoints)")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
             raise ConfigError(f"max_concurrent_trials={self.max_concurrent_trials} must be >= 1 (or unset)")
+        if self.reference is not None:
+            outside = self.space.outside(self.reference)
+            if outside:
+                raise ConfigError(f"reference = {self.reference} is outside the search space ({outside}); put it "
+                                  "inside [space] or widen [space], as the study must be able to pick it")
+
+    def reference_params(self) -> "TrialParams":
+        """The reference setting as a trial's params: `reference`, else the first start point, its
+        unset keys (and those the space does not search) from [train]."""
+        point = self.reference if self.reference is not None else (self.space.start_points or [{}])[0]
+        searched = {"weight_decay": bool(self.space.weight_decays), "batch_size": bool(self.space.batch_sizes)}
+        return TrialParams(**{k: point.get(k, getattr(self.train, k)) for k in SEARCH_KEYS if searched.get(k, True)})
 
     def _check_cmaes_space(self) -> None:
         """Optuna's CMA-ES models numbers only, in two dimensions or more: anything else it hands,

@@ -24,10 +24,11 @@ from crackcore.shift import shift_frame
 
 TABLES = {"trials": "trials.parquet", "history": "history.parquet", "final_history": "final_history.parquet",
           "errors": "errors.parquet", "predictions": "predictions.parquet", "split": "split.parquet",
-          "repeats": "repeats.parquet", "loso": "loso.parquet"}
+          "repeats": "repeats.parquet", "loso": "loso.parquet", "reference_predictions": "reference_predictions.parquet"}
 DOCUMENTS = {"study": "study.json", "config": "study_config.json", "best_config": "best_config.json",
              "final_metrics": "final_metrics.json"}
-OPTIONAL = {"repeats.parquet", "loso.parquet"}  # only with --repeat-top / --leave-one-out
+# only with --repeat-top / --leave-one-out / a reference retrain (not with --no-reference, nor when the pick is it)
+OPTIONAL = {"repeats.parquet", "loso.parquet", "reference_predictions.parquet"}
 JOURNAL = "optuna_journal.log"
 # `python -m crackcore.calibrate --out results/STUDY/calibration/SITE` puts a calibration beside a study
 CALIBRATION_GLOB = "calibration/*/calibration.json"
@@ -50,6 +51,7 @@ class Study:
     split: pd.DataFrame = field(default_factory=pd.DataFrame)
     repeats: pd.DataFrame = field(default_factory=pd.DataFrame)
     loso: pd.DataFrame = field(default_factory=pd.DataFrame)
+    reference_predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
     calibration: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing: list[str] = field(default_factory=list)
     trials_from: str = "trials.parquet"  # or the Optuna journal, for a study stopped before the search ended
@@ -78,6 +80,21 @@ class Study:
         test images (shift "clean", severity 0) and one per shift x severity cell, each with n,
         accuracy and its Wilson 95 % CI; empty when the suite did not run."""
         return shift_frame(self.final_metrics.get("shift"))
+
+    @property
+    def lift(self) -> pd.DataFrame:
+        """The pick against the reference setting, retrained alike, on every evaluated set (one row
+        each: set, pick_accuracy, reference_accuracy, lift = pick - reference, its paired 95 % CI
+        ci95_low..ci95_high, n); empty when no reference was retrained (--no-reference, or the
+        pick is the reference: final_metrics.json "reference" says which)."""
+        lift = self.final_metrics.get("lift") or {}
+        return pd.DataFrame([{"set": name, **v} for name, v in lift.items()])
+
+    @property
+    def fidelity(self) -> pd.DataFrame:
+        """Per ASHA rung, Spearman's rho between the ranking at that rung and the last epoch's
+        ranking by the choice rule, over the trials that ran all epochs (study.json "fidelity")."""
+        return pd.DataFrame(self.study.get("fidelity", []), columns=["rung", "n", "spearman"])
 
     def per_set(self) -> pd.DataFrame:
         """The final model on every evaluated set, one row each: the test split of the sources

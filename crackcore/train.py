@@ -130,7 +130,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
     for x_u8, y, idx in loader:
         x = model_inputs(x_u8, channels_last=channels_last)
         logits = model(x).float()
-        losses.append(nn.functional.cross_entropy(logits, y, reduction="sum"))
+        losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
         probs.append(torch.softmax(logits, 1)[:, 1])
         margins.append(logits[:, 1] - logits[:, 0])  # exact where the probability saturates (calibration)
         labels.append(y)
@@ -151,7 +151,11 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
         "logit_crack": torch.cat(margins).cpu().numpy().astype(np.float64),
         "source": data.samples["source"].to_numpy()[row],
     })
-    return {**binary_metrics(y_true, y_pred, prob), "loss": float(torch.stack(losses).sum().item() / max(1, len(row))),
+    per_image = torch.cat(losses).cpu().double() if losses else torch.zeros(0, dtype=torch.float64)
+    # loss_sd: the spread of the per-image log loss, so a study can tell two val losses apart
+    # (tune.trials.tie_set) without keeping every trial's per-image predictions
+    return {**binary_metrics(y_true, y_pred, prob), "loss": float(per_image.sum().item() / max(1, len(row))),
+            "loss_sd": float(per_image.std().item()) if len(per_image) > 1 else float("nan"),
             "seconds": seconds, "img_s": len(row) / seconds if seconds else float("nan"), "predictions": predictions}
 
 
@@ -271,7 +275,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
             per_source["val_shift_acc"] = float(np.mean([val["accuracy"], *(c["accuracy"] for c in shifted["cells"])]))
             per_source["val_shift_seconds"] = shifted["seconds"]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["accuracy"], "val_loss": val["loss"],
-               "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
+               "val_loss_sd": val["loss_sd"], "val_n": val["n"], "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
                "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"], **per_source}
         history.append(row)
         if log:

@@ -52,13 +52,20 @@ def crack_data() -> Path:
     return TEST_DATA
 
 
+TINY_REFERENCE = '{ lr = 0.02, freeze_depth = 0, augment_policy = "none" }'
+
+
 @pytest.fixture(scope="session")
 def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One real study (real Ray, real Optuna, real images): 4 trials x 2 epochs at 32 px, then a
     2-epoch retrain, recorded in an MLflow store beside it (storage/mlflow.db). Shared by the study,
     report, inspection and tracking tests. Returns the study folder."""
     storage = tmp_path_factory.mktemp("studies")
-    cmd = [sys.executable, str(REPO / "tune" / "run.py"), "--smoke-test", "--data", str(TEST_DATA),
+    # the default experiment with a reference that is not a trial's setting: the pick is never it,
+    # so the reference is retrained beside the pick and the lift measured (final_metrics.json "lift")
+    experiment = storage / "study.toml"
+    experiment.write_text(f"reference = {TINY_REFERENCE}\n" + (REPO / "experiments" / "study.toml").read_text())
+    cmd = [sys.executable, str(REPO / "tune" / "run.py"), "--smoke-test", "--config", str(experiment), "--data", str(TEST_DATA),
            "--storage-path", str(storage), "--study-name", "tiny", "--subset", "60", "--seed", "1",
            "--mlflow", f"sqlite:///{storage}/mlflow.db"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=REPO)

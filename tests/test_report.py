@@ -123,7 +123,7 @@ def test_importance_attributes_variance_to_the_setting_that_drives_it(study: Pat
     distributions = optuna_study.trials[0].distributions
     policies = distributions["augment_policy"].choices
     for i in range(12):
-        params = {"lr": 10 ** (-4 + 3 * ((i * 5) % 12) / 11), "freeze_depth": i % 3,
+        params = {"lr": 10 ** (-4 + 3 * ((i * 5) % 12) / 11), "freeze_depth": min(i % 3, distributions["freeze_depth"].high),  # random init: depth 0 only
                   "augment_policy": policies[i % len(policies)]}
         value = 0.5 + 0.1 * policies.index(params["augment_policy"])
         optuna_study.add_trial(optuna.trial.create_trial(params=params, distributions=distributions, value=value))

@@ -100,6 +100,37 @@ def test_optuna_journal_records_epochs_and_pruning(tiny_study: Path) -> None:
             assert t.value == pytest.approx(row.last_val_acc)
 
 
+def test_the_pick_is_compared_with_the_reference_retrained_beside_it(tiny_study: Path) -> None:
+    from crackcore.results import load_study
+    from tune.trials import rank_trials
+
+    s = load_study(tiny_study)
+    reference = {"lr": 0.02, "freeze_depth": 0, "augment_policy": "none"}  # conftest.TINY_REFERENCE
+    # random init: freezing random layers is not searched
+    assert s.config["space"]["freeze_depths"] == [0] and (s.trials["freeze_depth"] == 0).all()
+    # the choice: lowest val loss's tie set, stated with the rule
+    assert "val log loss" in s.best_config["rule"] and s.study["best_rule"] == s.best_config["rule"]
+    ranked = rank_trials(s.trials, "val_acc", reference)
+    assert s.best_config["trial_id"] == ranked["trial_id"].iloc[0]
+    assert s.best_config["tie_set"] == s.study["tie_set"] == ranked.loc[ranked["tied"], "trial_id"].tolist()
+    assert s.trials["last_val_loss_sd"].gt(0).all() and (s.trials["last_val_n"] > 0).all()
+    # the reference, retrained beside the pick (not a trial's setting, so never the pick) on the same images
+    ref = s.final_metrics["reference"]
+    assert ref["params"] == reference and ref["retrained"] and not ref["is_pick"] and ref["from"] == "reference"
+    assert ref["test"]["n"] == s.final_metrics["n_test"] and 0 <= ref["test"]["accuracy"] <= 1
+    lift = s.lift.set_index("set").loc["test split"]
+    refp = s.reference_predictions[s.reference_predictions["set"] == "test split"]
+    pick = s.test_predictions().merge(refp, on=["source", "path"], suffixes=("", "_ref"))
+    assert lift["n"] == len(pick) == s.final_metrics["n_test"]
+    assert lift["reference_accuracy"] == pytest.approx(ref["test"]["accuracy"])
+    assert lift["pick_accuracy"] == pytest.approx(s.final_metrics["test_accuracy"])
+    assert lift["lift"] == pytest.approx(lift["pick_accuracy"] - lift["reference_accuracy"])
+    assert lift["ci95_low"] <= lift["lift"] <= lift["ci95_high"]
+    assert lift["pick_only_right"] == ((pick["pred_label"] == pick["true_label"]) & (pick["pred_label_ref"] != pick["true_label"])).sum()
+    # the rungs' fidelity: one rung (epoch 1) below max_epochs 2, over the trials that ran both epochs
+    assert s.fidelity["rung"].tolist() == [1] and s.fidelity["n"].iloc[0] == (s.trials["status"] == "COMPLETE").sum()
+
+
 def test_results_loader_reads_the_study(tiny_study: Path) -> None:
     from crackcore.results import load_study
 
@@ -413,6 +444,8 @@ def test_existing_study_is_not_overwritten_and_resume_needs_a_study(tiny_study: 
     proc = run_study(*resume, "--subset", "99", timeout=180)
     assert proc.returncode == 1 and "train.subset is 60 there, not 99" in proc.stderr, proc.stderr[-2000:]
     model = (tiny_study / "model.pt").read_bytes()
+    proc = run_study(*resume, "--no-reference", timeout=180)  # its reference retrain has begun (and ended)
+    assert proc.returncode == 1 and "reference retrain already began" in proc.stderr.strip().splitlines()[-1]
     proc = run_study(*resume, "--subset", "60", timeout=180)  # agreeing flags are fine; a finished study stays as is
     assert proc.returncode == 0 and "nothing to resume" in proc.stdout, proc.stderr[-2000:]
     assert (tiny_study / "model.pt").read_bytes() == model and (tiny_study / "trials.parquet").read_bytes() == before
@@ -439,21 +472,30 @@ def test_default_named_rerun_gets_a_new_name(tmp_path: Path, crack_data: Path) -
 def test_seed_repeats_rank_the_top_configs(crack_data: Path, tmp_path: Path) -> None:
     # the study itself on the grouped split; --compare-splits retrains the winner under random
     proc = run_study("--smoke-test", "--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "rep",
-                     "--repeat-top", "2", "--repeats", "2", "--compare-splits", "--split-strategy", "grouped")
+                     "--repeat-top", "2", "--repeats", "2", "--compare-splits", "--split-strategy", "grouped",
+                     "--no-reference")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "rep"
-    repeats = pd.read_parquet(study_dir / "repeats.parquet")
+    from tune.trials import rank_repeats, rank_trials
+
     trials = pd.read_parquet(study_dir / "trials.parquet")
-    top = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
-    assert set(repeats["trial_id"]) == set(top["trial_id"].head(2))
-    assert (repeats.groupby("trial_id")["seed"].nunique() == 2).all() and repeats["seed"].is_unique
-    assert repeats["val_acc"].between(0, 1).all()
     best = json.loads((study_dir / "best_config.json").read_text())
-    means = repeats.groupby("trial_id")["val_acc"].mean()
-    assert means[best["trial_id"]] == means.max() and "seeds" in best["rule"]
-    assert best["repeats"]["mean_val_acc"] == pytest.approx(means.max())
-    assert best["repeats"]["configs_repeated"] == repeats["trial_id"].nunique()
-    assert repeats["ci95_low"].between(0, 1).all() and repeats["ci95_high"].between(0, 1).all()
+    ranked = rank_trials(trials, "val_acc", best["reference"]["params"])
+    tie_set = ranked.loc[ranked["tied"], "trial_id"].tolist()
+    assert best["tie_set"] == tie_set
+    if len(tie_set) < 2:  # nothing the seeds could separate: the single-seed rule chose
+        assert not (study_dir / "repeats.parquet").exists() and best["trial_id"] == tie_set[0]
+    else:
+        repeats = pd.read_parquet(study_dir / "repeats.parquet")
+        assert repeats["trial_id"].drop_duplicates().tolist() == tie_set[:2]  # the tie set, in the rule's order
+        assert (repeats.groupby("trial_id")["seed"].nunique() == 2).all() and repeats["seed"].is_unique
+        assert repeats["val_acc"].between(0, 1).all()
+        again = rank_repeats(repeats.drop(columns=["mean_val_acc", "ci95_low", "ci95_high", "mean_val_loss", "rule_score",
+                                                   "rule_se", "tied"]), "val_acc", best["reference"]["params"])
+        assert best["trial_id"] == again["trial_id"].iloc[0] and "seeds" in best["rule"]
+        assert best["repeats"]["mean_val_loss"] == pytest.approx(repeats.groupby("trial_id")["val_loss"].mean()[best["trial_id"]])
+        assert best["repeats"]["configs_repeated"] == repeats["trial_id"].nunique()
+        assert repeats["ci95_low"].between(0, 1).all() and repeats["ci95_high"].between(0, 1).all()
     split = pd.read_parquet(study_dir / "split.parquet")
     assert split.groupby("group")["split"].nunique().max() == 1  # near-duplicate groups never straddle splits
     assert json.loads((study_dir / "final_metrics.json").read_text())["split_strategy"] == "grouped"
@@ -599,9 +641,12 @@ def test_study_selects_on_a_held_out_source_and_reports_each_source(crack_data: 
     proc = run_study("--smoke-test", "--data", f"concrete={crack_data}", "--data", f"masonry={walls['masonry']}",
                      "--data", f"quay={walls['quay-wall']}", "--val-source", "masonry", "--test-source", "quay",
                      "--group-by", "^(.*)__", "--eval", f"site={walls['quay-wall']}", "--leave-one-out",
-                     "--storage-path", str(tmp_path), "--study-name", "sources", "--weights", "random")
+                     "--storage-path", str(tmp_path), "--study-name", "sources", "--weights", "random",
+                     "--no-reference")  # the lift is tiny_study's test; here it would only add a retrain
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     study_dir = tmp_path / "sources"
+    assert not json.loads((study_dir / "final_metrics.json").read_text())["reference"]["retrained"]
+    assert not (study_dir / "reference_predictions.parquet").exists()
     split = pd.read_parquet(study_dir / "split.parquet")
     assert set(split.loc[split["source"] == "masonry", "split"]) == {"val"}
     assert set(split.loc[split["source"] == "quay", "split"]) == {"test"}

@@ -25,13 +25,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from crackcore.exceptions import StudyFilesError  # noqa: E402
+from crackcore.exceptions import StudyError, StudyFilesError  # noqa: E402
 from crackcore.images import open_image  # noqa: E402
+from crackcore.lift import lift_line  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
 from crackcore.results import JOURNAL, Study, load_optuna_study, load_study  # noqa: E402
 from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE  # noqa: E402
 from crackcore.tracking import log_folder  # noqa: E402
+from tune.trials import rank_trials  # noqa: E402
 
 MAX_ERRORS_SHOWN = 36
 STATUS_STYLE = {"COMPLETE": dict(ls="-", alpha=0.9), "PRUNED": dict(ls="--", alpha=0.45, color="0.55"),
@@ -360,6 +362,63 @@ def replay_section(replay: Path, out: Path) -> list[str]:
             _table(table.round(3)), ""]
 
 
+def top_trials_section(s: Study) -> list[str]:
+    """The top 10 in the order the choice rule ranks them, with the figure it ranks on and the tie set marked."""
+    t = s.trials
+    metric = s.config.get("metric", "val_acc")
+    reference = (s.best_config.get("reference") or {}).get("params")
+    try:
+        ranked = rank_trials(t, metric, reference)
+    except (KeyError, StudyError):  # a journal-read table (stopped mid-search) has no last-epoch figures
+        top = t.sort_values(["best_val_acc"], ascending=False).head(10)
+        cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "status", "epochs", "best_val_acc")
+                if c in top]
+        return ["## Top 10 trials (by best val accuracy: the search has not ended)", "", _table(top[cols]), ""]
+    figure = "last_val_shift_acc" if metric == "val_shift_acc" else "last_val_loss"
+    ranked["rule_figure"] = ranked[figure].map(lambda v: f"{v:.4f}") + ranked["rule_se"].map(
+        lambda v: "" if pd.isna(v) else f" ± {1.96 * v:.4f}")
+    # then the trials outside the choice pool (stopped by ASHA when some ran all epochs), as they ended
+    rest = t[~t["trial_id"].isin(ranked["trial_id"])].sort_values(figure, ascending=metric != "val_shift_acc")
+    ranked = pd.concat([ranked, rest.assign(tied=False, is_reference=False)], ignore_index=True)
+    top = ranked.assign(**{"rule figure": ranked["rule_figure"].fillna("(stopped early)"),
+                           "tie set": np.where(ranked["tied"].astype(bool), "tied", ""),
+                           "reference": np.where(ranked["is_reference"].astype(bool), "reference", "")}).head(10)
+    cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size", "status",
+                        "epochs", "rule figure", "tie set", "reference", "last_val_acc", "seconds")
+            if c in top]
+    words = "val_shift_acc at the last epoch" if metric == "val_shift_acc" else "val log loss at the last epoch"
+    return ["## Top 10 trials", "",
+            f"In the order the choice rule ranks them: by {words} (± 1.96 standard errors over the n val images), "
+            f"among the {int((t['status'] == 'COMPLETE').sum())} trials that ran all epochs. `tied`: inside the noise "
+            f"of the leader ({int(ranked['tied'].astype(bool).sum())} setting(s), the tie set), where the reference setting, then "
+            "the one training fewer parameters, is preferred.", "", _table(top[cols]), ""]
+
+
+def lift_summary(s: Study) -> list[str]:
+    """What tuning bought over the reference setting, one line per evaluated set."""
+    m = s.final_metrics
+    if not m:
+        return []
+    reference = m.get("reference") or {}
+    if reference.get("is_pick"):
+        return [f"the pick is the reference setting {_params(reference.get('params'))}: no lift to measure"]
+    if not reference.get("retrained"):
+        return ["lift over the reference: not measured (--no-reference, or a study from before it was recorded)"]
+    return [lift_line(row["set"], row) for row in s.lift.to_dict("records")]
+
+
+def fidelity_section(s: Study) -> list[str]:
+    f = s.fidelity
+    if not len(f):
+        return []
+    table = f.assign(spearman=f["spearman"].map(lambda v: "n/a (n < 3)" if pd.isna(v) else f"{v:.2f}"))
+    return ["## How well the early rungs predicted the end", "",
+            "Spearman's rank correlation between the trials' ranking at each rung (by the study metric, what ASHA "
+            "stops on) and their ranking by the choice rule at the last epoch, over the n trials that ran all epochs. "
+            "A low value says the rung judges how fast a setting starts, not where it ends: raise grace_period.", "",
+            _table(table), ""]
+
+
 def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
                  replays: list[Path] | None = None) -> tuple[list[str], list[str]]:
     """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
@@ -390,13 +449,15 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
     if s.study.get("cluster_resources"):
         md += ["### Cluster", "", _table(resources_table(s.study["cluster_resources"], s.study.get("nodes"))), ""]
     if len(s.trials):
-        top = s.trials.sort_values(["best_val_acc"], ascending=False).head(10)
-        cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "status", "epochs", "best_val_acc",
-                            "last_val_loss", "seconds") if c in top]
-        md += ["## Top 10 trials", "", _table(top[cols]), ""]
+        md += top_trials_section(s)
     if s.best_config:
+        tie = s.best_config.get("tie_set")
         md += ["## Best configuration", "", f"- trial {_code(s.best_config.get('trial_id'))}: {_text(_params(s.best_config.get('params')))}",
-               f"- rule: {s.best_config.get('rule')}", ""]
+               f"- rule: {s.best_config.get('rule')}"]
+        if tie is not None:
+            md.append(f"- tie set: the study could not separate {len(tie)} setting(s) ({', '.join(_code(t) for t in tie)})")
+        md += [f"- {line}" for line in lift_summary(s)] + [""]
+    md += fidelity_section(s)
     m = s.final_metrics
     if m:
         md += ["## Final model on the held-out test split", "",

@@ -31,23 +31,26 @@ from crackcore.config import (StudyConfig, TrainConfig, TrialParams, apply_overr
                               leave_one_out,
                               load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
-from crackcore.exceptions import StorageError, StudyError, storage_error
+from crackcore.exceptions import ConfigError, StorageError, StudyError, storage_error
 from crackcore.metrics import format_accuracy, wilson_interval
 from crackcore.model import WeightsInfo, load_backbone, resolve_weights
 from crackcore.neardup import near_duplicate_leaks
 from crackcore.images import CACHE_ENV, cache_dir
+from crackcore.lift import TEST_SET, evaluated_sets, lift_by_set, lift_line
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
 from crackcore.sources import SYNTHETIC, check_root
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
-from tune.search import checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, resume_search
+from tune.search import (checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, resume_search,
+                         stop_epochs)
 from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
                           CheckpointWatch, StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state,
                           ray_storage, study_started, sync_outputs)
 from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
 from tune.settings import parse_flags, resolve_config, resume_conflicts
-from tune.trials import best_rule, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
+from tune.trials import (best_rule, collect_trials, is_setting, max_parallel, rank_repeats, rank_trials, repeat_top,
+                         rung_fidelity)
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
                slots: int) -> Any:
@@ -170,6 +173,12 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
     if not saved.is_file():
         raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
     saved_cfg = StudyConfig(**json.loads(saved.read_text()))
+    if flags.get("reference_retrain") is False and saved_cfg.reference_retrain:
+        if (study_dir / "best_config.json").is_file():  # written just before the retrains start
+            raise StudyError(f"study {cfg.name}'s reference retrain already began (best_config.json is written); resume "
+                             "it without --no-reference, or start a new study with --study-name NEW (nothing was changed)")
+        saved_cfg = apply_overrides(saved_cfg, {"reference_retrain": False})  # not begun: the user may still drop it
+        write_json(saved_cfg.to_dict(), saved)
     conflicts = resume_conflicts(a, cfg, saved_cfg, flags)
     if conflicts:
         raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
@@ -181,6 +190,22 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
     return StudyRun(saved_cfg, study_dir, storage, resumed=True)
 
 
+def narrow_for_random_init(cfg: StudyConfig, weights: WeightsInfo) -> StudyConfig:
+    """With random init, freezing depth > 0 freezes random layers: noise, not a setting. Search
+    depth 0 only, unless [space] freeze_random_init = true asks otherwise. The reference must
+    still be inside the space."""
+    if weights.source != "random" or cfg.space.freeze_random_init or cfg.space.freeze_depths == [0]:
+        return cfg
+    reference = cfg.reference_params()
+    if cfg.reference_retrain and reference.freeze_depth != 0:
+        raise ConfigError(f"the reference {reference.to_dict()} freezes depth {reference.freeze_depth}, but with random "
+                          "init the study searches freeze depth 0 only; give a reference with freeze_depth = 0, set "
+                          "[space] freeze_random_init = true, or pass --no-reference")
+    print(f"weights are random init: freezing would freeze random layers, so the study searches freeze depth 0 only "
+          f"(not {cfg.space.freeze_depths}; [space] freeze_random_init = true searches them anyway)", flush=True)
+    return apply_overrides(cfg, {"space.freeze_depths": [0]})
+
+
 def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
     """Data and weights, checked before the study folder exists (a folder holding only
     study_config.json is a start that failed before Ray's first trial, started afresh), then
@@ -190,6 +215,8 @@ def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
     run.slots = trial_slots(cfg, resources)
     run.data = prepare_data(cfg.train)
     run.weights = resolve_weights(cfg.train.weights)
+    if not run.resumed:  # a resumed study keeps the space it saved
+        run.cfg = cfg = narrow_for_random_init(cfg, run.weights)
     run.study_dir.mkdir(parents=True, exist_ok=True)
     if not run.resumed:
         write_json(cfg.to_dict(), run.study_dir / CONFIG_FILE)
@@ -205,7 +232,7 @@ def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
           f"GPU each), {cfg.searcher} + {cfg.scheduler}, {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
 
 
-def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, float]:
+def search(run: StudyRun) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialParams], int, float]:
     """Run (or resume) the trials and write trials.parquet / history.parquet. Returns the
     trials, their TrialParams, how many finished and the search's seconds."""
     t_search = time.time()
@@ -227,63 +254,139 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
     run.checkpoints = {"checkpoint_bytes_peak": watch.peak, "checkpoint_bytes_largest": int(largest)}
     if run.experiment_id:
         mark_trials(run.cfg.mlflow, run.experiment_id, trials)
-    return trials, params_of, finished, search_seconds
+    return trials, history, params_of, finished, search_seconds
 
 
-def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams]) -> tuple[pd.Series, str, dict]:
-    """The trial to retrain (best_rule, or the best mean over seeds with --repeat-top), the
-    rule that chose it and the repeats' figures."""
+@dataclass
+class Choice:
+    """What choose() decided: the trial to retrain, the rule in words, the ranked pool (tie set
+    marked) and, with --repeat-top, the repeats' figures."""
+
+    best: pd.Series
+    rule: str
+    ranked: pd.DataFrame
+    repeated: dict[str, Any]
+
+    def tie_set(self) -> list[str]:
+        return self.ranked.loc[self.ranked["tied"], "trial_id"].tolist()
+
+
+def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams]) -> Choice:
+    """The trial to retrain by best_rule (val log loss, a tie set of the settings the data
+    cannot separate, the reference then fewer trained parameters preferred inside it), or with
+    --repeat-top the tie set re-run over seeds and chosen by the same rule on their means."""
     cfg = run.cfg
-    best = pick_best(trials, cfg.metric)
+    reference = cfg.reference_params().to_dict()
+    ranked = rank_trials(trials, cfg.metric, reference)
+    choice = Choice(ranked.iloc[0], best_rule(cfg.metric), ranked, {})
+    if cfg.repeat_top == 0:
+        return choice
     n_complete = int((trials["status"] == "COMPLETE").sum())
-    if cfg.repeat_top > 0 and n_complete == 0:
-        print("warning: no trial ran all max_epochs, so there is nothing for --repeat-top to repeat; the best trial "
-              "is chosen by the single-seed rule", file=sys.stderr)
-    if cfg.repeat_top == 0 or n_complete == 0:
-        return best, best_rule(cfg.metric), {}
-    n_configs = min(cfg.repeat_top, n_complete)  # only trials that ran all max_epochs are repeated
-    print(f"\nrepeating the top {n_configs} complete trial(s) with {cfg.repeats} seeds each ...", flush=True)
-    repeats = repeat_top(cfg, trials, params_of, run.data_ref, run.backbone_ref)
-    ranked = rank_repeats(repeats)
-    write_parquet(repeats.merge(ranked[["trial_id", "mean_val_acc", "ci95_low", "ci95_high"]], on="trial_id"),
+    tied = int(ranked["tied"].sum())
+    if n_complete < cfg.repeat_top:
+        print(f"warning: --repeat-top {cfg.repeat_top} is more than the {n_complete} trial(s) that ran all max_epochs; "
+              f"repeating at most {min(tied, n_complete)} (the tie set)", file=sys.stderr)
+    if n_complete == 0 or tied < 2:
+        print(f"--repeat-top: the tie set holds {tied} setting(s) that ran all max_epochs, nothing to separate; the "
+              "single-seed rule chose", file=sys.stderr if n_complete == 0 else sys.stdout)
+        return choice
+    n_configs = min(cfg.repeat_top, tied)
+    print(f"\nrepeating the tie set's {n_configs} setting(s) with {cfg.repeats} seeds each for {cfg.final_epochs} "
+          "epochs ...", flush=True)
+    repeats = repeat_top(cfg, ranked, params_of, run.data_ref, run.backbone_ref)
+    ranked_repeats = rank_repeats(repeats, cfg.metric, reference)
+    write_parquet(repeats.merge(ranked_repeats[["trial_id", "mean_val_acc", "ci95_low", "ci95_high", "mean_val_loss",
+                                                "rule_score", "rule_se", "tied"]], on="trial_id"),
                   run.study_dir / "repeats.parquet")
-    print(ranked.to_string(index=False), flush=True)
-    chosen = ranked.iloc[0]
-    rule = (f"highest mean val accuracy over {cfg.repeats} seeds among the top {n_configs} trials that ran all "
-            "max_epochs (repeats.parquet); ties: lower mean val loss")
-    return trials[trials["trial_id"] == chosen["trial_id"]].iloc[0], rule, {
+    print(ranked_repeats.drop(columns=[c for c in SEARCH_COLUMNS if c in ranked_repeats]).to_string(index=False), flush=True)
+    chosen = ranked_repeats.iloc[0]
+    rule = (f"the tie set of the single-seed rule (at most {cfg.repeat_top} settings, here {n_configs}) re-run with "
+            f"{cfg.repeats} seeds for final_epochs = {cfg.final_epochs} (repeats.parquet), then the same rule on the "
+            f"means over seeds (standard error over seeds). Single-seed rule: {choice.rule}")
+    return Choice(trials[trials["trial_id"] == chosen["trial_id"]].iloc[0], rule, ranked, {
         "mean_val_acc": float(chosen["mean_val_acc"]), "ci95_low": float(chosen["ci95_low"]),
-        "ci95_high": float(chosen["ci95_high"]), "seeds": cfg.repeats, "configs_repeated": n_configs}
+        "ci95_high": float(chosen["ci95_high"]), "mean_val_loss": float(chosen["mean_val_loss"]), "seeds": cfg.repeats,
+        "configs_repeated": n_configs, "tie_set": ranked_repeats.loc[ranked_repeats["tied"], "trial_id"].tolist()})
 
 
-def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repeated: dict) -> tuple[Any, dict, float]:
-    """best_config.json, then the chosen setting retrained from scratch for final_epochs and
-    its outputs written. Returns the FitResult, its metrics and the retrain's seconds."""
-    cfg, data = run.cfg, run.data
+SEARCH_COLUMNS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
+
+
+def retrain_resources(cfg: StudyConfig, tasks: int) -> tuple[int, float]:
+    """(CPUs, GPUs) of each of `tasks` retrains run side by side: final_resources, split so that
+    all of them fit on the biggest node at once (the pick's and the reference's train in parallel)."""
+    num_cpus, num_gpus = final_resources(cfg)
+    if tasks < 2:
+        return num_cpus, num_gpus
+    nodes = node_resources().values()
+    if num_gpus and max((r["GPU"] for r in nodes), default=0) < tasks * num_gpus:
+        num_gpus = num_gpus / tasks
+    if max((r["CPU"] for r in nodes), default=1) < tasks * num_cpus:
+        num_cpus = max(1, num_cpus // tasks)
+    return num_cpus, num_gpus
+
+
+def reference_record(run: StudyRun, params: TrialParams) -> dict[str, Any]:
+    """best_config.json's and final_metrics.json's "reference": which setting, whether it is the pick."""
+    cfg = run.cfg
+    reference = cfg.reference_params()
+    is_pick = bool(is_setting(pd.DataFrame([params.to_dict()]), reference.to_dict()).iloc[0])
+    return {"params": reference.to_dict(), "from": "reference" if cfg.reference is not None else "space.start_points[0]",
+            "retrained": cfg.reference_retrain and not is_pick, "is_pick": is_pick}
+
+
+def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, dict, float]:
+    """best_config.json, then the chosen setting retrained from scratch for final_epochs, beside
+    it (in parallel where the node holds both) the reference setting with the same data, split,
+    epochs and seed, and the pick's outputs written with the lift over the reference. Returns the
+    pick's FitResult, its metrics and the retrain's seconds."""
+    cfg, data, best = run.cfg, run.data, choice.best
     best_cfg = trial_config(cfg.train, params, cfg.final_epochs)
-    write_json({"trial_id": best["trial_id"], "params": params.to_dict(), "rule": rule, "selection": cfg.train.selection(),
+    reference = reference_record(run, params)
+    write_json({"trial_id": best["trial_id"], "params": params.to_dict(), "rule": choice.rule, "selection": cfg.train.selection(),
                 "val_acc": float(best["last_val_acc"]), "val_loss": float(best["last_val_loss"]),
                 **({"val_shift_acc": float(best["last_val_shift_acc"])} if "last_val_shift_acc" in best else {}),
-                **({"repeats": repeated} if repeated else {}),
+                "tie_set": choice.tie_set(), "reference": reference,
+                **({"repeats": choice.repeated} if choice.repeated else {}),
                 "train_config": best_cfg.to_dict()}, run.study_dir / "best_config.json")
     n_val = len(data.indices("val", cfg.train.selection_sources()))
     val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)
+    cfgs = [best_cfg]
+    if reference["retrained"]:
+        # the shift suite is the pick's alone: the reference is compared on the evaluated sets
+        cfgs.append(trial_config(cfg.train, cfg.reference_params(), cfg.final_epochs).replace(shift_suite=False))
     print(f"\nbest trial {best['trial_id']}: {params.to_dict()}  val acc "
-          f"{format_accuracy(best['last_val_acc'], n_val, *val_ci)}\n"
-          f"retraining it from scratch for {cfg.final_epochs} epochs ...", flush=True)
+          f"{format_accuracy(best['last_val_acc'], n_val, *val_ci)}, val loss {best['last_val_loss']:.4f}; the study "
+          f"could not separate {len(choice.tie_set())} setting(s) (tie set)\n"
+          f"retraining it from scratch for {cfg.final_epochs} epochs" + (
+              f", and beside it the reference {reference['params']} ..." if reference["retrained"] else
+              " (it is the reference setting: retrained once) ..." if reference["is_pick"] else " ..."), flush=True)
     t_final = time.time()
-    num_cpus, num_gpus = final_resources(cfg)
-    [result] = fit_remote(run.data_ref, [best_cfg], run.backbone_ref, num_cpus, num_gpus, True, "final retrain")
+    num_cpus, num_gpus = retrain_resources(cfg, len(cfgs))
+    [result, *ref_result] = fit_remote(run.data_ref, cfgs, run.backbone_ref, num_cpus, num_gpus, True, "final retrain")
     final_seconds = time.time() - t_final
-    extra: dict[str, Any] = {"best_trial_id": best["trial_id"]}
+    extra: dict[str, Any] = {"best_trial_id": best["trial_id"], "reference": reference}
+    if ref_result:
+        [ref] = ref_result
+        groups = data.samples.set_index(["source", "path"])["group"]
+        extra["lift"] = lift_by_set(result, ref, groups, seed=cfg.seed)
+        reference.update(test=set_summary(ref.test), val={"accuracy": ref.val["accuracy"], "loss": ref.val["loss"],
+                                                          "n": ref.val["n"]},
+                         sets={name: set_summary(m) for name, m in {**ref.held_out, **ref.external}.items()},
+                         seconds=ref.seconds)
+        write_parquet(pd.concat([p.assign(set=name) for name, p in evaluated_sets(ref).items()], ignore_index=True),
+                      run.study_dir / "reference_predictions.parquet")
+    else:
+        (run.study_dir / "reference_predictions.parquet").unlink(missing_ok=True)  # a resumed study's stale one
     if cfg.compare_splits:
-        extra["split_comparison"] = compare_splits(best_cfg, data, result, run.backbone_ref, num_cpus, num_gpus)
+        extra["split_comparison"] = compare_splits(best_cfg, data, result, run.backbone_ref, *final_resources(cfg))
     metrics = write_run_outputs(run.study_dir, result, data, best_cfg, extra)
     write_retrain_events(result.history, run.study_dir / RAY_DIR / RETRAIN_EVENTS)
     if run.experiment_id:
         run.retrain_run_id = log_retrain(cfg.mlflow, run.experiment_id, cfg.name, best["trial_id"], result, best_cfg,
                                          metrics, run.study_dir)
     if cfg.leave_one_out:
+        num_cpus, num_gpus = final_resources(cfg)
         results = {}
         for name, held_cfg in leave_one_out(best_cfg).items():
             print(f"\nleave-one-out: retraining without {name} ...", flush=True)
@@ -292,6 +395,25 @@ def retrain(run: StudyRun, best: pd.Series, params: TrialParams, rule: str, repe
         write_parquet(table := loso_table(results), run.study_dir / "loso.parquet")
         print(table.to_string(index=False), flush=True)
     return result, metrics, final_seconds
+
+
+def set_summary(m: dict[str, Any]) -> dict[str, Any]:
+    """An evaluated set's accuracy with its n and Wilson 95 % CI (final_metrics.json "reference")."""
+    return {k: m[k] for k in ("accuracy", "n", "ci95_low", "ci95_high", "errors", "f1", "roc_auc")}
+
+
+def lift_lines(metrics: dict[str, Any], tie_set: int) -> list[str]:
+    """The summary's and the report's lines on what tuning bought, and how many settings tied."""
+    reference = metrics.get("reference") or {}
+    lines = [f"the study could not separate {tie_set} setting(s): the tie set" + (
+        "" if tie_set > 1 else " holds the pick alone")]
+    if reference.get("is_pick"):
+        lines.append(f"the pick is the reference setting {reference['params']}: no lift to measure (retrained once)")
+    elif not reference.get("retrained"):
+        lines.append("reference not retrained (--no-reference): the lift over it is not measured")
+    for name, lift in (metrics.get("lift") or {}).items():
+        lines.append(lift_line(name if name != TEST_SET else "test split (in-domain)", lift))
+    return lines
 
 
 def slot_use(trials: pd.DataFrame, history: pd.DataFrame, slots: int, search_seconds: float,
@@ -324,7 +446,8 @@ def footprint_line(footprint: dict[str, Any], slots: int) -> str:
 
 
 def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, float], trials: pd.DataFrame,
-                 result: Any, best_trial_id: str, rule: str, seconds: dict[str, float]) -> dict[str, Any]:
+                 history: pd.DataFrame, result: Any, choice: Choice, params: TrialParams,
+                 seconds: dict[str, float]) -> dict[str, Any]:
     """What study.json holds: how the study ran, where, on what, and how long it took."""
     nodes = node_resources()
     return {
@@ -342,7 +465,12 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         "footprint": {"checkpoint_bytes_written": int(trials["checkpoint_bytes"].sum()),
                       **run.checkpoints,
                       "bytes_left": sum(f.stat().st_size for f in run.study_dir.rglob("*") if f.is_file())},
-        "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
+        "best_trial_id": choice.best["trial_id"], "best_rule": choice.rule, "tie_set": choice.tie_set(),
+        "reference": reference_record(run, params),
+        # how well each ASHA rung's ranking predicted the last epoch's, over the trials that ran all epochs
+        "fidelity": rung_fidelity(
+            trials, history, stop_epochs(run.cfg) or list(range(1, run.cfg.max_epochs)), run.cfg.metric).to_dict("records"),
+        "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
         "resumed": run.resumed,
         **({"mlflow": {"uri": run.cfg.mlflow, "experiment": run.cfg.name, "experiment_id": run.experiment_id,
                        "retrain_run_id": run.retrain_run_id}} if run.experiment_id else {}),
@@ -388,15 +516,15 @@ def main(argv: list[str] | None = None) -> int:
         run.experiment_id = experiment(open_store(run.cfg.mlflow), run.cfg.name, new_study=not run.resumed)
     try:
         load_inputs(run, resources)
-        trials, params_of, finished, search_seconds = search(run)
+        trials, history, params_of, finished, search_seconds = search(run)
         if finished < run.cfg.num_samples:
             print(f"study interrupted after {finished}/{run.cfg.num_samples} trials; continue it with: "
                   f"{resume_command(run, a)}", file=sys.stderr)
             return 130
-        best, rule, repeated = choose(run, trials, params_of)
-        params = params_of[best["trial_id"]]
-        result, metrics, final_seconds = retrain(run, best, params, rule, repeated)
-        record = study_record(run, a, resources, trials, result, best["trial_id"], rule, {
+        choice = choose(run, trials, params_of)
+        params = params_of[choice.best["trial_id"]]
+        result, metrics, final_seconds = retrain(run, choice, params)
+        record = study_record(run, a, resources, trials, history, result, choice, params, {
             "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start})
         write_json(record, run.study_dir / "study.json")
         sync_outputs(run.study_dir, run.storage)
@@ -407,6 +535,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"best config: {params.to_dict()}  selected on {run.cfg.train.selection()}  (data: {run.data.source['kind']}, "
               f"weights: {run.weights.describe()})")
         print("\n".join(summary_lines(metrics, run.study_dir)))
+        print("\n".join(lift_lines(metrics, len(choice.tie_set()))))
         print(f"tensorboard --logdir {run.study_dir / RAY_DIR}   (the trials' and the retrain's curves)")
         if run.experiment_id:
             print(f"mlflow: experiment {run.cfg.name!r} (id {run.experiment_id}) at {run.cfg.mlflow}: a run per trial "

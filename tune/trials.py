@@ -1,15 +1,17 @@
 """The search's results as tables (trials.parquet, history.parquet) with each trial's
-TrialParams, and the choice of the trial to retrain: by its last val accuracy, or by the
-mean over seeds of the top trials re-run (--repeat-top)."""
+TrialParams, and the choice of the trial to retrain (best_rule: val log loss, with a tie set
+of the settings the data cannot separate), or of the tie set re-run over seeds (--repeat-top);
+and how well ASHA's rungs predicted the end (rung_fidelity)."""
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from crackcore.config import StudyConfig, TrialParams, trial_config
+from crackcore.config import SEARCH_KEYS, StudyConfig, TrialParams, trial_config
 from crackcore.exceptions import StudyError
 from tune.cluster import fit_remote
 
@@ -29,7 +31,8 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             per_source = sorted(c for c in hist if c.startswith("val_acc_"))  # when val holds several sources
             timing = [c for c in ("wall_time", "checkpoint_seconds", "checkpoint_bytes") if c in hist]
             shifted = [c for c in ("val_shift_acc", "val_shift_seconds") if c in hist]  # metric = "val_shift_acc"
-            h = hist[["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "current_lr", "seconds", "train_img_s",
+            spread = [c for c in ("val_loss_sd", "val_n") if c in hist]  # the choice rule's standard errors
+            h = hist[["epoch", "train_loss", "train_acc", "val_loss", *spread, "val_acc", "current_lr", "seconds", "train_img_s",
                       *per_source, *shifted, "node_id", "timestamp", *timing]].assign(trial_id=trial_id, **params)
             history.append(h)
         epochs = int(hist["epoch"].max()) if len(hist) and "epoch" in hist else 0
@@ -44,6 +47,8 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             "best_val_acc": float(hist["val_acc"].max()) if last is not None else np.nan,
             "last_val_acc": float(last["val_acc"]) if last is not None else np.nan,
             "last_val_loss": float(last["val_loss"]) if last is not None else np.nan,
+            **({"last_val_loss_sd": float(last["val_loss_sd"]), "last_val_n": float(last["val_n"])}
+               if last is not None and "val_loss_sd" in hist else {}),
             **({"best_val_shift_acc": float(hist["val_shift_acc"].max()), "last_val_shift_acc": float(last["val_shift_acc"])}
                if last is not None and "val_shift_acc" in hist else {}),
             "seconds": float(hist["seconds"].sum()) if last is not None else np.nan,
@@ -74,19 +79,83 @@ def max_parallel(trials: pd.DataFrame) -> int:
     return best
 
 
-BEST_RULE = ("highest val accuracy at the last epoch among trials that ran all max_epochs (ties: lower val loss, "
-             "then lower trial id); if none did, among all trials that reported and did not diverge")
-METRIC_WORDS = {"val_acc": "val accuracy",
+Z95 = 1.959963984540054
+BEST_RULE = ("lowest val log loss at the last epoch among trials that ran all max_epochs; if none did, among all trials "
+             "that reported and did not diverge. Trials whose val loss is within 1.96 standard errors of the leader's "
+             "(SE of the difference from each trial's per-image loss spread over the n val images, unpaired, so "
+             "conservative) form the tie set, which the data cannot separate; inside it the reference setting is "
+             "preferred, then the one that trains fewer parameters, then the lower val loss, then the lower trial id")
+SHIFT_RULE = ("highest val_shift_acc (the mean val accuracy over clean and shift.VAL_CELLS) at the last epoch among "
+              "trials that ran all max_epochs; if none did, among all trials that reported and did not diverge. Trials "
+              "within 1.96 binomial standard errors of the leader (over the n val images, unpaired) form the tie set; "
+              "inside it the reference setting is preferred, then the one that trains fewer parameters, then the "
+              "higher val_shift_acc, then the lower trial id")
+METRIC_WORDS = {"val_acc": "val log loss",
                 "val_shift_acc": "val_shift_acc (the mean val accuracy over clean and shift.VAL_CELLS)"}
 
 
 def best_rule(metric: str = "val_acc") -> str:
-    """BEST_RULE in the words of the metric the study selects on."""
-    return BEST_RULE.replace("val accuracy", METRIC_WORDS[metric])
+    """The choice rule in the words of the metric the study selects on: val log loss (a proper
+    scoring rule, so one image more or less right does not flip the choice) for val_acc studies,
+    val_shift_acc (no per-image score is recorded under shift) for those."""
+    return SHIFT_RULE if metric == "val_shift_acc" else BEST_RULE
 
 
-def pick_best(trials: pd.DataFrame, metric: str = "val_acc") -> pd.Series:
-    """The trial to retrain by best_rule(metric), scored on `metric` (the study's: val_acc or val_shift_acc)."""
+@lru_cache(maxsize=None)
+def trainable_count(freeze_depth: int) -> int:
+    """Parameters a setting trains: fewer is the simpler setting inside a tie set."""
+    from crackcore.model import CrackResNet
+
+    model = CrackResNet(int(freeze_depth))
+    model.apply_freeze()
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def is_setting(table: pd.DataFrame, params: dict[str, Any] | None) -> pd.Series:
+    """Rows of `table` whose searched columns equal `params` (lr up to float rounding)."""
+    if not params:
+        return pd.Series(False, index=table.index)
+    same = pd.Series(True, index=table.index)
+    for key, value in params.items():
+        if key not in table:
+            continue
+        same &= np.isclose(table[key].astype(float), float(value), rtol=1e-9, atol=0) if key == "lr" else table[key] == value
+    return same
+
+
+def rule_figure(trials: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
+    """rule_score (lower is better) and its standard error rule_se, per trial, from the last epoch.
+    A table without the spread columns (an older study) gets NaN: then only equal scores tie."""
+    n = trials["last_val_n"] if "last_val_n" in trials else pd.Series(np.nan, index=trials.index)
+    if metric == "val_shift_acc":
+        p = trials["last_val_shift_acc"]
+        return pd.DataFrame({"rule_score": -p, "rule_se": np.sqrt(p * (1 - p) / n)}, index=trials.index)
+    sd = trials["last_val_loss_sd"] if "last_val_loss_sd" in trials else pd.Series(np.nan, index=trials.index)
+    return pd.DataFrame({"rule_score": trials["last_val_loss"], "rule_se": sd / np.sqrt(n)}, index=trials.index)
+
+
+def rank_by_rule(table: pd.DataFrame, reference: dict[str, Any] | None = None, z: float = Z95) -> pd.DataFrame:
+    """`table` (one row per setting, with rule_score lower-better, rule_se, freeze_depth, trial_id)
+    ordered as the rule chooses, with `tied` (inside the noise of the leader: score - leader's
+    <= z * sqrt(se^2 + se_leader^2)), `is_reference` and `trainable_params`. Row 0 is the choice:
+    the tie set first, the reference preferred, then fewer trained parameters, then the score."""
+    t = table.dropna(subset=["rule_score"]).copy()
+    leader = t.sort_values(["rule_score", "trial_id"]).iloc[0]
+    margin = z * np.sqrt(t["rule_se"] ** 2 + leader["rule_se"] ** 2)
+    t["tied"] = (t["trial_id"] == leader["trial_id"]) | (t["rule_score"] - leader["rule_score"] <= margin.fillna(0))
+    t["is_reference"] = is_setting(t, reference)
+    t["trainable_params"] = [trainable_count(d) for d in t.get("freeze_depth", pd.Series(0, index=t.index))]
+    t["_not_tied"], t["_not_ref"] = ~t["tied"], ~t["is_reference"]
+    # outside the tie set the order is the score's alone
+    t["_params"] = np.where(t["tied"], t["trainable_params"], 0)
+    t["_ref"] = np.where(t["tied"], t["_not_ref"], False)
+    order = ["_not_tied", "_ref", "_params", "rule_score", "trial_id"]
+    return t.sort_values(order).drop(columns=["_not_tied", "_not_ref", "_params", "_ref"]).reset_index(drop=True)
+
+
+def choice_pool(trials: pd.DataFrame) -> pd.DataFrame:
+    """The trials the rule chooses among: those that ran all max_epochs, else every trial that
+    reported and did not diverge."""
     reported = trials[(trials["epochs"] > 0) & (trials["status"] != "DIVERGED")]
     if reported.empty and (trials["status"] == "DIVERGED").any():
         raise StudyError("every trial that reported diverged (non-finite training loss); lower space.lr_max in the "
@@ -94,22 +163,33 @@ def pick_best(trials: pd.DataFrame, metric: str = "val_acc") -> pd.Series:
     if reported.empty:
         raise StudyError("every trial failed before reporting a metric; see errors in trials.parquet and Ray's logs")
     pool = reported[reported["status"] == "COMPLETE"]
-    pool = pool if len(pool) else reported
-    return pool.sort_values([f"last_{metric}", "last_val_loss", "trial_id"], ascending=[False, True, True]).iloc[0]
+    return pool if len(pool) else reported
 
 
-def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, params_of: dict[str, TrialParams], data_ref: Any,
+def rank_trials(trials: pd.DataFrame, metric: str = "val_acc", reference: dict[str, Any] | None = None) -> pd.DataFrame:
+    """The choice pool ranked by best_rule(metric) (rank_by_rule): row 0 is the trial to retrain,
+    rows with `tied` the tie set."""
+    pool = choice_pool(trials)
+    return rank_by_rule(pool.join(rule_figure(pool, metric)), reference)
+
+
+def pick_best(trials: pd.DataFrame, metric: str = "val_acc", reference: dict[str, Any] | None = None) -> pd.Series:
+    """The trial to retrain by best_rule(metric)."""
+    return rank_trials(trials, metric, reference).iloc[0]
+
+
+def repeat_top(cfg: StudyConfig, ranked: pd.DataFrame, params_of: dict[str, TrialParams], data_ref: Any,
                backbone_ref: Any) -> pd.DataFrame:
-    """Re-run the top-K configs R times with fresh seeds (same split) for max_epochs. One
-    seed cannot rank trials that differ by a few errors in a thousand."""
-    done = trials[trials["status"] == "COMPLETE"].sort_values(["last_val_acc", "last_val_loss"], ascending=[False, True])
-    top = done.head(cfg.repeat_top)
+    """Re-run the tie set (at most cfg.repeat_top settings, in the rule's order: `ranked` is
+    rank_trials') R times with fresh seeds (same split) for the retrain's final_epochs. One seed
+    cannot rank settings that differ by a few errors in a thousand."""
+    top = ranked[ranked["tied"]].head(cfg.repeat_top)
     cfgs, rows = [], []
     for rank, row in enumerate(top.itertuples(index=False), start=1):
         params = params_of[row.trial_id]
         for r in range(cfg.repeats):
             seed = cfg.seed + 1000 * rank + r + 1
-            cfgs.append(trial_config(cfg.train.replace(seed=seed), params, cfg.max_epochs))
+            cfgs.append(trial_config(cfg.train.replace(seed=seed), params, cfg.final_epochs))
             rows.append({"config_rank": rank, "trial_id": row.trial_id, "seed": seed, **params.to_dict()})
     results = fit_remote(data_ref, cfgs, backbone_ref, cfg.cpus_per_trial, cfg.gpus_per_trial, False, "repeat",
                          diverged_ok=True)
@@ -117,19 +197,54 @@ def repeat_top(cfg: StudyConfig, trials: pd.DataFrame, params_of: dict[str, Tria
         if res is None:  # as in the search: a diverged seed counts as the worst result
             row.update(val_acc=0.0, val_loss=float("nan"), n_val=0, diverged=True)
         else:
-            row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"], diverged=False)
+            shifted = res.history["val_shift_acc"].iloc[-1] if "val_shift_acc" in res.history else None
+            row.update(val_acc=res.val["accuracy"], val_loss=res.val["loss"], n_val=res.val["n"], diverged=False,
+                       **({"val_shift_acc": float(shifted)} if shifted is not None else {}))
     return pd.DataFrame(rows)
 
 
-def rank_repeats(repeats: pd.DataFrame) -> pd.DataFrame:
-    """Mean val accuracy per config with a 95 % t-interval over seeds, best first."""
+def rank_repeats(repeats: pd.DataFrame, metric: str = "val_acc", reference: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Per setting the mean over seeds, ranked by the same rule as the trials (rank_by_rule) on the
+    mean val loss (mean val_shift_acc for such studies) with its standard error over seeds; a
+    diverged seed makes its setting's mean NaN, ranked last. Mean val accuracy keeps its 95 %
+    t-interval over seeds."""
     from scipy.stats import t
 
+    figure = "val_shift_acc" if metric == "val_shift_acc" else "val_loss"
     g = repeats.groupby(["config_rank", "trial_id"], sort=False)
+    keys = [k for k in SEARCH_KEYS if k in repeats]
     ranked = g.agg(mean_val_acc=("val_acc", "mean"), sd_val_acc=("val_acc", "std"), repeats=("val_acc", "size"),
-                   mean_val_loss=("val_loss", "mean")).reset_index()
+                   mean_val_loss=("val_loss", lambda v: v.mean(skipna=False)), mean_figure=(figure, lambda v: v.mean(skipna=False)),
+                   sd_figure=(figure, "std"), **{k: (k, "first") for k in keys}).reset_index()
     half = t.ppf(0.975, (ranked["repeats"] - 1).clip(lower=1)) * ranked["sd_val_acc"].fillna(0) / ranked["repeats"] ** 0.5
     # an accuracy interval stays within [0, 1] (a t-interval over 2 seeds is wider than that)
     ranked = ranked.assign(ci95_low=(ranked["mean_val_acc"] - half).clip(lower=0),
-                           ci95_high=(ranked["mean_val_acc"] + half).clip(upper=1))
-    return ranked.sort_values(["mean_val_acc", "mean_val_loss"], ascending=[False, True]).reset_index(drop=True)
+                           ci95_high=(ranked["mean_val_acc"] + half).clip(upper=1),
+                           rule_score=ranked["mean_figure"] * (-1 if figure == "val_shift_acc" else 1),
+                           rule_se=ranked["sd_figure"] / ranked["repeats"] ** 0.5)
+    ranked = ranked.drop(columns=["mean_figure", "sd_figure"])
+    ok, bad = ranked[ranked["rule_score"].notna()], ranked[ranked["rule_score"].isna()]
+    if ok.empty:
+        raise StudyError("every seed of every repeated setting diverged; lower space.lr_max in the experiment file")
+    return pd.concat([rank_by_rule(ok, reference), bad.assign(tied=False)], ignore_index=True)
+
+
+def rung_fidelity(trials: pd.DataFrame, history: pd.DataFrame, rungs: list[int], metric: str = "val_acc") -> pd.DataFrame:
+    """How well each ASHA rung's ranking (by `metric`, what ASHA ranks on) predicted the ranking
+    by the choice rule's figure at the last epoch: Spearman's rho over the trials that ran all
+    epochs (n); NaN below 3 trials. A low rho says the grace period is too short to judge by."""
+    from scipy.stats import spearmanr
+
+    done = trials.loc[trials["status"] == "COMPLETE", "trial_id"]
+    if not len(history) or "epoch" not in history:
+        return pd.DataFrame(columns=["rung", "n", "spearman"])
+    h = history[history["trial_id"].isin(done)]
+    last = h.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
+    final = -last["val_loss"] if metric == "val_acc" else last[metric]
+    rows = []
+    for rung in rungs:
+        at = h[h["epoch"] == rung].set_index("trial_id")[metric]
+        both = pd.concat([at, final], axis=1, keys=["rung", "final"]).dropna()
+        rho = float(spearmanr(both["rung"], both["final"]).statistic) if len(both) >= 3 else float("nan")
+        rows.append({"rung": int(rung), "n": int(len(both)), "spearman": rho})
+    return pd.DataFrame(rows, columns=["rung", "n", "spearman"])
