@@ -24,7 +24,8 @@ SMOKE = {"num_samples": 4, "max_epochs": 2, "grace_period": 1, "final_epochs": 2
          "train.subset": 40, "train.synthetic_per_class": 60}
 # the settings a flag of tune/run.py overrides: study keys, then [train] keys (the study's --seed is both)
 STUDY_FLAGS = ["name", "num_samples", "max_epochs", "searcher", "scheduler", "grace_period", "reduction_factor",
-               "final_epochs", "gpus_per_trial", "cpus_per_trial", "max_concurrent_trials", "reference_retrain", "seed", "repeat_top", "repeats", "compare_splits", "leave_one_out", "mlflow"]
+               "final_epochs", "gpus_per_trial", "cpus_per_trial", "max_concurrent_trials", "reference_retrain", "seed",
+               "repeat_top", "repeats", "compare_splits", "leave_one_out", "mlflow"]
 TRAIN_FLAGS = ["data", "group_by", "val_source", "test_source", "external", "image_size", "subset", "weights",
                "split_strategy", "shift_suite"]
 
