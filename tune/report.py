@@ -419,11 +419,10 @@ def fidelity_section(s: Study) -> list[str]:
             _table(table), ""]
 
 
-def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
-                 replays: list[Path] | None = None) -> tuple[list[str], list[str]]:
-    """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
-    md, notes = [f"# Study report: {_text(s.name)}", ""], []
-    check_final_metrics(s.final_metrics, s.path / "final_metrics.json")
+def summary_section(s: Study) -> tuple[list[str], list[str]]:
+    """The warnings a reader must see first, what ran on what, and the split and cluster tables;
+    (markdown lines, notes about what is missing)."""
+    md, notes = [], []
     src, weights = s.study.get("data_source", {}), s.study.get("weights", {})
     if src.get("kind") == "synthetic":
         md += ["> **SYNTHETIC DATA.** This study ran on the procedural synthetic crack set; its numbers say nothing "
@@ -448,8 +447,12 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
         md += ["### Images per split", "", _table(split_counts_table(src["counts"])), ""]
     if s.study.get("cluster_resources"):
         md += ["### Cluster", "", _table(resources_table(s.study["cluster_resources"], s.study.get("nodes"))), ""]
-    if len(s.trials):
-        md += top_trials_section(s)
+    return md, notes
+
+
+def best_section(s: Study) -> list[str]:
+    """The chosen setting, the rule and tie set that chose it, and its lift over the reference."""
+    md: list[str] = []
     if s.best_config:
         tie = s.best_config.get("tie_set")
         md += ["## Best configuration", "", f"- trial {_code(s.best_config.get('trial_id'))}: {_text(_params(s.best_config.get('params')))}",
@@ -457,7 +460,13 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
         if tie is not None:
             md.append(f"- tie set: the study could not separate {len(tie)} setting(s) ({', '.join(_code(t) for t in tie)})")
         md += [f"- {line}" for line in lift_summary(s)] + [""]
-    md += fidelity_section(s)
+    return md
+
+
+def final_model_section(s: Study) -> list[str]:
+    """The retrained model on the test split (and the split comparison), other sets, shifts, repeats."""
+    md: list[str] = []
+    per_set = s.per_set()
     m = s.final_metrics
     if m:
         md += ["## Final model on the held-out test split", "",
@@ -476,7 +485,6 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
             if comparison.get("random", {}).get("test_images_with_near_duplicate_in_train") == 0:
                 md += ["No test image of the random split has a near-duplicate in train, so here the two strategies "
                        "cannot differ by leakage; any difference is the split's sampling noise.", ""]
-    per_set = s.per_set()
     if len(per_set) > 1 or len(s.loso):
         md += ["## Other structures", "", f"Selected on {_text(s.best_config.get('selection', 'the val split'))}.", "",
                _table(per_set[["set", "role", "n", "accuracy", "ci95_low", "ci95_high", "precision", "recall", "f1"]]), ""]
@@ -494,8 +502,12 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
                                               ci95_high=("ci95_high", "first"), seeds=("seed", "nunique"))
         md += ["### Seed repeats of the top configurations", "", _table(r.sort_values("mean_val_acc", ascending=False)
                                                                         .reset_index()), ""]
-    md += calibration_section(s)
+    return md
 
+
+def figures_section(s: Study, out: Path, cap: int) -> list[str]:
+    """Every figure the study's files allow, drawn into `out`; a figure that fails is explained."""
+    per_set, suite = s.per_set(), s.final_metrics.get("shift")
     plans: list[tuple[str, str, Callable[[Path], Any], bool]] = [
         ("learning_curves.png", "Learning curves", lambda p: fig_learning_curves(s, p), len(s.history) > 0),
         ("lr_vs_val_acc.png", "Learning rate vs accuracy", lambda p: fig_lr_vs_acc(s, p), len(s.trials) > 0),
@@ -506,7 +518,7 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
         ("per_set.png", "Accuracy on each evaluated set", lambda p: fig_per_set(s, p), len(per_set) > 1 or len(s.loso) > 0),
         ("shift_heatmap.png", "Accuracy under shifts", lambda p: fig_shift_heatmap(s, p), bool(suite)),
     ]
-    md += ["## Figures", ""]
+    md = ["## Figures", ""]
     for name, title, draw, possible in plans:
         if not possible:
             continue
@@ -525,6 +537,19 @@ def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
             sentence, shown = fig_error_grid(s, out / "errors_grid.png", cap)
             md += ["![Misclassified test images](errors_grid.png)", "",
                    f"{sentence} Showing {shown} of {len(s.errors)}.", ""]
+    return md
+
+
+def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
+                 replays: list[Path] | None = None) -> tuple[list[str], list[str]]:
+    """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
+    check_final_metrics(s.final_metrics, s.path / "final_metrics.json")
+    summary, notes = summary_section(s)
+    md = [f"# Study report: {_text(s.name)}", "", *summary]
+    if len(s.trials):
+        md += top_trials_section(s)
+    md += best_section(s) + fidelity_section(s) + final_model_section(s) + calibration_section(s)
+    md += figures_section(s, out, cap)
     for replay in replays or []:
         md += replay_section(replay, out)
     (out / "report.md").write_text("\n".join(md))
