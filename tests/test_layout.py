@@ -18,6 +18,7 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.classifier"},
     {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export"},
     {"crackcore.calibrate"},  # an entry point too, built on predict's load_model
+    {"crackcore.adapt"},  # an entry point built on calibrate's site reading
     {"tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
     {"tune.cluster"},
     {"tune.trials"},
