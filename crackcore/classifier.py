@@ -166,7 +166,8 @@ def onnx_metadata(meta: dict[str, Any], source_sha256: str, source_name: str) ->
             "temperature": repr(temperature_of(meta)), "threshold": repr(threshold_of(meta)),
             "source_model": source_name, "source_sha256": source_sha256,
             "config": json.dumps(meta.get("config") or {}, sort_keys=True, default=str),
-            "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str)}
+            "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str),
+            "adaptation": json.dumps(meta.get("adaptation") or {}, sort_keys=True, default=str)}
 
 
 def onnx_meta(path: str | Path, props: dict[str, str]) -> dict[str, Any]:

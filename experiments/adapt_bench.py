@@ -128,8 +128,10 @@ def main() -> int:
     for name, root in SITES.items():
         results["sites"][name] = bench_site(name, Path(root), site_samples(Path(root), GROUP_BY), meta, variants,
                                             a.k, a.seed)
+        a.out.write_text(json.dumps(results, indent=2))  # what is done so far survives an interrupted run
     croot, csamples = concrete_unseen(split, a.concrete // 2, a.seed)
     results["sites"]["concrete (unseen)"] = bench_site("concrete (unseen)", croot, csamples, meta, variants, a.k, a.seed)
+    a.out.write_text(json.dumps(results, indent=2))
     if a.cost_n:
         results["cost"] = cost(meta, split, a.cost_n, a.seed)
         print("cost:", results["cost"], flush=True)
