@@ -18,7 +18,6 @@ import json
 import sys
 import textwrap
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,15 @@ from crackcore.calibration import THRESHOLD_RULE, apply_temperature, fit_tempera
 from crackcore.classifier import FieldModel, TorchClassifier, load_classifier, load_torch_meta, temperature_of, threshold_of
 from crackcore.devices import resolve_device
 from crackcore.exceptions import ConfigError, DataError
-from crackcore.images import decode_file, io_workers
 from crackcore.metrics import binary_metrics, metrics_with_intervals
 from crackcore.outputs import check_writable, claim_folder, folder_in_use, save_torch, write_folder, write_json, write_parquet
 from crackcore.results import CALIBRATION_FORMAT, is_calibration
-from crackcore.sources import discover
+from crackcore.sites import F1_INTERVAL, GROUP_BY, METRIC_KEYS, decode_all, site_samples
 
-GROUP_BY = r"^(.*)__"  # PHOTO__rYcX.jpg: the windows of one photo
 HEAD_LR, HEAD_BATCH = 1e-3, 8
 DRAW_RULE = ("k images drawn per class in proportion to the folder's class shares (at least 2 each), in a seeded "
              "shuffle that takes one window per photo before a second one of any photo; every window of a drawn "
              "photo (either class) is left out of the evaluation rest")
-F1_INTERVAL = "percentile bootstrap, 2000 seeded resamples of whole photos (single images where names carry no photo)"
-METRIC_KEYS = ("n", "accuracy", "accuracy_ci95", "precision", "precision_ci95", "recall", "recall_ci95", "f1",
-               "f1_ci95", "roc_auc", "ece", "tp", "fp", "fn", "tn")
 
 
 def check_out(out: Path) -> None:
@@ -60,17 +54,6 @@ def check_out(out: Path) -> None:
     if not ours:
         raise ConfigError(f"--out {out} exists and was not written by crackcore.calibrate (no calibration.json of "
                           "ours in it); pass a new folder, e.g. results/STUDY/calibration/SITE")
-
-
-def site_samples(root: Path, group_by: str) -> pd.DataFrame:
-    """path (relative to root), label and photo group of every labelled image of the site."""
-    try:
-        samples, _ = discover(root)
-    except DataError as exc:  # discover speaks of --data
-        raise DataError(f"--labelled: {str(exc).replace('--data', '--labelled')}") from None
-    names = samples["path"].map(lambda p: Path(p).name)
-    photo = names.str.extract(group_by, expand=True).iloc[:, 0] if group_by else pd.Series(np.nan, index=samples.index)
-    return samples.assign(group=photo.fillna(samples["path"]))
 
 
 def draw(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
@@ -91,27 +74,6 @@ def draw(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
     order = shuffled.assign(_rank=shuffled.groupby("group").cumcount()).sort_values("_rank", kind="stable")
     chosen = pd.concat([order[order["label"] == label].head(want[label]) for label in (1, 0)]).index
     return samples.index.isin(chosen)
-
-
-def decode_all(root: Path, paths: pd.Series, image_size: int) -> tuple[torch.Tensor, np.ndarray]:
-    """The images that decode, and a mask of which did; one line for the others (unreadable,
-    or over the pixel limit)."""
-    def one(p: str) -> torch.Tensor | str:
-        try:
-            return decode_file(root / p, image_size)
-        except Exception as exc:  # an unreadable file is left out, as training leaves it out
-            return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-
-    with ThreadPoolExecutor(max_workers=io_workers()) as pool:
-        decoded = list(pool.map(one, paths))
-    ok = np.array([isinstance(d, torch.Tensor) for d in decoded], dtype=bool)
-    if not ok.all():
-        first = int(np.flatnonzero(~ok)[0])
-        print(f"warning: skipped {int((~ok).sum())} unreadable image file(s) of {root}, e.g. {paths.iloc[first]} "
-              f"({decoded[first]})", file=sys.stderr)
-    if not ok.any():
-        raise DataError(f"--labelled {root}: no image could be decoded")
-    return torch.stack([d for d in decoded if isinstance(d, torch.Tensor)]), ok
 
 
 @torch.inference_mode()

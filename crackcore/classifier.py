@@ -167,6 +167,7 @@ def onnx_metadata(meta: dict[str, Any], source_sha256: str, source_name: str) ->
             "source_model": source_name, "source_sha256": source_sha256,
             "config": json.dumps(meta.get("config") or {}, sort_keys=True, default=str),
             "weights": json.dumps(meta.get("weights") or {}, sort_keys=True, default=str),
+            "adaptation": json.dumps(meta.get("adaptation") or {}, sort_keys=True, default=str),
             # crackcore.calibrate's record (site, k, figures): predict names where the threshold came from
             **({"calibration": json.dumps(meta["calibration"], sort_keys=True, default=str)}
                if meta.get("calibration") else {})}

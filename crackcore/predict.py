@@ -26,20 +26,18 @@ import numpy as np
 import pandas as pd
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import ExifTags
 
 from crackcore.classifier import DEFAULT_THRESHOLD, Classifier, load_classifier, temperature_of, threshold_of
 from crackcore.devices import resolve_device
 from crackcore.exceptions import DataError, ModelFileError
-from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, open_image, read_rgb, readable_name, utf8_name
+from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, decode_file, read_rgb, readable_name, utf8_name
 from crackcore.metrics import binary_metrics, format_accuracy, wilson_interval
 from crackcore.outputs import write_bytes, write_parquet
 from crackcore.shift import capped_rows, parse_shifts, run_suite, shift_frame, suite_cells
 from crackcore.progress import track
+from crackcore.sites import PATCH_MAX_SIDE, TILE, image_size_of
 from crackcore.sources import FOLDER_LABEL, warn_bad_names
 
-TILE = 227
-PATCH_MAX_SIDE = 1.5  # in tiles: an image whose sides are all below this is a patch, not a photo
 HEATMAP_MAX_SIDE = 1600  # px, the heat-map PNG is downscaled to this
 
 
@@ -47,20 +45,6 @@ def describe_threshold(meta: dict[str, Any]) -> str:
     c = meta.get("calibration")
     where = f"calibrated on {c.get('site_name', c.get('site'))}, k={c.get('k')}" if c else "default"
     return f"decision threshold {threshold_of(meta):.3g} ({where})"
-
-
-EXIF_TURNED = {5, 6, 7, 8}  # EXIF Orientation values that swap width and height
-
-
-def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) as the image is shown (after its EXIF orientation), from the header only;
-    ImageTooLargeError over the pixel limit."""
-    if path.suffix.lower() == TENSOR_SUFFIX:
-        return (0, 0)  # saved tensors are patches
-    with open_image(path) as im:
-        w, h = im.size  # Pillow's TIFF reader has applied the tag already
-        turned = im.format != "TIFF" and im.getexif().get(ExifTags.Base.Orientation) in EXIF_TURNED
-        return (h, w) if turned else (w, h)
 
 
 def true_label(path: Path) -> int | None:

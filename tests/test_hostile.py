@@ -47,7 +47,7 @@ def real_folder(root: Path, crack_data: Path, per_class: int) -> Path:
 
 
 def test_non_utf8_names_and_a_bomb_are_skipped_and_counted(crack_data: Path, tmp_path: Path, capsys) -> None:
-    from crackcore.calibrate import decode_all
+    from crackcore.sites import decode_all
     from crackcore.data import prepare_data
     from crackcore.outputs import write_parquet
     from crackcore.predict import collect_inputs
@@ -85,7 +85,7 @@ def test_non_utf8_names_and_a_bomb_are_skipped_and_counted(crack_data: Path, tmp
 
 def test_one_pixel_limit_on_every_decode_path(tmp_path: Path) -> None:
     from crackcore.neardup import _signature
-    from crackcore.predict import image_size_of
+    from crackcore.sites import image_size_of
 
     huge = bomb_png(tmp_path / "huge.png", 20000, 20000)  # over twice the limit: PIL's own guard refuses first
     near = bomb_png(tmp_path / "near.png", 10000, 9000)  # 90 Mpx: just over the limit, which PIL only warns about
@@ -121,7 +121,7 @@ def exif_jpeg(path: Path, orientation: int) -> np.ndarray:
 
 
 def test_predict_reads_photos_upright_training_reads_them_as_stored(tmp_path: Path) -> None:
-    from crackcore.predict import image_size_of
+    from crackcore.sites import image_size_of
 
     f = tmp_path / "phone.jpg"
     exif_jpeg(f, 6)  # 6: turn 90 degrees clockwise to show it

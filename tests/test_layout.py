@@ -16,10 +16,12 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.classifier", "crackcore.results"},
     {"crackcore.augment", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",
      "crackcore.sources"},
+    {"crackcore.sites"},
     {"crackcore.data", "crackcore.flags"},
     {"crackcore.train"},
     # entry points: no command imports another
-    {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export", "crackcore.calibrate"},
+    {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export", "crackcore.calibrate",
+     "crackcore.adapt"},
     {"tune.settings", "tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
     {"tune.cluster"},
     {"tune.trials", "tune.replay"},

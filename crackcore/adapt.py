@@ -1,0 +1,480 @@
+"""`python -m crackcore.adapt --model M --unlabelled SITE_DIR --out DIR [--method bn|tent|self-train]`
+
+Adapt a trained model to a new site from the site's UNLABELLED images: re-estimate its BatchNorm
+statistics there (bn, AdaBN), or also take a few entropy-minimisation steps on the BN affine
+parameters (tent, Wang et al. ICLR 2021), or also train on confident pseudo-labels of weak views
+with strong views (self-train, FixMatch-style); then estimate the site's crack prior by EM
+(Saerens, Latinne & Decaestecker 2002) and shift the decision for it. Writes DIR/model.pt (the
+crackcore model format: predict, export and calibrate take it as is) and DIR/adaptation.json.
+`--labelled DIR` (never used to adapt) scores the model before and after with 95 % intervals.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from crackcore.classifier import load_torch_meta, temperature_of, threshold_of
+from crackcore.exceptions import ConfigError, DataError, ModelFileError
+from crackcore.hashing import sha256_file, unit_hash
+from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, io_workers
+from crackcore.metrics import metrics_with_intervals
+from crackcore.model import CrackResNet
+from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
+from crackcore.sites import F1_INTERVAL, GROUP_BY, METRIC_KEYS, PATCH_MAX_SIDE, TILE, decode_all, image_size_of, site_samples
+from crackcore.devices import resolve_device
+from crackcore.train import model_inputs
+
+ADAPTATION_FORMAT = "crackcore-adaptation"
+METHODS = ("bn", "tent", "self-train")
+BN_LAYERS = ("trained", "all", "deep", "shallow")  # see bn_modules
+DEFAULT_BN_LAYERS = "trained"
+BATCH = 64
+TENT_LR, TENT_EPOCHS = 1e-3, 2
+SELF_LR, SELF_EPOCHS, SELF_CONFIDENCE, SELF_POLICY = 1e-3, 3, 0.9, "strong"
+SELF_TRAINS = "bn-affine+layer4+fc"  # what self-train updates (the rest stays as bn left it)
+EM_MAX_ITER, EM_TOL = 200, 1e-6
+PRIOR_CLIP = (0.02, 0.98)  # an estimated prior is kept off 0 and 1, where its logit offset would be unbounded
+HOLDOUT_RULE = ("--labelled equal to --unlabelled: the photos (--group-by) are split in two by a seeded hash, the "
+                "model adapts to the images of one half (labels unused) and is scored on the other half only")
+BN_RULE = {
+    "trained": "re-estimate the BN layers of the stages that were trained (freeze_depth onwards); frozen stages keep "
+               "the statistics their downstream layers were trained with",
+    "all": "re-estimate every BN layer, frozen stages included",
+    "deep": "re-estimate the BN layers of layer3 and layer4 only (trained ones)",
+    "shallow": "re-estimate the BN layers of the stem, layer1 and layer2 only (trained ones)",
+}
+
+
+# --------------------------------------------------------------------------- site images
+
+
+def site_files(root: Path) -> list[Path]:
+    """Every image file under `root` (any layout, class folders or none: labels are never read),
+    sorted; hidden files and folders skipped."""
+    if not root.is_dir():
+        raise DataError(f"--unlabelled {root} is not a folder; pass the folder of the site's images")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | {TENSOR_SUFFIX}
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"--unlabelled {root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))}); pass the folder "
+                        "of the site's image patches")
+    return files
+
+
+def check_patches(root: Path, files: list[Path]) -> None:
+    """Patches of any size are used as predict uses them (resized on the shorter side to the
+    model's image size and centre-cropped); whole photos are not: predict scores those in
+    227-px tiles, so statistics of a photo squeezed to one patch would not be the site's."""
+    with ThreadPoolExecutor(max_workers=io_workers()) as pool:
+        sizes = list(pool.map(image_size_of, files))
+    limit = PATCH_MAX_SIDE * TILE
+    big = [(f, s) for f, s in zip(files, sizes) if max(s) >= limit]
+    if big:
+        f, (w, h) = big[0]
+        raise DataError(f"--unlabelled {root}: {len(big)} of {len(files)} images are whole photos, not patches (e.g. "
+                        f"{f.relative_to(root)} is {w}x{h} px; patches are under {limit:.0f} px a side); predict "
+                        f"scores photos in {TILE}-px tiles, so adapt on tiles of them: cut them into {TILE}-px windows "
+                        "(PHOTO__rYcX.jpg) first")
+
+
+def images_digest(files: list[Path]) -> str:
+    """SHA-256 over the sorted SHA-256s of the files: names and order do not matter, bytes do."""
+    with ThreadPoolExecutor(max_workers=io_workers()) as pool:
+        digests = sorted(pool.map(sha256_file, files))
+    return hashlib.sha256("\n".join(digests).encode()).hexdigest()
+
+
+def holdout_mask(groups: pd.Series, seed: int) -> np.ndarray:
+    """True for the images scored (HOLDOUT_RULE), False for those adapted on; whole photos each side."""
+    return groups.map(lambda g: unit_hash(seed, f"adapt-holdout:{g}") >= 0.5).to_numpy(bool)
+
+
+# --------------------------------------------------------------------------- the methods
+
+
+def bn_modules(net: CrackResNet, layers: str) -> list[nn.BatchNorm2d]:
+    """The BatchNorm layers `layers` (BN_LAYERS, BN_RULE) re-estimates, in forward order."""
+    stages = [[net.conv1, net.bn1], [net.layer1], [net.layer2], [net.layer3], [net.layer4]]
+    frozen = getattr(net, "freeze_depth", 0)
+    picked = {"trained": range(frozen, 5), "all": range(5), "deep": range(max(3, frozen), 5),
+              "shallow": range(frozen, 3)}[layers]
+    return [m for i in picked for part in stages[i] for m in part.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def batches(images: torch.Tensor, batch_size: int, generator: torch.Generator | None = None) -> list[torch.Tensor]:
+    order = torch.randperm(len(images), generator=generator) if generator is not None else torch.arange(len(images))
+    return [images[i] for i in order.split(batch_size)]
+
+
+@torch.no_grad()
+def reestimate_bn(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_LAYERS, mix: float = 1.0,
+                  batch_size: int = BATCH) -> list[str]:
+    """AdaBN: the chosen BN layers' running mean/var become the site's (a cumulative average over
+    all of `images`, so batch order does not matter), mixed `mix` : 1 - mix with the old ones;
+    every other layer is untouched. Returns the names of the layers changed."""
+    if not 0 < mix <= 1:
+        raise ConfigError(f"--bn-mix {mix} must be in (0, 1]: the share of the site's statistics")
+    chosen = bn_modules(net, layers)
+    names = {m: n for n, m in net.named_modules()}
+    old = {m: (m.running_mean.clone(), m.running_var.clone(), m.momentum) for m in chosen}
+    net.eval()
+    for m in chosen:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: exact mean over the batches
+        m.train()
+    device = next(net.parameters()).device
+    for b in batches(images, batch_size):
+        net(model_inputs(b.to(device)))
+    for m, (mean, var, momentum) in old.items():
+        m.running_mean.mul_(mix).add_(mean, alpha=1 - mix)
+        m.running_var.mul_(mix).add_(var, alpha=1 - mix)
+        m.momentum = momentum
+    net.eval()
+    return [names[m] for m in chosen]
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    logp = logits.float().log_softmax(1)
+    return -(logp.exp() * logp).sum(1)
+
+
+def bn_affine(modules: list[nn.BatchNorm2d]) -> list[nn.Parameter]:
+    return [p for m in modules for p in (m.weight, m.bias)]
+
+
+def tent(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_LAYERS, epochs: int = TENT_EPOCHS,
+         lr: float = TENT_LR, seed: int = 0, batch_size: int = BATCH) -> dict[str, Any]:
+    """TENT: the chosen BN layers in train mode (batch statistics) and their affine parameters
+    alone trained by Adam to lower the mean prediction entropy of the site's batches (seeded
+    order); then their running statistics re-estimated under the new affine parameters, so the
+    saved model runs in eval mode like any other."""
+    reestimate_bn(net, images, layers, batch_size=batch_size)
+    chosen = bn_modules(net, layers)
+    params = bn_affine(chosen)
+    state = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen, device, losses = torch.Generator().manual_seed(seed), next(net.parameters()).device, []
+    try:
+        for _ in range(epochs):
+            net.eval()
+            for m in chosen:
+                m.train()
+            for b in batches(images, batch_size, gen):
+                if len(b) < 2:  # batch statistics of one image are undefined
+                    continue
+                loss = entropy(net(model_inputs(b.to(device)))).mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    finally:
+        for p, g in zip(net.parameters(), state):
+            p.requires_grad_(g)
+    reestimate_bn(net, images, layers, batch_size=batch_size)
+    return {"epochs": epochs, "lr": lr, "optimizer": "Adam", "batch_size": batch_size, "steps": len(losses),
+            "entropy_first": losses[0] if losses else None, "entropy_last": losses[-1] if losses else None}
+
+
+def self_train(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_LAYERS, epochs: int = SELF_EPOCHS,
+               lr: float = SELF_LR, confidence: float = SELF_CONFIDENCE, policy: str = SELF_POLICY, seed: int = 0,
+               batch_size: int = BATCH) -> dict[str, Any]:
+    """FixMatch-style: after bn, each batch's pseudo-labels come from the weak view (the image
+    itself, eval mode); the images whose top probability is >= `confidence` are trained on a
+    strong view (`policy`, crackcore.augment) with cross-entropy weighted by the inverse share of
+    their pseudo-class in the batch (so a site the model leans on cannot collapse to one class).
+    Only the BN affine parameters, layer4 and fc learn (SELF_TRAINS); BN statistics are
+    re-estimated at the end."""
+    reestimate_bn(net, images, layers, batch_size=batch_size)
+    chosen = bn_modules(net, layers)
+    params = [*bn_affine(chosen), *net.layer4.parameters(), *net.fc.parameters()]
+    params = list({id(p): p for p in params}.values())
+    state = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr)
+    gen, device = torch.Generator().manual_seed(seed), next(net.parameters()).device
+    used, seen, losses = 0, 0, []
+    try:
+        for _ in range(epochs):
+            for b in batches(images, batch_size, gen):
+                b = b.to(device)
+                net.eval()
+                with torch.no_grad():
+                    prob = net(model_inputs(b)).float().softmax(1)
+                conf, pseudo = prob.max(1)
+                keep = conf >= confidence
+                seen += len(b)
+                if keep.sum() < 2:
+                    continue
+                used += int(keep.sum())
+                counts = torch.bincount(pseudo[keep], minlength=2).float()
+                weight = (counts.sum() / (2 * counts.clamp(min=1)))
+                for m in chosen:  # batch statistics in the chosen layers only, as tent
+                    m.train()
+                logits = net(model_inputs(b[keep], policy, gen))
+                loss = nn.functional.cross_entropy(logits.float(), pseudo[keep], weight=weight)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+    finally:
+        for p, g in zip(net.parameters(), state):
+            p.requires_grad_(g)
+        net.eval()
+    reestimate_bn(net, images, layers, batch_size=batch_size)
+    return {"epochs": epochs, "lr": lr, "optimizer": "Adam", "batch_size": batch_size, "confidence": confidence,
+            "strong_policy": policy, "trains": SELF_TRAINS, "pseudo_labelled_share": used / max(1, seen),
+            "steps": len(losses), "loss_last": losses[-1] if losses else None}
+
+
+# --------------------------------------------------------------------------- the prior
+
+
+def em_prior(prob_crack: np.ndarray, train_prior: float, max_iter: int = EM_MAX_ITER, tol: float = EM_TOL
+             ) -> tuple[float, int]:
+    """Saerens et al. 2002: the crack prior of the set the posteriors `prob_crack` (made under
+    `train_prior`) come from, by EM; returns (prior, iterations)."""
+    p = np.clip(np.asarray(prob_crack, dtype=float), 1e-12, 1 - 1e-12)
+    prior = train_prior
+    for it in range(1, max_iter + 1):
+        a, b = prior / train_prior * p, (1 - prior) / (1 - train_prior) * (1 - p)
+        new = float(np.mean(a / (a + b)))
+        if abs(new - prior) < tol:
+            return new, it
+        prior = new
+    return prior, max_iter
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+def train_prior_of(meta: dict[str, Any]) -> float:
+    """The crack share the model was trained under: that of its test split (the split is
+    stratified), else 0.5."""
+    t = (meta.get("test_metrics") or {})
+    if t.get("tp") is not None and t.get("n"):
+        return float((t["tp"] + t["fn"]) / t["n"])
+    return 0.5
+
+
+def apply_prior_shift(net: CrackResNet, offset: float, temperature: float) -> None:
+    """Add `offset` to the crack log-odds prob_crack is made of, inside fc: both classes' biases
+    move by T*offset/2 so that (z1 - z0)/T grows by `offset`. Every runtime (model.pt, the ONNX
+    export, calibrate) then sees the prior-corrected posterior with nothing new to apply."""
+    with torch.no_grad():
+        net.fc.bias[1] += temperature * offset / 2
+        net.fc.bias[0] -= temperature * offset / 2
+
+
+# --------------------------------------------------------------------------- driving it
+
+
+@torch.inference_mode()
+def logit_crack(net: CrackResNet, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    net.eval()
+    device = next(net.parameters()).device
+    out = [net(model_inputs(b.to(device))).float().cpu() for b in images.split(batch_size)]
+    z = torch.cat(out) if out else torch.zeros(0, 2)
+    return (z[:, 1] - z[:, 0]).double().numpy()
+
+
+def adapt_model(net: CrackResNet, images: torch.Tensor, method: str, *, temperature: float = 1.0,
+                train_prior: float = 0.5, layers: str = DEFAULT_BN_LAYERS, mix: float = 1.0, seed: int = 0,
+                prior: bool = True, epochs: int | None = None) -> dict[str, Any]:
+    """Adapt `net` in place to the uint8 site `images` by `method` (METHODS), then (with `prior`)
+    fold the site's EM prior into fc. Returns the settings and the prior estimate."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method!r} is unknown; use one of {', '.join(METHODS)}")
+    if layers not in BN_LAYERS:
+        raise ConfigError(f"--bn-layers {layers!r} is unknown; use one of {', '.join(BN_LAYERS)}")
+    torch.manual_seed(seed)
+    t0 = time.time()
+    record: dict[str, Any] = {"method": method, "bn_layers": layers, "bn_rule": BN_RULE[layers], "bn_mix": mix,
+                              "seed": seed}
+    if method == "bn":
+        record["bn_changed"] = reestimate_bn(net, images, layers, mix)
+    elif method == "tent":
+        record["tent"] = tent(net, images, layers, epochs if epochs is not None else TENT_EPOCHS, seed=seed)
+    else:
+        record["self_train"] = self_train(net, images, layers, epochs if epochs is not None else SELF_EPOCHS, seed=seed)
+    prob = 1 / (1 + np.exp(-logit_crack(net, images) / temperature))
+    site_prior, iterations = em_prior(prob, train_prior)
+    clipped = float(np.clip(site_prior, *PRIOR_CLIP))
+    offset = logit(clipped) - logit(train_prior) if prior else 0.0
+    if prior:
+        apply_prior_shift(net, offset, temperature)
+    record["prior"] = {"method": "EM on the adapted model's temperature-scaled probabilities (Saerens et al. 2002)",
+                       "train_prior": train_prior, "site_prior": site_prior, "iterations": iterations,
+                       "mean_prob_crack": float(prob.mean()), "applied": prior, "clip": list(PRIOR_CLIP),
+                       "logit_offset": offset, "where": "added to the crack log-odds through fc.bias"}
+    record["seconds"] = time.time() - t0
+    return record
+
+
+def load_net(meta: dict[str, Any], device: torch.device) -> CrackResNet:
+    net = CrackResNet(freeze_depth=int((meta.get("config") or {}).get("freeze_depth") or 0))
+    net.load_state_dict(meta["state_dict"])
+    return net.to(device).eval()
+
+
+def check_out(out: Path) -> None:
+    """--out may be new, an empty folder or an earlier adaptation (replaced once the new one is
+    complete); anything else is refused before any work."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    try:
+        ours = out.is_dir() and json.loads((out / "adaptation.json").read_text()).get("format") == ADAPTATION_FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        raise ConfigError(f"--out {out} exists and was not written by crackcore.adapt (no adaptation.json of ours in "
+                          "it); pass a new folder")
+
+
+def check_model(path: Path, meta: dict[str, Any], digest: str) -> None:
+    done = meta.get("adaptation")
+    if done:
+        where = "this site already" if done.get("images_sha256") == digest else f"another site ({done.get('folder')})"
+        raise ModelFileError(f"--model {path} is already adapted to {where}; adapting an adapted model compounds the "
+                             f"two shifts: adapt from the original model {done.get('source_model')}")
+    if meta.get("calibration"):
+        raise ModelFileError(f"--model {path} is calibrated (threshold fitted on {meta['calibration'].get('site_name')}) "
+                             "and adapting would void that fit; adapt the uncalibrated model, then calibrate the "
+                             "adapted model.pt")
+
+
+def score(z: np.ndarray, temperature: float, threshold: float, labels: np.ndarray, groups: np.ndarray, seed: int
+          ) -> dict[str, Any]:
+    prob = 1 / (1 + np.exp(-z / temperature))
+    m = metrics_with_intervals(labels, (prob >= threshold).astype(int), prob, groups, seed=seed)
+    fp, tn = m["fp"], m["tn"]
+    return {**{k: m[k] for k in METRIC_KEYS}, "false_alarm_rate": fp / max(1, fp + tn)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m crackcore.adapt", description=__doc__.split("\n\n")[1])
+    p.add_argument("--model", required=True, type=Path, help="a model.pt written by a study or crackcore.fit "
+                   "(not adapted, not calibrated)")
+    p.add_argument("--unlabelled", required=True, type=Path, help="the site's images (any layout; labels, if any, "
+                   "are not read)")
+    p.add_argument("--out", required=True, type=Path, help="a new folder, or an earlier adaptation's (replaced)")
+    p.add_argument("--method", default="bn", choices=METHODS)
+    p.add_argument("--bn-layers", default=DEFAULT_BN_LAYERS, choices=BN_LAYERS, help="which BN layers bn re-estimates "
+                   f"(default {DEFAULT_BN_LAYERS}: {BN_RULE[DEFAULT_BN_LAYERS]})")
+    p.add_argument("--bn-mix", type=float, default=1.0, help="share of the site's statistics in the new BN statistics "
+                   "(bn only; default 1: the site's alone)")
+    p.add_argument("--epochs", type=int, help=f"passes over the site (tent {TENT_EPOCHS}, self-train {SELF_EPOCHS})")
+    p.add_argument("--no-prior", dest="prior", action="store_false", help="do not correct for the site's EM prior")
+    p.add_argument("--labelled", type=Path, help="a labelled folder of the site, NEVER used to adapt: scores before "
+                   f"and after with 95 %% intervals; the same folder as --unlabelled: {HOLDOUT_RULE}")
+    p.add_argument("--group-by", default=GROUP_BY, help=f"regex naming a file's photo (default {GROUP_BY!r}); '' = "
+                   "every image its own photo")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    t0 = time.time()
+    if a.epochs is not None and a.epochs < 1:
+        raise ConfigError(f"--epochs {a.epochs} must be 1 or more")
+    check_out(a.out)
+    check_writable(a.out.parent, f"--out {a.out}", "choose another --out")
+    root = a.unlabelled.expanduser().resolve()
+    files = site_files(root)
+    device = resolve_device(a.device)
+    if a.model.suffix.lower() == ".onnx" or a.model.is_dir():
+        raise ModelFileError(f"--model {a.model}: adapt changes the weights of a model.pt; pass the model.pt (export "
+                             "the adapted one to ONNX afterwards with python -m crackcore.export)")
+    if not a.model.is_file():
+        raise ModelFileError(f"model file {a.model} does not exist; pass a model.pt a study or crackcore.fit wrote")
+    meta = load_torch_meta(a.model)
+    size, temperature = int(meta["image_size"]), temperature_of(meta)
+    labelled = None
+    adapt_files = files
+    if a.labelled is not None:
+        lroot = a.labelled.expanduser().resolve()
+        labelled = site_samples(lroot, a.group_by)
+        if lroot == root:  # transductive scoring would flatter the method: hold out half the photos
+            held = holdout_mask(labelled["group"], a.seed)
+            if held.all() or not held.any():
+                raise DataError(f"--labelled {lroot} has too few photos to split into an adapt half and a scored "
+                                "half; pass a separate labelled folder")
+            adapt_files = [lroot / p for p in labelled.loc[~held, "path"]]
+            labelled = labelled[held].reset_index(drop=True)
+    check_patches(root, adapt_files)
+    digest = images_digest(adapt_files)
+    check_model(a.model, meta, digest)
+    net = load_net(meta, device)
+    rel = [f.relative_to(root).as_posix() for f in adapt_files]
+    images = decode_all(root, pd.Series(rel), size)
+    print(f"adapting {a.model} ({meta.get('weights', {}).get('source', '?')} weights) to {len(images)} unlabelled "
+          f"images of {root} by {a.method}", flush=True)
+    before_z = None
+    if labelled is not None:
+        lroot = a.labelled.expanduser().resolve()
+        limages = decode_all(lroot, labelled["path"], size)
+        before_z = logit_crack(net, limages)
+    record = adapt_model(net, images, a.method, temperature=temperature, train_prior=train_prior_of(meta),
+                         layers=a.bn_layers, mix=a.bn_mix, seed=a.seed, prior=a.prior, epochs=a.epochs)
+    site = {"folder": str(root), "n": len(images), "images_sha256": digest, "source_model": str(a.model.resolve()),
+            "source_model_sha256": sha256_file(a.model), "image_size": size,
+            "resize": "shorter side to image_size, centre crop (antialiased), as predict does"}
+    result = {"format": ADAPTATION_FORMAT, "version": 1, **site, **record}
+    columns, preds = {}, None
+    if labelled is not None:
+        labels, groups = labelled["label"].to_numpy(), labelled["group"].to_numpy()
+        after_z = logit_crack(net, limages)
+        threshold = threshold_of(meta)
+        columns = {"before": score(before_z, temperature, threshold, labels, groups, a.seed),
+                   "after": score(after_z, temperature, threshold, labels, groups, a.seed)}
+        result["labelled"] = {"folder": str(lroot), "n": len(labelled), "group_by": a.group_by,
+                              "split": HOLDOUT_RULE if lroot == root else "every labelled image scored (labels "
+                              "unused to adapt; overlap with --unlabelled is transductive, as usual in TTA)",
+                              "f1_interval": F1_INTERVAL, "metrics": columns}
+        preds = labelled.assign(logit_before=before_z, logit_after=after_z)
+    payload = {**meta, "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+               "adaptation": {k: v for k, v in result.items() if k not in ("format", "version")}}
+
+    def fill(tmp: Path) -> None:
+        save_torch(payload, tmp / "model.pt")
+        if preds is not None:
+            write_parquet(preds, tmp / "predictions.parquet")
+        write_json({**result, "total_seconds": time.time() - t0}, tmp / "adaptation.json")  # last: the marker
+
+    write_folder(a.out, fill)
+    pr = record["prior"]
+    print(f"{a.method} in {record['seconds']:.1f} s; site crack prior {pr['site_prior']:.3f} (EM, trained under "
+          f"{pr['train_prior']:.3f}) -> crack log-odds {pr['logit_offset']:+.3f}{'' if a.prior else ' (not applied)'}")
+    for name, m in columns.items():
+        print(f"{name:>6}: n={m['n']} accuracy {100 * m['accuracy']:.1f} % ({100 * m['accuracy_ci95'][0]:.1f}-"
+              f"{100 * m['accuracy_ci95'][1]:.1f})  F1 {m['f1']:.3f} ({m['f1_ci95'][0]:.3f}-{m['f1_ci95'][1]:.3f})  "
+              f"false alarms {100 * m['false_alarm_rate']:.1f} %")
+    print(f"-> {a.out}/model.pt, adaptation.json ({time.time() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    from crackcore.cli import run_main
+
+    sys.exit(run_main(main))
