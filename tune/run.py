@@ -40,13 +40,16 @@ from crackcore.outputs import check_writable, loso_table, summary_lines, version
 from crackcore.sources import EMBEDDED_SAMPLE, SYNTHETIC, check_root, data_setting, parse_sources
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
-from tune.search import checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, resume_search
-from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
-                          CheckpointWatch, StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state,
-                          ray_storage, study_started, sync_outputs)
+from tune.search import (checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, restart_from_journal,
+                         resume_search)
+from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, STATE_HASHES, DropFinishedCheckpoints,
+                          KillPoints, CheckpointWatch, StateHashes, StopOnStorageFault, SyncStudyFiles, changed_state,
+                          clear_experiment, damaged_state, fetch_saved_study, has_experiment_state, ray_storage,
+                          set_damaged_state_aside, study_started, sync_outputs)
 from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
-from tune.trials import best_rule, collect_trials, max_parallel, pick_best, rank_repeats, repeat_top
+from tune.trials import (best_rule, collect_trials, earlier_trials, journal_wins, max_parallel, pick_best, rank_repeats,
+                         repeat_top)
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EXPERIMENT = REPO / "experiments" / "study.toml"
@@ -77,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
                    help="continue an interrupted study with this name; `--resume auto`: continue it if it exists and "
                    "is unfinished, start it if it does not, leave a finished one alone (a restarted driver pod)")
+    p.add_argument("--trust-changed-state", action="store_true",
+                   help="--resume a study whose saved Ray state (pickles: resuming runs them) changed since the study "
+                   "wrote it; only for a study folder you trust")
     p.add_argument("--max-epochs", type=int)
     p.add_argument("--grace-period", type=int)
     p.add_argument("--final-epochs", type=int)
@@ -117,16 +123,37 @@ def flag_overrides(a: argparse.Namespace) -> dict[str, Any]:
 
 
 def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig,
-                     flags: dict[str, Any] | None = None) -> list[str]:
+                     flags: dict[str, Any] | None = None, from_file: StudyConfig | None = None) -> list[str]:
     """Flags given with --resume that disagree with the saved study: a resumed study keeps its
-    settings, so such a flag would be silently ignored (the experiment file is not re-read)."""
+    settings, so such a flag would be silently ignored (the experiment file is not re-read). A
+    --config file given with --resume counts as flags: each setting it makes (`from_file`)."""
     wanted = {k: v for k, v in (flags or flag_overrides(a)).items() if v is not None and k != "name"}
     if a.data is None:
         wanted.pop("train.data", None)  # $CRACK_DATA or the download folder, not the user's words now
     if a.smoke_test:
         wanted = {**{k: attrgetter(k)(cfg) for k in SMOKE}, **wanted}
-    return [f"{k} is {attrgetter(k)(saved)!r} there, not {v!r}" for k, v in sorted(wanted.items())
-            if attrgetter(k)(saved) != v]
+    conflicts = [f"{k} is {attrgetter(k)(saved)!r} there, not {v!r}" for k, v in sorted(wanted.items())
+                 if attrgetter(k)(saved) != v]
+    if from_file is not None and a.config != DEFAULT_EXPERIMENT:
+        # the file given now: what it sets (top level or in a profile) must be the study's setting too
+        file, default = _flat(from_file.to_dict()), _flat(StudyConfig().to_dict())
+        sets = {k for k in file if k not in PROFILES and file[k] != default.get(k)}
+        sets |= {k for p in PROFILES for k in getattr(from_file, p) or {}}
+        now, then = _flat(cfg.to_dict()), _flat(saved.to_dict())
+        conflicts += [f"{k} is {then.get(k)!r} there, not {now.get(k)!r} (--config {a.config})"
+                      for k in sorted(sets - {"name", *wanted}) if k in now and now[k] != then.get(k)]
+    return conflicts
+
+
+PROFILES = ("cpu", "gpu")  # StudyConfig's per-hardware overrides, already in the form "train.subset"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"subset": 40}} as {"train.subset": 40}; the profiles stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in PROFILES else {f"{prefix}{k}": v})
+    return out
 
 
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,
@@ -167,6 +194,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
     # checkpoint, so --resume knows which one was kept; Ray warns about that frequency on
     # every short epoch. Its separate warning for a snapshot that is actually slow stays on.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    rebuild = False
     if resume and tune.Tuner.can_restore(experiment) and not has_experiment_state(experiment):
         # killed between Ray's tuner.pkl and its first snapshot: Ray cannot restore that (it logs a
         # failure and wedges), and there is no trial to continue. Start the search over; the
@@ -174,16 +202,29 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
         print(f"Ray's experiment at {experiment} has no saved state (the driver stopped before its first snapshot); "
               "starting the search over", flush=True)
         clear_experiment(experiment)
-        resume = False
+        resume, rebuild = False, True
+    elif resume and (torn := damaged_state(experiment)):
+        # a full disk cut Ray's snapshot short: Ray would log the JSON error and start over with no
+        # trials, forever. The journal holds every finished trial: a new Ray search runs the rest.
+        aside = set_damaged_state_aside(experiment)
+        print(f"Ray's experiment state is torn or empty ({', '.join(torn)}: a write cut short, e.g. by a full disk); "
+              f"set aside in {aside}: the search goes on from the Optuna journal, finished trials kept, interrupted "
+              "ones run again", flush=True)
+        resume, rebuild = False, True
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
         # errored trials stay errored: they already spent their retries (max_failures), and the
         # restored searcher has told Optuna FAIL for them, so re-running one would split the record
         return resume_search(experiment, trainable, study_dir).fit()
+    finished = restart_from_journal(study_dir, cfg.name) if rebuild else 0
+    if finished >= cfg.num_samples:
+        return []  # every trial is in the journal: tune.trials.journal_wins builds the table from it
+    cfg = apply_overrides(cfg, {"num_samples": cfg.num_samples - finished})
+    searcher = make_searcher(cfg, study_dir, start=not rebuild)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=make_searcher(cfg, study_dir),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=searcher,
                                     scheduler=make_scheduler(cfg), num_samples=cfg.num_samples,
                                     max_concurrent_trials=slots,  # without it OptunaSearch runs 1 trial at a time
                                     reuse_actors=True),  # a new trial starts in a warm worker: no process start, imports
@@ -191,7 +232,9 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[DropFinishedCheckpoints(), KillPoints(), StopOnStorageFault(study_dir, storage),
+            # StateHashes before SyncStudyFiles (which mirrors its record) and KillPoints (search-start)
+            callbacks=[DropFinishedCheckpoints(), StateHashes(study_dir, experiment, searcher), KillPoints(),
+                       StopOnStorageFault(study_dir, storage),
                        *([SyncStudyFiles(study_dir, storage)] if "://" in storage else []),
                        *([TrialRuns(cfg.mlflow, cfg.name)] if cfg.mlflow else [])],  # restored with the rest on --resume
             verbose=1),
@@ -282,13 +325,25 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
     if not saved.is_file():
         raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
     saved_cfg = apply_overrides(StudyConfig(**json.loads(saved.read_text())), {})
-    conflicts = resume_conflicts(a, cfg, saved_cfg, flags)
+    conflicts = resume_conflicts(a, cfg, saved_cfg, flags, from_file)
     if conflicts:
         raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
                          "drop those flags, or start a new study with --study-name NEW")
     if (study_dir / "study.json").is_file():
         print(f"study {cfg.name} is complete ({study_dir / 'study.json'}); nothing to resume")
         return None
+    experiment = f"{storage}/{RAY_DIR}"
+    # Ray unpickles its saved state on --resume: code runs. Torn state is never read (set aside);
+    # whole state must be what this study wrote (tune.storage.StateHashes)
+    if has_experiment_state(experiment) and not damaged_state(experiment):
+        changed = changed_state(study_dir, experiment)
+        if changed and not a.trust_changed_state:
+            raise StudyError(f"Ray's saved state of study {cfg.name} in {experiment} is not what this study wrote "
+                             f"({', '.join(changed)}; {STATE_HASHES}): --resume unpickles it, which runs code; if you "
+                             "trust this study folder, pass --trust-changed-state")
+        if changed:
+            print(f"warning: --trust-changed-state: resuming from Ray state that changed since the study wrote it "
+                  f"({', '.join(changed)})", file=sys.stderr)
     print(f"resuming study {cfg.name} with its saved configuration ({saved})")
     return StudyRun(saved_cfg, study_dir, storage, resumed=True)
 
@@ -324,10 +379,15 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, dict[str, TrialParams], int, fl
     with CheckpointWatch(f"{run.storage}/{RAY_DIR}") as watch:
         results = run_search(run.cfg, run.study_dir, run.storage, run.data_ref, run.backbone_ref, run.resumed, run.slots)
     search_seconds = time.time() - t_search
+    results = list(results)
+    # trials of a Ray experiment set aside (damaged state) are in the journal and their folders
+    if "://" not in run.storage:
+        results += earlier_trials(Path(run.storage) / RAY_DIR, results)
     trials, history, params_of = collect_trials(results, run.cfg)
-    # not results.num_terminated: on Ctrl-C Ray marks the trials it stops TERMINATED, though they
-    # did not finish; a trial that ran to its end (or ASHA stopped) has done=True in its last result
-    finished = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
+    trials, params_of = journal_wins(trials, params_of, run.study_dir, run.cfg)
+    # not Ray's TERMINATED: on Ctrl-C Ray marks the trials it stops TERMINATED, though they did not
+    # finish (INTERRUPTED here); a trial that ran to its end, or ASHA stopped, or failed, has finished
+    finished = int(trials["status"].isin(["COMPLETE", "PRUNED", "DIVERGED", "ERROR"]).sum())
     if finished >= run.cfg.num_samples:
         fail_orphaned_trials(run.study_dir, run.cfg.name)
     write_parquet(trials, run.study_dir / "trials.parquet")
@@ -455,7 +515,7 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
                       **run.checkpoints,
                       "bytes_left": sum(f.stat().st_size for f in run.study_dir.rglob("*") if f.is_file())},
         "best_trial_id": best_trial_id, "best_rule": rule, "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
-        "resumed": run.resumed,
+        "resumed": run.resumed, "state_sha256": STATE_HASHES,  # Ray's state as written, checked by --resume
         **({"mlflow": {"uri": run.cfg.mlflow, "experiment": run.cfg.name, "experiment_id": run.experiment_id,
                        "retrain_run_id": run.retrain_run_id}} if run.experiment_id else {}),
     }
