@@ -169,8 +169,24 @@ def write_bytes(data: bytes, path: str | Path) -> Path:
     return _atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
+def _torch_save(obj: Any, tmp: Path) -> None:
+    # through a Python file: torch's own file writer turns a full disk into a RuntimeError
+    # ("PytorchStreamWriter failed writing file", "unexpected pos") with no errno; a Python file's
+    # write raises the OSError, which torch keeps as the context of its RuntimeError
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as exc:
+        cause = exc.__context__
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, str(tmp)) from None
+        raise
+
+
 def save_torch(obj: Any, path: str | Path) -> Path:
-    return _atomic(path, lambda tmp: torch.save(obj, tmp))
+    """torch.save, atomically; a full disk is an OSError (ENOSPC) naming the file, which
+    storage_error turns into one line."""
+    return _atomic(path, lambda tmp: _torch_save(obj, tmp))
 
 
 def versions() -> dict[str, str]:

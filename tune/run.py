@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -526,7 +527,15 @@ def stopped_by_storage(exc: BaseException) -> str | None:
     error raised in a callback (StopOnStorageFault) back as a TuneError holding its traceback."""
     if isinstance(exc, TuneError):
         mark = f"{StorageError.__module__}.{StorageError.__name__}: "
-        return next((line.split(mark, 1)[1] for line in reversed(str(exc).splitlines()) if mark in line), None)
+        text = str(exc)
+        if line := next((line.split(mark, 1)[1] for line in reversed(text.splitlines()) if mark in line), None):
+            return line
+        # an OSError raised in the driver's loop (the searcher's journal append, a result file)
+        # reaches here as its traceback's text
+        if m := re.search(r"(?:OSError|\w+Error): \[Errno (\d+)\] ([^\n:]+)(?:: '([^'\n]+)')?", text):
+            line = storage_error(OSError(int(m[1]), m[2], m[3]))
+            return None if line is None else str(line)
+        return None
     line = exc if isinstance(exc, StorageError) else storage_error(exc)
     return None if line is None else str(line)
 

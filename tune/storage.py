@@ -268,9 +268,9 @@ def _read(experiment: str, name: str) -> bytes:
 
 
 def _whole(name: str, data: bytes) -> bool:
-    """A state file that is whole: JSON that parses, a pickle that ends in its STOP opcode.
+    """A state file that is whole: the experiment state's JSON parses, a pickle ends in its STOP opcode.
     pickletools reads the opcodes without running any of them."""
-    if name.endswith(".json"):
+    if name.startswith("experiment_state-"):  # JSON; the others are pickles (search_gen_state's .json too)
         try:
             json.loads(data)
             return True
