@@ -130,3 +130,21 @@ def test_resume_refuses_a_config_file_that_disagrees_with_the_saved_study(tmp_pa
     a = build_parser().parse_args(["--config", str(other), "--resume", "--max-epochs", "4"])
     assert resume_conflicts(a, resolve_config(a, load_study_config(other), False), saved,
                             from_file=load_study_config(other)) == []
+
+
+def test_a_full_disk_anywhere_in_the_search_is_one_line(tmp_path: Path) -> None:
+    import errno
+
+    from ray.tune.error import TuneError
+
+    from tune.run import stopped_by_storage
+
+    # the searcher's journal append fails in Ray's loop: Ray hands back its traceback as text
+    ray_text = ("The Ray Tune run failed.\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                f"OSError: [Errno 28] No space left on device: '{tmp_path}/optuna_journal.log'\n")
+    line = stopped_by_storage(TuneError(ray_text), tmp_path)
+    assert line.startswith(f"no space left on the device in {tmp_path} (writing optuna_journal.log)")
+    # a write that failed at its flush names no file: the study folder is named instead
+    line = stopped_by_storage(OSError(errno.ENOSPC, "No space left on device"), tmp_path)
+    assert line.startswith(f"no space left on the device in {tmp_path} (writing study files)")
+    assert stopped_by_storage(TuneError("a trial raised ValueError"), tmp_path) is None

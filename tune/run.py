@@ -522,9 +522,10 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
     }
 
 
-def stopped_by_storage(exc: BaseException) -> str | None:
+def stopped_by_storage(exc: BaseException, folder: Path | None = None) -> str | None:
     """The one line for a study stopped by storage it cannot write, else None. Ray hands an
-    error raised in a callback (StopOnStorageFault) back as a TuneError holding its traceback."""
+    error raised in a callback (StopOnStorageFault) back as a TuneError holding its traceback.
+    An OSError that names no file (a write that failed at flush) is placed in `folder`."""
     if isinstance(exc, TuneError):
         mark = f"{StorageError.__module__}.{StorageError.__name__}: "
         text = str(exc)
@@ -536,7 +537,8 @@ def stopped_by_storage(exc: BaseException) -> str | None:
             line = storage_error(OSError(int(m[1]), m[2], m[3]))
             return None if line is None else str(line)
         return None
-    line = exc if isinstance(exc, StorageError) else storage_error(exc)
+    unnamed = isinstance(exc, OSError) and not exc.filename and folder is not None
+    line = exc if isinstance(exc, StorageError) else storage_error(exc, path=folder / "study files" if unnamed else None)
     return None if line is None else str(line)
 
 
@@ -593,7 +595,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"and the retrain ({run.retrain_run_id})")
         return 0
     except (OSError, StorageError, TuneError) as exc:
-        line = stopped_by_storage(exc)
+        line = stopped_by_storage(exc, run.study_dir)
         if line is None:
             raise
         ray.shutdown()  # Ray's log monitor would print the failed trials' tracebacks after our line

@@ -365,4 +365,4 @@ class StateHashes(tune.Callback):
         except OSError as exc:
             from crackcore.exceptions import storage_error
 
-            raise (storage_error(exc) or exc) from exc
+            raise (storage_error(exc, path=exc.filename or path) or exc) from exc
