@@ -1,7 +1,10 @@
-"""Kill points for the reliability tests: with CRACK_KILL_AT=NAME[,NAME...] the process group
-is killed (SIGKILL: no clean-up, as a lost node or an evicted pod) when a run reaches a named
+"""Kill and fill points for the reliability tests: with CRACK_KILL_AT=NAME[,NAME...] the process
+group is killed (SIGKILL: no clean-up, as a lost node or an evicted pod) when a run reaches a named
 point, so a test kills a study at an exact moment instead of after a guessed sleep. The test
 starts the driver in a session of its own; the group is the driver and the Ray it started.
+With CRACK_FILL_AT=NAME[,NAME...] and CRACK_FILL_DIR=FOLDER the disk of FOLDER is filled there
+instead (a file of zeros, leaving CRACK_FILL_LEAVE bytes free, default 0): a disk that fills up
+at that moment.
 
 Points: `search-start` (Ray has written tuner.pkl, not yet its first experiment state),
 `resultN` (the driver got its Nth trial result, not yet in a snapshot), `final retrain:epochN`
@@ -12,6 +15,7 @@ import os
 import signal
 
 KILL_AT_ENV, GROUP_ENV = "CRACK_KILL_AT", "CRACK_KILL_GROUP"
+FILL_AT_ENV, FILL_DIR_ENV, FILL_LEAVE_ENV = "CRACK_FILL_AT", "CRACK_FILL_DIR", "CRACK_FILL_LEAVE"
 
 
 def arm() -> None:
@@ -21,6 +25,20 @@ def arm() -> None:
         os.environ.setdefault(GROUP_ENV, str(os.getpgrp()))
 
 
+def fill_disk(folder: str, leave: int = 0) -> None:
+    """Fill the disk of `folder` up to `leave` free bytes with a file of zeros (filler-PID)."""
+    chunk = b"\0" * (1 << 16)
+    with open(os.path.join(folder, f"filler-{os.getpid()}"), "ab") as f:
+        try:
+            while (free := os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize) > leave:
+                f.write(chunk[:max(1, min(len(chunk), free - leave))])
+                f.flush()
+        except OSError:  # full
+            pass
+
+
 def kill_point(name: str) -> None:
+    if name in os.environ.get(FILL_AT_ENV, "").split(",") and os.environ.get(FILL_DIR_ENV):
+        fill_disk(os.environ[FILL_DIR_ENV], int(os.environ.get(FILL_LEAVE_ENV, "0")))
     if name in os.environ.get(KILL_AT_ENV, "").split(","):
         os.killpg(int(os.environ.get(GROUP_ENV, os.getpgrp())), signal.SIGKILL)
