@@ -22,7 +22,7 @@ import pytest
 import torch
 import torchvision
 
-from crackcore.results import open_journal
+from crackcore.journal import open_journal
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = [sys.executable, str(REPO / "tune" / "run.py")]

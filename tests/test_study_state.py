@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from crackcore.config import StudyConfig, TrialParams
-from crackcore.results import open_journal
+from crackcore.journal import open_journal
 
 
 def journal(study_dir: Path, trials: list[tuple[str, str, list[float]]]) -> None:

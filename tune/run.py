@@ -40,11 +40,13 @@ from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.lift import TEST_SET, evaluated_sets, lift_by_set, lift_line
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
 from crackcore.sources import SYNTHETIC, check_root
+from crackcore.studyfiles import (BEST_CONFIG, HISTORY, LOSO, REFERENCE_PREDICTIONS, REPEATS, STATE_HASHES, STUDY,
+                                  STUDY_CONFIG, TRIALS)
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
 from tune.search import (checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, restart_from_journal,
                          resume_search, stop_epochs)
-from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, STATE_HASHES, DropFinishedCheckpoints,
+from tune.storage import (OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints,
                           KillPoints, CheckpointWatch, StateHashes, StopOnStorageFault, SyncStudyFiles, changed_state,
                           clear_experiment, damaged_state, fetch_saved_study, has_experiment_state, ray_storage,
                           set_damaged_state_aside, study_started, sync_outputs)
@@ -185,14 +187,14 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
             raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
                              "--study-name NEW for a new one (nothing was changed)")
         return StudyRun(cfg, study_dir, storage, resumed=False)
-    saved = study_dir / CONFIG_FILE
+    saved = study_dir / STUDY_CONFIG
     if not saved.is_file() and fetch_saved_study(study_dir, storage):
         print(f"fetched {', '.join(RESUME_FILES)} of study {cfg.name} from {storage}/{OUTPUTS_DIR}", flush=True)
     if not saved.is_file():
-        raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
+        raise StudyError(f"no study to resume at {study_dir} ({STUDY_CONFIG} missing); run without --resume")
     saved_cfg = StudyConfig(**json.loads(saved.read_text()))
     if flags.get("reference_retrain") is False and saved_cfg.reference_retrain:
-        if (study_dir / "best_config.json").is_file():  # written just before the retrains start
+        if (study_dir / BEST_CONFIG).is_file():  # written just before the retrains start
             raise StudyError(f"study {cfg.name}'s reference retrain already began (best_config.json is written); resume "
                              "it without --no-reference, or start a new study with --study-name NEW (nothing was changed)")
         saved_cfg = apply_overrides(saved_cfg, {"reference_retrain": False})  # not begun: the user may still drop it
@@ -201,8 +203,8 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
     if conflicts:
         raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
                          "drop those flags, or start a new study with --study-name NEW")
-    if (study_dir / "study.json").is_file():
-        print(f"study {cfg.name} is complete ({study_dir / 'study.json'}); nothing to resume")
+    if (study_dir / STUDY).is_file():
+        print(f"study {cfg.name} is complete ({study_dir / STUDY}); nothing to resume")
         return None
     experiment = f"{storage}/{RAY_DIR}"
     # Ray unpickles its saved state on --resume: code runs. Torn state is never read (set aside);
@@ -249,8 +251,8 @@ def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
         run.cfg = cfg = narrow_for_random_init(cfg, run.weights)
     run.study_dir.mkdir(parents=True, exist_ok=True)
     if not run.resumed:
-        write_json(cfg.to_dict(), run.study_dir / CONFIG_FILE)
-        sync_outputs(run.study_dir, run.storage, (CONFIG_FILE,))
+        write_json(cfg.to_dict(), run.study_dir / STUDY_CONFIG)
+        sync_outputs(run.study_dir, run.storage, (STUDY_CONFIG,))
     print(f"data: {run.data.source['kind']} {run.data.source['root']}  {run.data.counts()}  "
           f"exact duplicates: {run.data.source['exact_duplicate_files']}\nweights: {run.weights.describe()}\n"
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
@@ -280,9 +282,9 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialPa
     finished = int(trials["status"].isin(["COMPLETE", "PRUNED", "DIVERGED", "ERROR"]).sum())
     if finished >= run.cfg.num_samples:
         fail_orphaned_trials(run.study_dir, run.cfg.name)
-    write_parquet(trials, run.study_dir / "trials.parquet")
+    write_parquet(trials, run.study_dir / TRIALS)
     if len(history):
-        write_parquet(history, run.study_dir / "history.parquet")
+        write_parquet(history, run.study_dir / HISTORY)
     run.slot_use = slot_use(trials, history, run.slots, search_seconds, t_search if run.resumed else None)
     largest = history["checkpoint_bytes"].max() if "checkpoint_bytes" in history and len(history) else 0
     # the peak is this driver's: a resumed search's earlier drivers are not in it
@@ -332,7 +334,7 @@ def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams
     ranked_repeats = rank_repeats(repeats, cfg.metric, reference)
     write_parquet(repeats.merge(ranked_repeats[["trial_id", "mean_val_acc", "ci95_low", "ci95_high", "mean_val_loss",
                                                 "rule_score", "rule_se", "tied"]], on="trial_id"),
-                  run.study_dir / "repeats.parquet")
+                  run.study_dir / REPEATS)
     print(ranked_repeats.drop(columns=[c for c in SEARCH_COLUMNS if c in ranked_repeats]).to_string(index=False), flush=True)
     chosen = ranked_repeats.iloc[0]
     rule = (f"the tie set of the single-seed rule (at most {cfg.repeat_top} settings, here {n_configs}) re-run with "
@@ -383,7 +385,7 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
                 **({"val_shift_acc": float(best["last_val_shift_acc"])} if "last_val_shift_acc" in best else {}),
                 "tie_set": choice.tie_set(), "reference": reference,
                 **({"repeats": choice.repeated} if choice.repeated else {}),
-                "train_config": best_cfg.to_dict()}, run.study_dir / "best_config.json")
+                "train_config": best_cfg.to_dict()}, run.study_dir / BEST_CONFIG)
     n_val = len(data.indices("val", cfg.train.selection_sources()))
     val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)
     cfgs = [best_cfg]
@@ -410,9 +412,9 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
                          sets={name: set_summary(m) for name, m in {**ref.held_out, **ref.external}.items()},
                          seconds=ref.seconds)
         write_parquet(pd.concat([p.assign(set=name) for name, p in evaluated_sets(ref).items()], ignore_index=True),
-                      run.study_dir / "reference_predictions.parquet")
+                      run.study_dir / REFERENCE_PREDICTIONS)
     else:
-        (run.study_dir / "reference_predictions.parquet").unlink(missing_ok=True)  # a resumed study's stale one
+        (run.study_dir / REFERENCE_PREDICTIONS).unlink(missing_ok=True)  # a resumed study's stale one
     if cfg.compare_splits:
         extra["split_comparison"] = compare_splits(best_cfg, data, result, run.backbone_ref, *final_resources(cfg))
     metrics = write_run_outputs(run.study_dir, result, data, best_cfg, extra)
@@ -427,7 +429,7 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
             print(f"\nleave-one-out: retraining without {name} ...", flush=True)
             [results[name]] = fit_remote(put_data(prepare_data(held_cfg)), [held_cfg], run.backbone_ref, num_cpus,
                                          num_gpus, True, f"without {name}")
-        write_parquet(table := loso_table(results), run.study_dir / "loso.parquet")
+        write_parquet(table := loso_table(results), run.study_dir / LOSO)
         print(table.to_string(index=False), flush=True)
     return result, metrics, final_seconds
 
@@ -571,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         result, metrics, final_seconds = retrain(run, choice, params)
         record = study_record(run, a, resources, trials, history, result, choice, params, {
             "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start})
-        write_json(record, run.study_dir / "study.json")
+        write_json(record, run.study_dir / STUDY)
         sync_outputs(run.study_dir, run.storage)
         print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
               f"{max_parallel(trials)} in parallel, slots busy {100 * record['slot_utilisation']:.0f} %, study folder "

@@ -33,7 +33,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
-from crackcore.results import open_journal
+from crackcore.journal import open_journal
 
 
 def make_scheduler(cfg: StudyConfig) -> TrialScheduler:

@@ -24,13 +24,11 @@ from crackcore.config import StudyConfig
 from crackcore.exceptions import StorageError, StudyError
 from crackcore.faults import kill_point
 from crackcore.outputs import write_json
-from crackcore.results import JOURNAL
+from crackcore.studyfiles import JOURNAL, STATE_HASHES, STUDY_CONFIG
 
 RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
-CONFIG_FILE = "study_config.json"
 OUTPUTS_DIR = "outputs"
-STATE_HASHES = "ray_state_sha256.json"  # SHA-256 of Ray's saved state as this study wrote it (see StateHashes)
-RESUME_FILES = (CONFIG_FILE, JOURNAL, STATE_HASHES)  # what a driver needs to --resume a study
+RESUME_FILES = (STUDY_CONFIG, JOURNAL, STATE_HASHES)  # what a driver needs to --resume a study
 # Ray's files that --resume unpickles (the experiment state JSON holds pickles too), by name prefix;
 # callback-states-*.pkl is written after the callbacks' get_state, so StateHashes cannot hash it as written
 KEEP_VERSIONS = 3
@@ -79,7 +77,7 @@ def sync_outputs(study_dir: Path, storage: str, names: tuple[str, ...] | None = 
 
 def fetch_saved_study(study_dir: Path, storage: str) -> bool:
     """On a machine without the local study folder, get config + journal back from URI storage."""
-    remote = _remote_file(storage, CONFIG_FILE)
+    remote = _remote_file(storage, STUDY_CONFIG)
     if remote is None or not _exists(remote):
         return False
     study_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import pandas as pd
 
 from crackcore.config import SEARCH_KEYS, StudyConfig, TrialParams, trial_config
 from crackcore.exceptions import StudyError
-from crackcore.results import open_journal
+from crackcore.journal import open_journal
 from tune.cluster import fit_remote
 from tune.search import RAY_TRIAL_ID
 
