@@ -115,7 +115,7 @@ def test_rays_state_is_hashed_as_written_and_a_change_is_found(tmp_path: Path) -
 
 def test_resume_refuses_a_config_file_that_disagrees_with_the_saved_study(tmp_path: Path) -> None:
     from crackcore.config import load_study_config
-    from tune.run import build_parser, resolve_config, resume_conflicts
+    from tune.settings import build_parser, resolve_config, resume_conflicts
 
     saved = StudyConfig(name="s", max_epochs=4, train={"subset": 40})
     same, other = tmp_path / "same.toml", tmp_path / "other.toml"

@@ -212,6 +212,13 @@ def rule_figure(trials: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
     """rule_score (lower is better) and its standard error rule_se, per trial, from the last epoch.
     A table without the spread columns (an older study) gets NaN: then only equal scores tie."""
     n = trials["last_val_n"] if "last_val_n" in trials else pd.Series(np.nan, index=trials.index)
+    if metric == "val_acc" and trials["last_val_loss"].isna().any():
+        # a trial recovered from the Optuna journal (Ray's result files torn by a full disk) has no
+        # val loss, only the metric the journal records: the whole pool is then ranked on that
+        print("warning: the val loss of some trials was lost with Ray's result files (see the journal warning "
+              "above): the trials are ranked on val accuracy instead", file=sys.stderr, flush=True)
+        p = trials["last_val_acc"]
+        return pd.DataFrame({"rule_score": -p, "rule_se": np.sqrt(p * (1 - p) / n)}, index=trials.index)
     if metric == "val_shift_acc":
         p = trials["last_val_shift_acc"]
         return pd.DataFrame({"rule_score": -p, "rule_se": np.sqrt(p * (1 - p) / n)}, index=trials.index)
@@ -229,7 +236,7 @@ def rank_by_rule(table: pd.DataFrame, reference: dict[str, Any] | None = None, z
     margin = z * np.sqrt(t["rule_se"] ** 2 + leader["rule_se"] ** 2)
     t["tied"] = (t["trial_id"] == leader["trial_id"]) | (t["rule_score"] - leader["rule_score"] <= margin.fillna(0))
     t["is_reference"] = is_setting(t, reference)
-    t["trainable_params"] = [trainable_count(d) for d in t.get("freeze_depth", pd.Series(0, index=t.index))]
+    t["trainable_params"] = [trainable_count(d) for d in t.get("freeze_depth", pd.Series(0, index=t.index)).fillna(0)]
     t["_not_tied"], t["_not_ref"] = ~t["tied"], ~t["is_reference"]
     # outside the tie set the order is the score's alone
     t["_params"] = np.where(t["tied"], t["trainable_params"], 0)
