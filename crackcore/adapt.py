@@ -181,13 +181,14 @@ def main(argv: list[str] | None = None) -> int:
     check_model(a.model, meta, digest)
     net = load_net(meta, device)
     rel = [f.relative_to(root).as_posix() for f in adapt_files]
-    images = decode_all(root, pd.Series(rel), size)
+    images, _ = decode_all(root, pd.Series(rel), size)  # unreadable files are said and left out
     print(f"adapting {a.model} ({meta.get('weights', {}).get('source', '?')} weights) to {len(images)} unlabelled "
           f"images of {root} by {a.method}", flush=True)
     before_z = None
     if labelled is not None:
         lroot = a.labelled.expanduser().resolve()
-        limages = decode_all(lroot, labelled["path"], size)
+        limages, readable = decode_all(lroot, labelled["path"], size)
+        labelled = labelled[readable].reset_index(drop=True)
         before_z = logit_crack(net, limages)
     record = adapt_model(net, images, a.method, temperature=temperature, train_prior=train_prior_of(meta),
                          layers=a.bn_layers, mix=a.bn_mix, seed=a.seed, prior=a.prior, epochs=a.epochs)

@@ -15,6 +15,7 @@ from crackcore.outputs import (check_writable, claim_folder, folder_in_use, loso
                                write_parquet, write_run_outputs)
 from crackcore.flags import add_flags, flag_values
 from crackcore.sources import EMBEDDED_SAMPLE, default_data
+from crackcore.studyfiles import ERRORS, FINAL_METRICS, LOSO, MODEL
 from crackcore.tracking import experiment, finish_run, log_epoch, open_store, tracked_run
 from crackcore.train import HISTORY_COLUMNS, fit
 
@@ -64,7 +65,7 @@ def train_to(a: argparse.Namespace, cfg: TrainConfig) -> int:
                      {"role": "fit", "out": str(a.out.resolve())}) as run_id:
         metrics = train_and_write(a, cfg, t0, uri, run_id)
         if run_id:
-            files = [a.out / n for n in ("model.pt", "errors.parquet", "final_metrics.json", "loso.parquet")]
+            files = [a.out / n for n in (MODEL, ERRORS, FINAL_METRICS, LOSO)]
             finish_run(uri, run_id, metrics, files, skip=set(HISTORY_COLUMNS), step=metrics["epochs"])
             print(f"mlflow: run {run_id} in experiment {name!r} at {uri}")
     return 0
@@ -89,7 +90,7 @@ def train_and_write(a: argparse.Namespace, cfg: TrainConfig, t0: float, uri: str
                                                                   "versions": versions(), "data_source": data.source,
                                                                   "command": sys.argv}))
         if loso is not None:
-            write_parquet(loso, tmp / "loso.parquet")
+            write_parquet(loso, tmp / LOSO)
 
     write_folder(a.out, fill)
     print(f"\nweights: {result.weights.describe()}  device: {result.device} ({result.precision})  wall {time.time() - t0:.0f}s")

@@ -23,6 +23,7 @@ from crackcore.exceptions import ConfigError, StorageError, storage_error
 from crackcore.faults import kill_point
 from crackcore.images import CLASSES, IMAGENET_MEAN, IMAGENET_STD
 from crackcore.metrics import binary_metrics, expected_calibration_error, format_accuracy, reliability_table
+from crackcore.studyfiles import ERRORS, FINAL_HISTORY, FINAL_METRICS, MODEL, PREDICTIONS, RUN_CONFIG, SPLIT
 
 MODEL_FORMAT = "crackcore-model"
 
@@ -319,14 +320,14 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     }
     metrics.update(extra_metrics or {})
     out.mkdir(parents=True, exist_ok=True)
-    write_parquet(result.history, out / "final_history.parquet")
-    write_parquet(predictions, out / "predictions.parquet")
-    write_parquet(errors, out / "errors.parquet")
-    write_parquet(data.split_table(), out / "split.parquet")
-    save_torch({**model_payload(result, cfg), "temperature": temperature}, out / "model.pt")
+    write_parquet(result.history, out / FINAL_HISTORY)
+    write_parquet(predictions, out / PREDICTIONS)
+    write_parquet(errors, out / ERRORS)
+    write_parquet(data.split_table(), out / SPLIT)
+    save_torch({**model_payload(result, cfg), "temperature": temperature}, out / MODEL)
     kill_point("outputs")
-    write_json(cfg.to_dict(), out / "config.json")
-    write_json(metrics, out / "final_metrics.json")
+    write_json(cfg.to_dict(), out / RUN_CONFIG)
+    write_json(metrics, out / FINAL_METRICS)
     return metrics
 
 

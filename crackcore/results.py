@@ -11,8 +11,6 @@ DataFrames and dicts, for the report, notebooks and tests.
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,16 +18,10 @@ from typing import Any, Callable
 import pandas as pd
 
 from crackcore.exceptions import StudyFilesError
+from crackcore.journal import open_journal
+from crackcore.studyfiles import DOCUMENTS, JOURNAL, MODEL, OPTIONAL, TABLES, TRIALS
 from crackcore.shift import shift_frame
 
-TABLES = {"trials": "trials.parquet", "history": "history.parquet", "final_history": "final_history.parquet",
-          "errors": "errors.parquet", "predictions": "predictions.parquet", "split": "split.parquet",
-          "repeats": "repeats.parquet", "loso": "loso.parquet", "reference_predictions": "reference_predictions.parquet"}
-DOCUMENTS = {"study": "study.json", "config": "study_config.json", "best_config": "best_config.json",
-             "final_metrics": "final_metrics.json"}
-# only with --repeat-top / --leave-one-out / a reference retrain (not with --no-reference, nor when the pick is it)
-OPTIONAL = {"repeats.parquet", "loso.parquet", "reference_predictions.parquet"}
-JOURNAL = "optuna_journal.log"
 # `python -m crackcore.calibrate --out results/STUDY/calibration/SITE` puts a calibration beside a study
 CALIBRATION_GLOB = "calibration/*/calibration.json"
 CALIBRATION_FORMAT = "crackcore-calibration"
@@ -54,7 +46,7 @@ class Study:
     reference_predictions: pd.DataFrame = field(default_factory=pd.DataFrame)
     calibration: pd.DataFrame = field(default_factory=pd.DataFrame)
     missing: list[str] = field(default_factory=list)
-    trials_from: str = "trials.parquet"  # or the Optuna journal, for a study stopped before the search ended
+    trials_from: str = TRIALS  # or the Optuna journal, for a study stopped before the search ended
 
     @property
     def journal_path(self) -> Path:
@@ -66,7 +58,7 @@ class Study:
 
     @property
     def model_path(self) -> Path:
-        return self.path / "model.pt"
+        return self.path / MODEL
 
     def test_predictions(self) -> pd.DataFrame:
         """predictions.parquet's rows of the in-domain test split (not of held-out or --eval sets)."""
@@ -172,7 +164,7 @@ def load_study(path: str | Path) -> Study:
         elif name not in OPTIONAL:
             study.missing.append(name)
     if not study.model_path.is_file():
-        study.missing.append("model.pt")
+        study.missing.append(MODEL)
     if not len(study.trials) and study.journal_path.is_file():  # stopped mid-search: the journal has the trials so far
         study.trials = _read(study.journal_path, lambda: journal_trials(study))
         study.trials_from = JOURNAL
@@ -189,78 +181,6 @@ def journal_trials(study: Study) -> pd.DataFrame:
              "best_val_acc": max(t.intermediate_values.values(), default=float("nan"))}
             for t in (optuna_study.trials if optuna_study else [])]
     return pd.DataFrame(rows)
-
-
-def open_journal(study_dir: str | Path, writer: bool = False) -> Any:
-    """The Optuna JournalStorage of a study folder (written by the search, read by reports).
-    The search opens it as the `writer`: a torn last record (a write cut short by a full disk
-    or a kill) is cut first, with a warning, and every later append is whole or not at all.
-    Readers never change the file: a live study may be writing its tail."""
-    from optuna.storages import JournalStorage
-
-    return JournalStorage(_whole_record_backend(Path(study_dir) / JOURNAL, writer))
-
-
-def cut_torn_tail(path: Path) -> int:
-    """Cut what follows the journal's last whole record; returns the records dropped (0 or 1).
-    A record is one JSON line ending in a newline, so a torn write is a tail without one (or,
-    cut right after a newline of its own, a last line that is not JSON). A damaged record
-    before the last one is not a torn write: that is an error, the file is left as it is."""
-    data = path.read_bytes() if path.is_file() else b""
-    keep = data.rfind(b"\n") + 1  # everything after the last newline is torn
-    lines = data[:keep].splitlines(keepends=True)
-    bad = [i for i, line in enumerate(lines) if not _is_record(line)]
-    if bad and bad != [len(lines) - 1]:
-        raise StudyFilesError(f"{path} is damaged at record {bad[0] + 1} of {len(lines)} (not a torn last write); "
-                              "restore it from a copy or start a new study")
-    if bad:
-        keep -= len(lines[-1])
-    if keep == len(data):
-        return 0
-    with open(path, "r+b") as f:
-        f.truncate(keep)
-        os.fsync(f.fileno())
-    print(f"warning: {path}: cut a torn last record ({len(data) - keep} bytes, 1 record dropped) left by a write "
-          "that was cut short (disk full or a kill); the study goes on from the record before it", file=sys.stderr)
-    return 1
-
-
-def _is_record(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
-
-
-def _whole_record_backend(path: Path, writer: bool) -> Any:
-    from optuna.storages.journal import JournalFileBackend
-    from optuna.storages.journal._file import get_lock_file  # optuna 5.0.0: the lock its own appends take
-
-    class WholeRecordFile(JournalFileBackend):
-        """Optuna's journal file whose appends are whole: a failed write (disk full) is cut back
-        to the last whole record under the same lock, so a later --resume appends after it."""
-
-        def append_logs(self, logs: list[dict[str, Any]]) -> None:
-            text = "".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs).encode()
-            with get_lock_file(self._lock):
-                fd = os.open(self._file_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-                start = os.lseek(fd, 0, os.SEEK_END)
-                try:
-                    view = memoryview(text)
-                    while view:  # os.write may write less than asked
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                except OSError as exc:
-                    os.ftruncate(fd, start)
-                    raise OSError(exc.errno, exc.strerror, self._file_path) from exc
-                finally:
-                    os.close(fd)
-
-    backend = WholeRecordFile(str(path))
-    if writer:
-        with get_lock_file(backend._lock):
-            cut_torn_tail(path)
-    return backend
 
 
 def load_optuna_study(study: Study) -> Any:

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -162,7 +163,7 @@ def test_cli_writes_a_model_predict_and_calibrate_take(model: Path, site: Path, 
     payload = torch.load(out / "model.pt", weights_only=True)
     assert payload["adaptation"]["images_sha256"] == record["images_sha256"] and payload["temperature"] == 1.5
     clf = load_classifier(out / "model.pt", torch.device("cpu"))
-    assert clf.prob_crack(decode_all(site, ["Positive/" + next((site / "Positive").iterdir()).name], SIZE)).shape == (1,)
+    assert clf.prob_crack(decode_all(site, pd.Series(["Positive/" + next((site / "Positive").iterdir()).name]), SIZE)[0]).shape == (1,)
     # composes with calibrate: k labels after adapting
     cal = tmp_path / "cal"
     assert calibrate_main(["--model", str(out / "model.pt"), "--labelled", str(site), "--k", "8", "--out", str(cal),

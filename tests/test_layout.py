@@ -8,10 +8,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.exceptions", "crackcore.hashing", "crackcore.images", "crackcore.metrics", "crackcore.calibration",
-     "crackcore.faults", "crackcore.progress"},
+     "crackcore.faults", "crackcore.progress", "crackcore.studyfiles"},
     {"crackcore.devices", "crackcore.checkpoint", "crackcore.config", "crackcore.outputs", "crackcore.cli",
      "crackcore.tracking", "crackcore.shift", "crackcore.model",
-     "crackcore.lift"},
+     "crackcore.lift", "crackcore.journal"},
     # serving: a model behind one interface, and the reader of study files; neither needs training or data
     {"crackcore.classifier", "crackcore.results"},
     {"crackcore.augment", "crackcore.neardup", "crackcore.synthetic", "crackcore.download",

@@ -15,7 +15,9 @@ from typing import Iterator
 import optuna
 import pytest
 
-from crackcore.results import JOURNAL, load_study, open_journal
+from crackcore.journal import open_journal
+from crackcore.results import load_study
+from crackcore.studyfiles import JOURNAL
 
 REPO = Path(__file__).resolve().parents[1]
 

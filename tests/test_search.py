@@ -18,7 +18,8 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 
 from crackcore.config import SCHEDULERS, SEARCHERS, SearchSpace, StudyConfig, apply_overrides
 from crackcore.exceptions import ConfigError
-from crackcore.results import JOURNAL, open_journal
+from crackcore.journal import open_journal
+from crackcore.studyfiles import JOURNAL
 from tests.conftest import TEST_DATA
 from tune.settings import build_parser, flag_overrides
 from tune.search import (_in_space, asha_rungs, checkpoint_epochs, make_sampler, make_scheduler, make_searcher,

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from crackcore.results import open_journal
+from crackcore.journal import open_journal
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -30,7 +30,8 @@ from crackcore.images import open_image  # noqa: E402
 from crackcore.lift import lift_line  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
 from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
-from crackcore.results import JOURNAL, Study, load_optuna_study, load_study  # noqa: E402
+from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
+from crackcore.studyfiles import ERRORS, FINAL_METRICS, JOURNAL  # noqa: E402
 from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE  # noqa: E402
 from crackcore.tracking import log_folder  # noqa: E402
 from tune.trials import rank_trials  # noqa: E402
@@ -527,7 +528,7 @@ def figures_section(s: Study, out: Path, cap: int) -> list[str]:
             md += [f"### {title}", "", f"![{title}]({name})", "", sentence, ""]
         except Exception as exc:  # a figure that cannot be drawn is explained, not fatal
             md += [f"### {title}", "", f"Not drawn: {_text(str(exc).rstrip('.'))}.", ""]
-    if "errors.parquet" not in s.missing:
+    if ERRORS not in s.missing:
         md += ["### Misclassified images (test split, held-out sources, --eval sets)", ""]
         if s.errors.empty:
             md += ["No misclassified samples: the final model got every test image right.", ""]
@@ -543,7 +544,7 @@ def figures_section(s: Study, out: Path, cap: int) -> list[str]:
 def build_report(s: Study, out: Path, cap: int = MAX_ERRORS_SHOWN,
                  replays: list[Path] | None = None) -> tuple[list[str], list[str]]:
     """Write figures and report.md into `out`. Returns (markdown lines, notes about what is missing)."""
-    check_final_metrics(s.final_metrics, s.path / "final_metrics.json")
+    check_final_metrics(s.final_metrics, s.path / FINAL_METRICS)
     summary, notes = summary_section(s)
     md = [f"# Study report: {_text(s.name)}", "", *summary]
     if len(s.trials):

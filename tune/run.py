@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
 import time
@@ -39,18 +40,21 @@ from crackcore.images import CACHE_ENV, cache_dir
 from crackcore.lift import TEST_SET, evaluated_sets, lift_by_set, lift_line
 from crackcore.outputs import check_writable, loso_table, summary_lines, versions, write_json, write_parquet, write_run_outputs
 from crackcore.sources import SYNTHETIC, check_root
+from crackcore.studyfiles import (BEST_CONFIG, HISTORY, LOSO, REFERENCE_PREDICTIONS, REPEATS, STATE_HASHES, STUDY,
+                                  STUDY_CONFIG, TRIALS)
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
-from tune.search import (checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, resume_search,
-                         stop_epochs)
-from tune.storage import (CONFIG_FILE, OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints, KillPoints,
-                          CheckpointWatch, StopOnStorageFault, SyncStudyFiles, clear_experiment, fetch_saved_study, has_experiment_state,
-                          ray_storage, study_started, sync_outputs)
+from tune.search import (checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, restart_from_journal,
+                         resume_search, stop_epochs)
+from tune.storage import (OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints,
+                          KillPoints, CheckpointWatch, StateHashes, StopOnStorageFault, SyncStudyFiles, changed_state,
+                          clear_experiment, damaged_state, fetch_saved_study, has_experiment_state, ray_storage,
+                          set_damaged_state_aside, study_started, sync_outputs)
 from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
 from tune.settings import parse_flags, resolve_config, resume_conflicts
-from tune.trials import (best_rule, collect_trials, is_setting, max_parallel, rank_repeats, rank_trials, repeat_top,
-                         rung_fidelity)
+from tune.trials import (best_rule, collect_trials, earlier_trials, is_setting, journal_wins, max_parallel, rank_repeats,
+                         rank_trials, repeat_top, rung_fidelity)
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
                slots: int) -> Any:
@@ -66,6 +70,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
     # checkpoint, so --resume knows which one was kept; Ray warns about that frequency on
     # every short epoch. Its separate warning for a snapshot that is actually slow stays on.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    rebuild = False
     if resume and tune.Tuner.can_restore(experiment) and not has_experiment_state(experiment):
         # killed between Ray's tuner.pkl and its first snapshot: Ray cannot restore that (it logs a
         # failure and wedges), and there is no trial to continue. Start the search over; the
@@ -73,16 +78,29 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
         print(f"Ray's experiment at {experiment} has no saved state (the driver stopped before its first snapshot); "
               "starting the search over", flush=True)
         clear_experiment(experiment)
-        resume = False
+        resume, rebuild = False, True
+    elif resume and (torn := damaged_state(experiment)):
+        # a full disk cut Ray's snapshot short: Ray would log the JSON error and start over with no
+        # trials, forever. The journal holds every finished trial: a new Ray search runs the rest.
+        aside = set_damaged_state_aside(experiment)
+        print(f"Ray's experiment state is torn or empty ({', '.join(torn)}: a write cut short, e.g. by a full disk); "
+              f"set aside in {aside}: the search goes on from the Optuna journal, finished trials kept, interrupted "
+              "ones run again", flush=True)
+        resume, rebuild = False, True
     if resume:
         if not tune.Tuner.can_restore(experiment):
             raise StudyError(f"nothing to resume at {experiment}; run without --resume to start the study")
         # errored trials stay errored: they already spent their retries (max_failures), and the
         # restored searcher has told Optuna FAIL for them, so re-running one would split the record
         return resume_search(experiment, trainable, study_dir).fit()
+    finished = restart_from_journal(study_dir, cfg.name) if rebuild else 0
+    if finished >= cfg.num_samples:
+        return []  # every trial is in the journal: tune.trials.journal_wins builds the table from it
+    cfg = apply_overrides(cfg, {"num_samples": cfg.num_samples - finished})
+    searcher = make_searcher(cfg, study_dir, start=not rebuild)
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=make_searcher(cfg, study_dir),
+        tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=searcher,
                                     scheduler=make_scheduler(cfg), num_samples=cfg.num_samples,
                                     max_concurrent_trials=slots,  # without it OptunaSearch runs 1 trial at a time
                                     reuse_actors=True),  # a new trial starts in a warm worker: no process start, imports
@@ -90,7 +108,9 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            callbacks=[DropFinishedCheckpoints(), KillPoints(), StopOnStorageFault(study_dir, storage),
+            # StateHashes before SyncStudyFiles (which mirrors its record) and KillPoints (search-start)
+            callbacks=[DropFinishedCheckpoints(), StateHashes(study_dir, experiment, searcher), KillPoints(),
+                       StopOnStorageFault(study_dir, storage),
                        *([SyncStudyFiles(study_dir, storage)] if "://" in storage else []),
                        *([TrialRuns(cfg.mlflow, cfg.name)] if cfg.mlflow else [])],  # restored with the rest on --resume
             verbose=1),
@@ -167,25 +187,37 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
             raise StudyError(f"study {cfg.name!r} already exists at {study_dir}; pass --resume to continue it or "
                              "--study-name NEW for a new one (nothing was changed)")
         return StudyRun(cfg, study_dir, storage, resumed=False)
-    saved = study_dir / CONFIG_FILE
+    saved = study_dir / STUDY_CONFIG
     if not saved.is_file() and fetch_saved_study(study_dir, storage):
         print(f"fetched {', '.join(RESUME_FILES)} of study {cfg.name} from {storage}/{OUTPUTS_DIR}", flush=True)
     if not saved.is_file():
-        raise StudyError(f"no study to resume at {study_dir} ({CONFIG_FILE} missing); run without --resume")
+        raise StudyError(f"no study to resume at {study_dir} ({STUDY_CONFIG} missing); run without --resume")
     saved_cfg = StudyConfig(**json.loads(saved.read_text()))
     if flags.get("reference_retrain") is False and saved_cfg.reference_retrain:
-        if (study_dir / "best_config.json").is_file():  # written just before the retrains start
+        if (study_dir / BEST_CONFIG).is_file():  # written just before the retrains start
             raise StudyError(f"study {cfg.name}'s reference retrain already began (best_config.json is written); resume "
                              "it without --no-reference, or start a new study with --study-name NEW (nothing was changed)")
         saved_cfg = apply_overrides(saved_cfg, {"reference_retrain": False})  # not begun: the user may still drop it
         write_json(saved_cfg.to_dict(), saved)
-    conflicts = resume_conflicts(a, cfg, saved_cfg, flags)
+    conflicts = resume_conflicts(a, cfg, saved_cfg, flags, from_file)
     if conflicts:
         raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
                          "drop those flags, or start a new study with --study-name NEW")
-    if (study_dir / "study.json").is_file():
-        print(f"study {cfg.name} is complete ({study_dir / 'study.json'}); nothing to resume")
+    if (study_dir / STUDY).is_file():
+        print(f"study {cfg.name} is complete ({study_dir / STUDY}); nothing to resume")
         return None
+    experiment = f"{storage}/{RAY_DIR}"
+    # Ray unpickles its saved state on --resume: code runs. Torn state is never read (set aside);
+    # whole state must be what this study wrote (tune.storage.StateHashes)
+    if has_experiment_state(experiment) and not damaged_state(experiment):
+        changed = changed_state(study_dir, experiment)
+        if changed and not a.trust_changed_state:
+            raise StudyError(f"Ray's saved state of study {cfg.name} in {experiment} is not what this study wrote "
+                             f"({', '.join(changed)}; {STATE_HASHES}): --resume unpickles it, which runs code; if you "
+                             "trust this study folder, pass --trust-changed-state")
+        if changed:
+            print(f"warning: --trust-changed-state: resuming from Ray state that changed since the study wrote it "
+                  f"({', '.join(changed)})", file=sys.stderr)
     print(f"resuming study {cfg.name} with its saved configuration ({saved})")
     return StudyRun(saved_cfg, study_dir, storage, resumed=True)
 
@@ -219,8 +251,8 @@ def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
         run.cfg = cfg = narrow_for_random_init(cfg, run.weights)
     run.study_dir.mkdir(parents=True, exist_ok=True)
     if not run.resumed:
-        write_json(cfg.to_dict(), run.study_dir / CONFIG_FILE)
-        sync_outputs(run.study_dir, run.storage, (CONFIG_FILE,))
+        write_json(cfg.to_dict(), run.study_dir / STUDY_CONFIG)
+        sync_outputs(run.study_dir, run.storage, (STUDY_CONFIG,))
     print(f"data: {run.data.source['kind']} {run.data.source['root']}  {run.data.counts()}  "
           f"exact duplicates: {run.data.source['exact_duplicate_files']}\nweights: {run.weights.describe()}\n"
           f"cluster: {resources.get('CPU', 0):g} CPU, {resources.get('GPU', 0):g} GPU, "
@@ -239,15 +271,20 @@ def search(run: StudyRun) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialPa
     with CheckpointWatch(f"{run.storage}/{RAY_DIR}") as watch:
         results = run_search(run.cfg, run.study_dir, run.storage, run.data_ref, run.backbone_ref, run.resumed, run.slots)
     search_seconds = time.time() - t_search
+    results = list(results)
+    # trials of a Ray experiment set aside (damaged state) are in the journal and their folders
+    if "://" not in run.storage:
+        results += earlier_trials(Path(run.storage) / RAY_DIR, results)
     trials, history, params_of = collect_trials(results, run.cfg)
-    # not results.num_terminated: on Ctrl-C Ray marks the trials it stops TERMINATED, though they
-    # did not finish; a trial that ran to its end (or ASHA stopped) has done=True in its last result
-    finished = sum(1 for r in results if r.error or (r.metrics or {}).get("done"))
+    trials, params_of = journal_wins(trials, params_of, run.study_dir, run.cfg)
+    # not Ray's TERMINATED: on Ctrl-C Ray marks the trials it stops TERMINATED, though they did not
+    # finish (INTERRUPTED here); a trial that ran to its end, or ASHA stopped, or failed, has finished
+    finished = int(trials["status"].isin(["COMPLETE", "PRUNED", "DIVERGED", "ERROR"]).sum())
     if finished >= run.cfg.num_samples:
         fail_orphaned_trials(run.study_dir, run.cfg.name)
-    write_parquet(trials, run.study_dir / "trials.parquet")
+    write_parquet(trials, run.study_dir / TRIALS)
     if len(history):
-        write_parquet(history, run.study_dir / "history.parquet")
+        write_parquet(history, run.study_dir / HISTORY)
     run.slot_use = slot_use(trials, history, run.slots, search_seconds, t_search if run.resumed else None)
     largest = history["checkpoint_bytes"].max() if "checkpoint_bytes" in history and len(history) else 0
     # the peak is this driver's: a resumed search's earlier drivers are not in it
@@ -297,7 +334,7 @@ def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams
     ranked_repeats = rank_repeats(repeats, cfg.metric, reference)
     write_parquet(repeats.merge(ranked_repeats[["trial_id", "mean_val_acc", "ci95_low", "ci95_high", "mean_val_loss",
                                                 "rule_score", "rule_se", "tied"]], on="trial_id"),
-                  run.study_dir / "repeats.parquet")
+                  run.study_dir / REPEATS)
     print(ranked_repeats.drop(columns=[c for c in SEARCH_COLUMNS if c in ranked_repeats]).to_string(index=False), flush=True)
     chosen = ranked_repeats.iloc[0]
     rule = (f"the tie set of the single-seed rule (at most {cfg.repeat_top} settings, here {n_configs}) re-run with "
@@ -348,7 +385,7 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
                 **({"val_shift_acc": float(best["last_val_shift_acc"])} if "last_val_shift_acc" in best else {}),
                 "tie_set": choice.tie_set(), "reference": reference,
                 **({"repeats": choice.repeated} if choice.repeated else {}),
-                "train_config": best_cfg.to_dict()}, run.study_dir / "best_config.json")
+                "train_config": best_cfg.to_dict()}, run.study_dir / BEST_CONFIG)
     n_val = len(data.indices("val", cfg.train.selection_sources()))
     val_ci = wilson_interval(round(best["last_val_acc"] * n_val), n_val)
     cfgs = [best_cfg]
@@ -375,9 +412,9 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
                          sets={name: set_summary(m) for name, m in {**ref.held_out, **ref.external}.items()},
                          seconds=ref.seconds)
         write_parquet(pd.concat([p.assign(set=name) for name, p in evaluated_sets(ref).items()], ignore_index=True),
-                      run.study_dir / "reference_predictions.parquet")
+                      run.study_dir / REFERENCE_PREDICTIONS)
     else:
-        (run.study_dir / "reference_predictions.parquet").unlink(missing_ok=True)  # a resumed study's stale one
+        (run.study_dir / REFERENCE_PREDICTIONS).unlink(missing_ok=True)  # a resumed study's stale one
     if cfg.compare_splits:
         extra["split_comparison"] = compare_splits(best_cfg, data, result, run.backbone_ref, *final_resources(cfg))
     metrics = write_run_outputs(run.study_dir, result, data, best_cfg, extra)
@@ -392,7 +429,7 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
             print(f"\nleave-one-out: retraining without {name} ...", flush=True)
             [results[name]] = fit_remote(put_data(prepare_data(held_cfg)), [held_cfg], run.backbone_ref, num_cpus,
                                          num_gpus, True, f"without {name}")
-        write_parquet(table := loso_table(results), run.study_dir / "loso.parquet")
+        write_parquet(table := loso_table(results), run.study_dir / LOSO)
         print(table.to_string(index=False), flush=True)
     return result, metrics, final_seconds
 
@@ -471,19 +508,29 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         "fidelity": rung_fidelity(
             trials, history, stop_epochs(run.cfg) or list(range(1, run.cfg.max_epochs)), run.cfg.metric).to_dict("records"),
         "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
-        "resumed": run.resumed,
+        "resumed": run.resumed, "state_sha256": STATE_HASHES,  # Ray's state as written, checked by --resume
         **({"mlflow": {"uri": run.cfg.mlflow, "experiment": run.cfg.name, "experiment_id": run.experiment_id,
                        "retrain_run_id": run.retrain_run_id}} if run.experiment_id else {}),
     }
 
 
-def stopped_by_storage(exc: BaseException) -> str | None:
+def stopped_by_storage(exc: BaseException, folder: Path | None = None) -> str | None:
     """The one line for a study stopped by storage it cannot write, else None. Ray hands an
-    error raised in a callback (StopOnStorageFault) back as a TuneError holding its traceback."""
+    error raised in a callback (StopOnStorageFault) back as a TuneError holding its traceback.
+    An OSError that names no file (a write that failed at flush) is placed in `folder`."""
     if isinstance(exc, TuneError):
         mark = f"{StorageError.__module__}.{StorageError.__name__}: "
-        return next((line.split(mark, 1)[1] for line in reversed(str(exc).splitlines()) if mark in line), None)
-    line = exc if isinstance(exc, StorageError) else storage_error(exc)
+        text = str(exc)
+        if line := next((line.split(mark, 1)[1] for line in reversed(text.splitlines()) if mark in line), None):
+            return line
+        # an OSError raised in the driver's loop (the searcher's journal append, a result file)
+        # reaches here as its traceback's text
+        if m := re.search(r"(?:OSError|\w+Error): \[Errno (\d+)\] ([^\n:]+)(?:: '([^'\n]+)')?", text):
+            line = storage_error(OSError(int(m[1]), m[2], m[3]))
+            return None if line is None else str(line)
+        return None
+    unnamed = isinstance(exc, OSError) and not exc.filename and folder is not None
+    line = exc if isinstance(exc, StorageError) else storage_error(exc, path=folder / "study files" if unnamed else None)
     return None if line is None else str(line)
 
 
@@ -526,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
         result, metrics, final_seconds = retrain(run, choice, params)
         record = study_record(run, a, resources, trials, history, result, choice, params, {
             "search_seconds": search_seconds, "final_seconds": final_seconds, "wall_seconds": time.time() - t_start})
-        write_json(record, run.study_dir / "study.json")
+        write_json(record, run.study_dir / STUDY)
         sync_outputs(run.study_dir, run.storage)
         print(f"\n=== study {run.cfg.name}: {len(trials)} trials {trials['status'].value_counts().to_dict()}, up to "
               f"{max_parallel(trials)} in parallel, slots busy {100 * record['slot_utilisation']:.0f} %, study folder "
@@ -542,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"and the retrain ({run.retrain_run_id})")
         return 0
     except (OSError, StorageError, TuneError) as exc:
-        line = stopped_by_storage(exc)
+        line = stopped_by_storage(exc, run.study_dir)
         if line is None:
             raise
         ray.shutdown()  # Ray's log monitor would print the failed trials' tracebacks after our line

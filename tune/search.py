@@ -33,7 +33,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianSt
 from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
-from crackcore.results import open_journal
+from crackcore.journal import open_journal
 
 
 def make_scheduler(cfg: StudyConfig) -> TrialScheduler:
@@ -113,6 +113,7 @@ def start_points(cfg: StudyConfig, space: dict[str, BaseDistribution]) -> list[d
     return points
 
 
+RAY_TRIAL_ID = "ray_trial_id"  # an Optuna trial's user attr: the Ray trial that ran it
 JOURNAL_REF = "study-journal"  # what a pickled searcher holds instead of its journal (and its path)
 
 
@@ -153,8 +154,18 @@ class EpochAwareOptunaSearch(OptunaSearch):
         self._study_dir = Path(study_dir)
 
     def save(self, checkpoint_path: str) -> None:
+        # Ray saves into its driver staging folder, then uploads it: tune.storage.StateHashes
+        # hashes the files there, as written, before the upload
+        self.saved_in = str(Path(checkpoint_path).parent)
         with open(checkpoint_path, "wb") as f:
             _JournalByReference(f, self._storage).dump(self.__dict__.copy())
+
+    def suggest(self, trial_id: str) -> dict | None:
+        new = trial_id not in self._ot_trials
+        params = super().suggest(trial_id)
+        if new and trial_id in self._ot_trials:  # the link tune.trials.journal_wins follows from journal to Ray
+            self._ot_trials[trial_id].set_user_attr(RAY_TRIAL_ID, trial_id)
+        return params
 
     def restore(self, checkpoint_path: str) -> None:
         study_dir = self._study_dir
@@ -211,9 +222,11 @@ def _sampler(cfg: StudyConfig, startup: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
-def make_searcher(cfg: StudyConfig, study_dir: Path) -> EpochAwareOptunaSearch:
+def make_searcher(cfg: StudyConfig, study_dir: Path, start: bool = True) -> EpochAwareOptunaSearch:
+    """`start`: run the start points first (False when the journal already holds the study's trials)."""
     space = search_space(cfg)
-    return EpochAwareOptunaSearch(space=space, metric=cfg.metric, mode="max", points_to_evaluate=start_points(cfg, space),
+    return EpochAwareOptunaSearch(space=space, metric=cfg.metric, mode="max",
+                                  points_to_evaluate=start_points(cfg, space) if start else None,
                                   sampler=make_sampler(cfg), study_name=cfg.name, study_dir=study_dir,
                                   max_epochs=cfg.max_epochs)
 
@@ -240,3 +253,23 @@ def fail_orphaned_trials(study_dir: Path, study_name: str) -> None:
     for t in orphans:
         study._storage.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted driver; never ran")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+
+
+def restart_from_journal(study_dir: Path, study_name: str) -> int:
+    """Ready the Optuna study for a new Ray search that replaces a damaged Ray experiment (the
+    journal is the record of the trials). Returns the trials that finished; each trial left
+    RUNNING (interrupted with the experiment, or asked and never started) is marked FAIL with
+    an `orphaned` note and its params are enqueued, so the new search runs that setting again
+    first. Trials already enqueued (WAITING) stay queued."""
+    study = optuna.load_study(study_name=study_name, storage=open_journal(study_dir, writer=True))
+    trials = study.get_trials(deepcopy=False)
+    for t in trials:
+        if t.state == TrialState.RUNNING:
+            # private: optuna 5.0.0 Study._storage / FrozenTrial._trial_id, as in fail_orphaned_trials
+            epochs = len(t.intermediate_values)
+            study._storage.set_trial_user_attr(t._trial_id, "orphaned", f"interrupted after {epochs} epoch(s) when "
+                                               "Ray's experiment state was damaged; its setting runs again as a new trial")
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.enqueue_trial(t.params)
+    return sum(1 for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+               or (t.state == TrialState.FAIL and "orphaned" not in t.user_attrs))

@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted study with this name; `--resume auto`: continue it if it exists and "
                    "is unfinished, start it if it does not, leave a finished one alone (a restarted driver pod)")
     p.add_argument("--smoke-test", action="store_true", help="tiny budget: 4 trials x 2 epochs at 32 px")
+    p.add_argument("--trust-changed-state", action="store_true",
+                   help="--resume a study whose saved Ray state (pickles: resuming runs them) changed since the study "
+                   "wrote it; only for a study folder you trust")
     return p
 
 
@@ -70,16 +73,37 @@ def parse_flags(argv: list[str] | None) -> tuple[argparse.Namespace, dict[str, A
 
 
 def resume_conflicts(a: argparse.Namespace, cfg: StudyConfig, saved: StudyConfig,
-                     flags: dict[str, Any] | None = None) -> list[str]:
+                     flags: dict[str, Any] | None = None, from_file: StudyConfig | None = None) -> list[str]:
     """Flags given with --resume that disagree with the saved study: a resumed study keeps its
-    settings, so such a flag would be silently ignored (the experiment file is not re-read)."""
+    settings, so such a flag would be silently ignored (the experiment file is not re-read). A
+    --config file given with --resume counts as flags: each setting it makes (`from_file`)."""
     wanted = {k: v for k, v in (flags or flag_overrides(a)).items() if v is not None and k != "name"}
     if a.data is None:
         wanted.pop("train.data", None)  # $CRACK_DATA or the download folder, not the user's words now
     if a.smoke_test:
         wanted = {**{k: attrgetter(k)(cfg) for k in SMOKE}, **wanted}
-    return [f"{k} is {attrgetter(k)(saved)!r} there, not {v!r}" for k, v in sorted(wanted.items())
-            if attrgetter(k)(saved) != v]
+    conflicts = [f"{k} is {attrgetter(k)(saved)!r} there, not {v!r}" for k, v in sorted(wanted.items())
+                 if attrgetter(k)(saved) != v]
+    if from_file is not None and a.config != DEFAULT_EXPERIMENT:
+        # the file given now: what it sets (top level or in a profile) must be the study's setting too
+        file, default = _flat(from_file.to_dict()), _flat(StudyConfig().to_dict())
+        sets = {k for k in file if k not in PROFILES and file[k] != default.get(k)}
+        sets |= {k for p in PROFILES for k in getattr(from_file, p) or {}}
+        now, then = _flat(cfg.to_dict()), _flat(saved.to_dict())
+        conflicts += [f"{k} is {then.get(k)!r} there, not {now.get(k)!r} (--config {a.config})"
+                      for k in sorted(sets - {"name", *wanted}) if k in now and now[k] != then.get(k)]
+    return conflicts
+
+
+PROFILES = ("cpu", "gpu")  # StudyConfig's per-hardware overrides, already in the form "train.subset"
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"subset": 40}} as {"train.subset": 40}; the profiles stay whole."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and k not in PROFILES else {f"{prefix}{k}": v})
+    return out
 
 
 def resolve_config(a: argparse.Namespace, from_file: StudyConfig, has_gpu: bool,

@@ -7,9 +7,13 @@ the study, in any working folder: it fetches config and journal back, Ray restor
 URI, and the restored searcher opens the fetched journal (tune.search pickles it by reference)."""
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import pickletools
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +23,16 @@ from ray import tune
 from crackcore.config import StudyConfig
 from crackcore.exceptions import StorageError, StudyError
 from crackcore.faults import kill_point
-from crackcore.results import JOURNAL
+from crackcore.outputs import write_json
+from crackcore.studyfiles import JOURNAL, STATE_HASHES, STUDY_CONFIG
 
 RAY_DIR = "ray"  # Ray's own experiment folder inside the study folder
-CONFIG_FILE = "study_config.json"
 OUTPUTS_DIR = "outputs"
-RESUME_FILES = (CONFIG_FILE, JOURNAL)  # what a driver needs to --resume a study
+RESUME_FILES = (STUDY_CONFIG, JOURNAL, STATE_HASHES)  # what a driver needs to --resume a study
+# Ray's files that --resume unpickles (the experiment state JSON holds pickles too), by name prefix;
+# callback-states-*.pkl is written after the callbacks' get_state, so StateHashes cannot hash it as written
+KEEP_VERSIONS = 3
+STATE_FILES = ("tuner.pkl", "experiment_state-", "searcher-state-", "search_gen_state-")
 
 
 def ray_storage(cfg: StudyConfig, storage_path: str) -> tuple[Path, str]:
@@ -69,7 +77,7 @@ def sync_outputs(study_dir: Path, storage: str, names: tuple[str, ...] | None = 
 
 def fetch_saved_study(study_dir: Path, storage: str) -> bool:
     """On a machine without the local study folder, get config + journal back from URI storage."""
-    remote = _remote_file(storage, CONFIG_FILE)
+    remote = _remote_file(storage, STUDY_CONFIG)
     if remote is None or not _exists(remote):
         return False
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -239,3 +247,120 @@ class StopOnStorageFault(tune.Callback):
         if fault := next((m for m in self.MARKS if m in text), None):
             raise StorageError(f"trial {trial.trial_id} could not write its checkpoint to {self.storage} "
                                f"({fault.lower()})")
+
+
+def _state_files(experiment: str) -> dict[str, pafs.FileInfo]:
+    """Ray's state files at the top of its experiment folder, by name."""
+    fs, root = _filesystem(experiment)
+    try:
+        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError:
+        return {}
+    return {Path(f.path).name: f for f in found if f.type == pafs.FileType.File and Path(f.path).name.startswith(STATE_FILES)}
+
+
+def _read(experiment: str, name: str) -> bytes:
+    fs, root = _filesystem(experiment)
+    with fs.open_input_stream(f"{root}/{name}") as f:
+        return f.readall()
+
+
+def _whole(name: str, data: bytes) -> bool:
+    """A state file that is whole: the experiment state's JSON parses, a pickle ends in its STOP opcode.
+    pickletools reads the opcodes without running any of them."""
+    if name.startswith("experiment_state-"):  # JSON; the others are pickles (search_gen_state's .json too)
+        try:
+            json.loads(data)
+            return True
+        except ValueError:
+            return False
+    try:
+        return any(op.name == "STOP" for op, _, _ in pickletools.genops(data))
+    except Exception:  # noqa: BLE001 (genops raises ValueError and others on a cut pickle)
+        return False
+
+
+def damaged_state(experiment: str) -> list[str]:
+    """Ray's state files of the newest snapshot (and tuner.pkl) that are torn or empty: a write
+    cut short by a full disk. Ray cannot restore such an experiment (it logs the JSON error and
+    restarts with no trials)."""
+    files = _state_files(experiment)
+    newest = {prefix: max((n for n in files if n.startswith(prefix)), default=None) for prefix in STATE_FILES}
+    return [n for n in newest.values() if n and not _whole(n, _read(experiment, n))]
+
+
+def set_damaged_state_aside(experiment: str) -> str:
+    """Move Ray's state files into a folder of their own inside the experiment (kept, never
+    read again), so a new Ray search starts there; the trials' folders stay. Returns the folder."""
+    fs, root = _filesystem(experiment)
+    aside = f"{root}/damaged-state-{time.strftime('%Y%m%d-%H%M%S')}"
+    fs.create_dir(aside)
+    for name in _state_files(experiment):
+        fs.move(f"{root}/{name}", f"{aside}/{name}")
+    return aside
+
+
+def state_hashes(experiment: str, staging: str | None = None) -> dict[str, str]:
+    """SHA-256 of Ray's state files: tuner.pkl from the experiment, the snapshot's files from
+    Ray's staging folder (`staging`, as written, before Ray uploads them) or the experiment."""
+    hashes = {}
+    for name in _state_files(experiment) if staging is None else ["tuner.pkl"]:
+        hashes[name] = hashlib.sha256(_read(experiment, name)).hexdigest()
+    if staging is not None:
+        for f in sorted(Path(staging).iterdir()):
+            if f.is_file() and f.name.startswith(STATE_FILES[1:]):
+                hashes[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
+    return hashes
+
+
+def changed_state(study_dir: Path, experiment: str) -> list[str]:
+    """Ray's state files that differ from what this study wrote (STATE_HASHES), are new, or that
+    the study holds no hashes for (a study folder from before they were recorded)."""
+    recorded = study_dir / STATE_HASHES
+    if not recorded.is_file():
+        return [f"{STATE_HASHES} missing"]
+    try:
+        known = json.loads(recorded.read_text())["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return [f"{STATE_HASHES} unreadable"]
+    now = state_hashes(experiment)
+    return sorted(name for name, digest in now.items() if digest not in known.get(name, []))
+
+
+class StateHashes(tune.Callback):
+    """Record the SHA-256 of Ray's state files (STATE_FILES) as this study writes them, in
+    STATE_HASHES beside the journal: tuner.pkl at the start, the snapshot's files at each of
+    Ray's experiment snapshots. Ray calls get_state() after it wrote the snapshot into its staging
+    folder and before it uploads it. If the record cannot be written (a full disk), the snapshot
+    fails before its upload, so the uploaded state never runs ahead of its hashes."""
+
+    def __init__(self, study_dir: Path, experiment: str, searcher: Any):
+        self.study_dir, self.experiment, self.searcher = study_dir, experiment, searcher
+
+    def setup(self, **info: Any) -> None:
+        self._write(state_hashes(self.experiment))  # tuner.pkl, and on --resume the state it was checked against
+
+    def get_state(self) -> None:
+        staging = getattr(self.searcher, "saved_in", None)
+        if staging:
+            self._write(state_hashes(self.experiment, staging))
+        return None  # nothing for Ray to save
+
+    def _write(self, hashes: dict[str, str]) -> None:
+        path = self.study_dir / STATE_HASHES
+        try:  # the record holds every state file in the folder: a resumed run's snapshots add theirs
+            known = json.loads(path.read_text())["sha256"] if path.is_file() else {}
+        except (OSError, ValueError, KeyError):
+            known = {}
+        for name, digest in hashes.items():
+            # a snapshot keeps its file name; Ray uploads it in the background, so a driver killed
+            # before an upload finished leaves one of the last versions: the record keeps KEEP_VERSIONS
+            known[name] = ([digest] + [d for d in known.get(name, []) if d != digest])[:KEEP_VERSIONS]
+        try:
+            write_json({"about": "SHA-256 of Ray's saved state as this study wrote it (latest first); --resume "
+                        "refuses state that differs (it unpickles it), unless --trust-changed-state",
+                        "sha256": known}, path)
+        except OSError as exc:
+            from crackcore.exceptions import storage_error
+
+            raise (storage_error(exc, path=exc.filename or path) or exc) from exc

@@ -14,6 +14,7 @@ from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from crackcore import tracking
 from crackcore.outputs import write_folder
+from crackcore.studyfiles import ERRORS, FINAL_METRICS, MODEL
 from crackcore.train import HISTORY_COLUMNS
 
 TB_PREFIX = "ray/tune/"  # the tag prefix of Ray's TensorBoard logger
@@ -89,7 +90,6 @@ def log_retrain(uri: str, experiment_id: str, study: str, best_trial_id: str, re
     with tracking.tracked_run(uri, experiment_id, "retrain", best_cfg.to_dict(),
                               {"study": study, "role": "retrain", "best_trial_id": best_trial_id}) as run_id:
         tracking.log_history(uri, run_id, result.history)
-        tracking.finish_run(uri, run_id, metrics, [study_dir / n for n in ("model.pt", "errors.parquet",
-                                                                          "final_metrics.json")],
+        tracking.finish_run(uri, run_id, metrics, [study_dir / n for n in (MODEL, ERRORS, FINAL_METRICS)],
                             skip=set(HISTORY_COLUMNS), step=len(result.history))
     return run_id

@@ -15,15 +15,9 @@ import ray
 import torch
 from ray import tune
 
-from crackcore import checkpoint
+from crackcore import checkpoint, faults
 from crackcore.config import TrainConfig, TrialParams, trial_config
 from crackcore.train import HISTORY_COLUMNS, fit
-
-# Test-only fault injection, recorded in marker files under CRACK_FAULT_DIR: at epoch
-# CRACK_FAULT_EPOCH a trial raises once (tests resume-from-checkpoint); at epoch
-# CRACK_DIVERGE_EPOCH it diverges every time, one marker line per attempt (tests no-retry).
-FAULT_EPOCH_ENV, DIVERGE_EPOCH_ENV, FAULT_DIR_ENV = "CRACK_FAULT_EPOCH", "CRACK_DIVERGE_EPOCH", "CRACK_FAULT_DIR"
-
 
 # a checkpoint is written here, then copied by Ray to the trial's storage: in memory where the
 # node has /dev/shm, so the training thread does not wait on a disk write for a file that lives a moment
@@ -34,23 +28,6 @@ def within_resources(cfg: TrainConfig, cpus: float, gpus: float) -> TrainConfig:
     """`cfg` for a Ray task or trial holding `cpus` CPUs and `gpus` GPUs: torch threads = its
     CPUs (Ray sets OMP_NUM_THREADS=1), GPU-resident data planned against its share of a GPU."""
     return cfg.replace(num_threads=max(1, int(cpus)), gpu_share=min(1.0, gpus) if gpus > 0 else 1.0)
-
-
-def _maybe_inject_fault(epoch: int) -> None:
-    if not os.environ.get(FAULT_DIR_ENV) or str(epoch) not in (os.environ.get(FAULT_EPOCH_ENV),
-                                                                 os.environ.get(DIVERGE_EPOCH_ENV)):
-        return
-    folder = Path(os.environ[FAULT_DIR_ENV])
-    folder.mkdir(parents=True, exist_ok=True)
-    trial_id = tune.get_context().get_trial_id()
-    if os.environ.get(DIVERGE_EPOCH_ENV) == str(epoch):
-        with open(folder / f"{trial_id}.diverged", "a") as f:
-            f.write(f"{epoch}\n")
-        raise FloatingPointError(f"injected divergence at epoch {epoch} ({DIVERGE_EPOCH_ENV})")
-    marker = folder / f"{trial_id}.failed"
-    if not marker.exists():
-        marker.touch()
-        raise RuntimeError(f"injected fault at epoch {epoch} ({FAULT_EPOCH_ENV})")
 
 
 def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backbone_ref: Any, max_epochs: int,
@@ -71,7 +48,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
 
     def on_epoch(row: dict[str, Any], capture) -> None:
         nonlocal last_epoch
-        _maybe_inject_fault(row["epoch"])
+        faults.trial_fault(row["epoch"], tune.get_context().get_trial_id())
         due = row["epoch"] in checkpoint_epochs  # tune.search.checkpoint_epochs: which and why
         with tempfile.TemporaryDirectory(dir=SCRATCH) as d:
             t = time.perf_counter()

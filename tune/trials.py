@@ -5,7 +5,11 @@ and how well ASHA's rungs predicted the end (rung_fidelity)."""
 from __future__ import annotations
 
 from functools import lru_cache
+import json
+import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -13,7 +17,9 @@ import pandas as pd
 
 from crackcore.config import SEARCH_KEYS, StudyConfig, TrialParams, trial_config
 from crackcore.exceptions import StudyError
+from crackcore.journal import open_journal
 from tune.cluster import fit_remote
+from tune.search import RAY_TRIAL_ID
 
 
 def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialParams]]:
@@ -63,9 +69,88 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             "node_id": str(last["node_id"]) if last is not None else None,
             "error": str(r.error).splitlines()[0][:300] if r.error else None,
         })
-    trials_df = pd.DataFrame(trials).sort_values("trial_id").reset_index(drop=True)
+    trials_df = pd.DataFrame(trials, columns=None if trials else ["trial_id", "status", "epochs"])
+    trials_df = trials_df.sort_values("trial_id").reset_index(drop=True)
     history_df = pd.concat(history, ignore_index=True) if history else pd.DataFrame()
     return trials_df, history_df, params_of
+
+
+def earlier_trials(experiment: Path, results: Any) -> list[Any]:
+    """The trials in Ray's experiment folder that `results` lacks: those of a Ray experiment whose
+    damaged state was set aside (tune.storage.set_damaged_state_aside), read like Ray's results
+    from their result.json (whole lines only: a torn last line is a write cut short) and params.json."""
+    known = {Path(r.path).name for r in results}
+    found = []
+    for trial in sorted(experiment.glob("*/params.json")) if experiment.is_dir() else []:
+        if trial.parent.name in known:
+            continue
+        rows = []
+        for line in (trial.parent / "result.json").read_text(errors="replace").splitlines() \
+                if (trial.parent / "result.json").is_file() else []:
+            try:
+                rows.append(json.loads(line))
+            except ValueError:
+                continue
+        try:
+            config = json.loads(trial.read_text())
+        except ValueError:
+            config = None
+        # Ray names a trial's folder TRAINABLE_TRIALID_INDEX_PARAMS_DATE; collect_trials falls back on that id
+        ray_id = re.search(r"_([0-9a-f]{8}(?:_\d{5})?)_\d+_", trial.parent.name)
+        metrics = rows[-1] if rows else ({"trial_id": ray_id[1]} if ray_id else {})
+        found.append(SimpleNamespace(path=str(trial.parent), config=config, error=None, metrics=metrics,
+                                     metrics_dataframe=pd.DataFrame(rows) if rows else None))
+    return found
+
+
+JOURNAL_STATUS = {"COMPLETE": "COMPLETE", "PRUNED": "PRUNED", "FAIL": "ERROR", "RUNNING": "INTERRUPTED"}
+
+
+def journal_wins(trials: pd.DataFrame, params_of: dict[str, TrialParams], study_dir: Path, cfg: StudyConfig
+                 ) -> tuple[pd.DataFrame, dict[str, TrialParams]]:
+    """The trials table with the Optuna journal as the record of each trial's status and epochs.
+    Ray's result files can be torn or empty after a full disk (a COMPLETE trial then looks
+    PRUNED with 0 epochs) or set aside with a damaged experiment state: where the journal knows
+    more epochs or a later state than Ray's files, its status, epochs and metric win (the
+    columns Ray alone had are left empty there), and a trial only the journal holds gets a row.
+    Said in one line; `from_journal` marks those rows."""
+    import optuna
+
+    study = optuna.load_study(study_name=cfg.name, storage=open_journal(study_dir))
+    rows = {r["trial_id"]: r for r in trials.to_dict("records")}
+    for r in rows.values():
+        r["from_journal"] = False
+    by_params = {tuple(sorted(p.to_dict().items())): tid for tid, p in params_of.items()}
+    fixed = []
+    for t in study.get_trials(deepcopy=False):
+        tid = t.user_attrs.get(RAY_TRIAL_ID) or by_params.get(tuple(sorted(t.params.items()))) or f"optuna-{t.number}"
+        if t.state.name == "FAIL" and "orphaned" in t.user_attrs:
+            rows.pop(tid, None)  # never ran, or interrupted and run again as a new trial (the note says which)
+            continue
+        if t.state.name not in JOURNAL_STATUS:
+            continue  # queued
+        values = [t.intermediate_values[k] for k in sorted(t.intermediate_values)]
+        epochs, status = max(t.intermediate_values, default=0), JOURNAL_STATUS[t.state.name]
+        row = rows.get(tid)
+        if row is not None and (epochs < row["epochs"] or (epochs == row["epochs"] and status in (row["status"], "INTERRUPTED"))
+                                or (row["status"] in ("DIVERGED", "ERROR") and epochs <= row["epochs"])):
+            continue  # Ray's files know as much as the journal, or more
+        if row is None:
+            params_of[tid] = TrialParams(**t.params)
+            row = rows[tid] = {"trial_id": tid, **t.params}
+        keep_last = row.get("epochs") == epochs  # Ray's last epoch is the journal's: its loss still holds
+        row.update({"status": status, "epochs": int(epochs), "from_journal": True,
+                    f"best_{cfg.metric}": max(values) if values else np.nan,
+                    f"last_{cfg.metric}": values[-1] if values else np.nan})
+        if not keep_last:
+            row["last_val_loss"] = np.nan
+        fixed.append(tid)
+    if fixed:
+        print(f"warning: Ray's result files of {len(fixed)} trial(s) disagree with the Optuna journal (torn or empty "
+              f"after a full disk, or set aside with a damaged experiment state): trials.parquet takes their status, "
+              f"epochs and {cfg.metric} from the journal ({', '.join(sorted(fixed))})", file=sys.stderr, flush=True)
+    table = pd.DataFrame(list(rows.values()))
+    return table.sort_values("trial_id").reset_index(drop=True), params_of
 
 
 def max_parallel(trials: pd.DataFrame) -> int:
