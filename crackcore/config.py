@@ -87,7 +87,9 @@ class TrainConfig:
                                    "so trials are selected on the adapted score; the final evaluation reports every "
                                    "held-out source and --eval set zero-shot and adapted")
     adapt_method: str = setting("bn", choices=ADAPT_METHODS, help="how --adapt-to adapts: bn (BN statistics "
-                                "re-estimated), tent or self-train; each then shifts for the site's EM prior")
+                                "re-estimated), tent or self-train")
+    adapt_prior: bool = setting(True, help="after --adapt-method, shift the decision for the site's crack prior "
+                                "estimated by EM; --no-adapt-prior skips it (EM can run away on an overconfident model)")
     external: dict[str, str] = setting(flag="--eval", metavar="NAME=PATH", default_factory=dict,
                                        help="a labelled folder the final model is evaluated on (repeatable)")
     image_size: int = setting(64, help="images are decoded to this square size in px (native 227)")

@@ -59,7 +59,8 @@ def adapted_block(result: Any, name: str) -> dict[str, Any]:
     record = getattr(result, "adaptation", {}).get(name, {})
     prior = record.get("prior", {})
     return {"adapted": set_metrics(adapted[name], method=record.get("method"), adapted_on_n=record.get("n"),
-                                   site_prior=prior.get("site_prior"), train_prior=prior.get("train_prior"),
+                                   prior_applied=prior.get("applied"), site_prior=prior.get("site_prior"),
+                                   train_prior=prior.get("train_prior"),
                                    seconds=record.get("seconds"))}
 
 
@@ -331,6 +332,10 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     return metrics
 
 
+def adapted_how(m: dict[str, Any]) -> str:
+    return f"{m.get('method')}{'' if m.get('prior_applied', True) else ', no prior'}"
+
+
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     sets = [(f"{name}, {m['role']}", m) for name, m in metrics.get("per_source", {}).items()]
     shift = metrics.get("shift")
@@ -341,7 +346,7 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
             f"{c['shift']}@{c['severity']} {100 * c['accuracy']:.1f} %"
             for c in sorted(shift["cells"], key=lambda c: c["accuracy"])[:3]) + f" ({shift['seconds']:.0f}s)"]
     sets += [(f"external {name}", m) for name, m in metrics.get("external", {}).items()]
-    sets = [s for label, m in sets for s in ((label, m), *(((f"{label}, adapted ({m['adapted']['method']})",
+    sets = [s for label, m in sets for s in ((label, m), *(((f"{label}, adapted ({adapted_how(m['adapted'])})",
                                                              m["adapted"]),) if "adapted" in m else ()))]
     return [f"test accuracy {format_accuracy(metrics['test_accuracy'], metrics['n_test'], metrics['ci95_low'], metrics['ci95_high'])}",
             f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "

@@ -182,7 +182,8 @@ def adapted_evaluation(model: nn.Module, data: PreparedData, split: str, source:
     device = next(model.parameters()).device
     # adapt_model seeds torch: the run's own random streams go on as if it had not been called
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        record = adapt_model(net, as_tensor(data.images)[rows], cfg.adapt_method, train_prior=train_prior, seed=cfg.seed)
+        record = adapt_model(net, as_tensor(data.images)[rows], cfg.adapt_method, train_prior=train_prior, seed=cfg.seed,
+                             prior=cfg.adapt_prior)
     return evaluate(net, loader, data, channels_last=channels_last), {**record, "n": len(rows), "split": split}
 
 
@@ -333,7 +334,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                 adapted[name], adaptation[name] = adapted_evaluation(model, data, split, name, loader(split, [name]),
                                                                      cfg, channels_last=channels_last)
             if log:
-                log("adapted (" + cfg.adapt_method + " + EM prior): " + ", ".join(
+                log(f"adapted ({cfg.adapt_method}{' + EM prior' if cfg.adapt_prior else ''}): " + ", ".join(
                     f"{name} {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])} (zero-shot "
                     f"{100 * {**held_out, **external}[name]['accuracy']:.2f} %)" for name, m in adapted.items()))
         if cfg.shift_suite:

@@ -10,15 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from crackcore.cli import run_main
 from crackcore.config import TrainConfig
-from crackcore.data import prepare_data
+from crackcore.data import BatchLoader, prepare_data
 from crackcore.exceptions import ConfigError
 from crackcore.fit import main as fit_main
-from crackcore.outputs import summary_lines, write_run_outputs
+from crackcore.outputs import adapted_how, summary_lines, write_run_outputs
 from crackcore.results import Study
-from crackcore.train import fit
+from crackcore.train import adapted_evaluation, fit
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,15 @@ def test_val_source_selected_adapted_and_every_set_reported_both_ways(sources: d
         assert block["adapted"]["method"] == "bn" and block["adapted"]["n"] == block["n"]
         assert block["adapted"]["ci95_low"] <= block["adapted"]["accuracy"] <= block["adapted"]["ci95_high"]
     assert saved["per_source"]["masonry"]["accuracy"] == result.held_out["masonry"]["accuracy"]  # zero-shot
+    assert saved["per_source"]["masonry"]["adapted"]["prior_applied"] is True
+    # --no-adapt-prior: BN statistics alone, no shift of the decision
+    loader = BatchLoader(data, "val", 256, torch.device("cpu"), shuffle=False, sources=["masonry"])
+    bn_only, record = adapted_evaluation(result.model, data, "val", "masonry", loader, cfg.replace(adapt_prior=False))
+    assert record["prior"]["applied"] is False and record["prior"]["logit_offset"] == 0.0
+    assert not np.allclose(bn_only["predictions"]["logit_crack"], result.val["predictions"]["logit_crack"])
     lines = summary_lines(metrics, tmp_path)
     assert any(line.startswith("masonry, held out, selection only, adapted (bn): accuracy") for line in lines)
+    assert adapted_how({"method": "bn", "prior_applied": False}) == "bn, no prior"
     assert any(line.startswith("external quay, adapted (bn)") for line in lines)
     # the study reader gives an adapted set a row of its own
     assert {"masonry (adapted)", "quay (adapted)"} <= set(Study(tmp_path, final_metrics=saved).per_set()["set"])
