@@ -60,7 +60,7 @@ def adapted_block(result: Any, name: str) -> dict[str, Any]:
     prior = record.get("prior", {})
     return {"adapted": set_metrics(adapted[name], method=record.get("method"), adapted_on_n=record.get("n"),
                                    prior_applied=prior.get("applied"), site_prior=prior.get("site_prior"),
-                                   train_prior=prior.get("train_prior"),
+                                   train_prior=prior.get("train_prior"), gain=record.get("gain"),
                                    seconds=record.get("seconds"))}
 
 

@@ -22,7 +22,7 @@ from crackcore.config import TrainConfig
 from crackcore.exceptions import DivergedError
 from crackcore.devices import available_cpus, resolve_device
 from crackcore.data import BatchLoader, PreparedData, as_tensor, model_inputs, prepare_data
-from crackcore.metrics import binary_metrics, format_accuracy
+from crackcore.metrics import binary_metrics, format_accuracy, paired_difference
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
 from crackcore.progress import track
 from crackcore.shift import VAL_CELLS, run_suite
@@ -187,6 +187,22 @@ def adapted_evaluation(model: nn.Module, data: PreparedData, split: str, source:
     return evaluate(net, loader, data, channels_last=channels_last), {**record, "n": len(rows), "split": split}
 
 
+def adaptation_gain(adapted: dict[str, Any], zero_shot: dict[str, Any], data: PreparedData, rows: np.ndarray,
+                    seed: int = 0) -> dict[str, Any]:
+    """Adapted minus zero-shot accuracy on the same images with its paired 95 % bootstrap interval,
+    resampling whole photos (the `group` of each row)."""
+    a, z = adapted["predictions"], zero_shot["predictions"]
+    if not (a["path"].to_numpy() == z["path"].to_numpy()).all():
+        raise ValueError("the adapted and the zero-shot model were scored on other images")
+    return paired_difference(a["true_label"] == a["pred_label"], z["true_label"] == z["pred_label"],
+                             data.samples["group"].to_numpy()[rows], seed=seed)
+
+
+def gain_text(gain: dict[str, Any]) -> str:
+    return (f"{100 * gain['difference']:+.2f} points, paired 95 % CI {100 * gain['ci95_low']:+.2f}.."
+            f"{100 * gain['ci95_high']:+.2f}, {gain['n_groups']} photos")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Short linear warm-up (3 % of steps), then cosine to zero over `cfg.epochs`, or constant."""
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -333,10 +349,15 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
                     continue
                 adapted[name], adaptation[name] = adapted_evaluation(model, data, split, name, loader(split, [name]),
                                                                      cfg, channels_last=channels_last)
+            for name, split in sets.items():
+                if name is not None:
+                    adaptation[name]["gain"] = adaptation_gain(adapted[name], {**held_out, **external}[name], data,
+                                                               data.indices(split, [name]), cfg.seed)
             if log:
                 log(f"adapted ({cfg.adapt_method}{' + EM prior' if cfg.adapt_prior else ''}): " + ", ".join(
                     f"{name} {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])} (zero-shot "
-                    f"{100 * {**held_out, **external}[name]['accuracy']:.2f} %)" for name, m in adapted.items()))
+                    f"{100 * {**held_out, **external}[name]['accuracy']:.2f} %, gain {gain_text(adaptation[name]['gain'])})"
+                    for name, m in adapted.items()))
         if cfg.shift_suite:
             shift = evaluate_shifts(step_model, data, data.indices("test", data.roles("train")), device,
                                     max_images=cfg.shift_max_images, seed=cfg.seed, channels_last=channels_last)

@@ -56,6 +56,10 @@ def test_val_source_selected_adapted_and_every_set_reported_both_ways(sources: d
         assert block["adapted"]["ci95_low"] <= block["adapted"]["accuracy"] <= block["adapted"]["ci95_high"]
     assert saved["per_source"]["masonry"]["accuracy"] == result.held_out["masonry"]["accuracy"]  # zero-shot
     assert saved["per_source"]["masonry"]["adapted"]["prior_applied"] is True
+    for block in (saved["per_source"]["masonry"], saved["external"]["quay"]):  # paired over the same images
+        gain = block["adapted"]["gain"]
+        assert gain["difference"] == pytest.approx(block["adapted"]["accuracy"] - block["accuracy"])
+        assert gain["ci95_low"] <= gain["difference"] <= gain["ci95_high"] and gain["n"] == block["n"]
     # --no-adapt-prior: BN statistics alone, no shift of the decision
     loader = BatchLoader(data, "val", 256, torch.device("cpu"), shuffle=False, sources=["masonry"])
     bn_only, record = adapted_evaluation(result.model, data, "val", "masonry", loader, cfg.replace(adapt_prior=False))
