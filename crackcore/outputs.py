@@ -280,8 +280,15 @@ def model_payload(result: Any, cfg: Any) -> dict[str, Any]:
 
 def loso_table(results: dict[str, Any]) -> pd.DataFrame:
     """loso.parquet: one row per held-out source, from train.FitResults of config.leave_one_out."""
-    return pd.DataFrame([{"held_out_source": name, **set_metrics(r.held_out[name]), **{
-        f"adapted_{k}": v for k, v in adapted_block(r, name).get("adapted", {}).items()}} for name, r in results.items()])
+    def adapted_columns(r: Any, name: str) -> dict[str, Any]:  # flat: the paired gain as three numbers
+        block = dict(adapted_block(r, name).get("adapted", {}))
+        gain = block.pop("gain", None) or {}
+        return {**{f"adapted_{k}": v for k, v in block.items()},
+                **{column: gain[k] for column, k in (("adapted_gain", "difference"), ("adapted_gain_ci95_low", "ci95_low"),
+                                                     ("adapted_gain_ci95_high", "ci95_high")) if k in gain}}
+
+    return pd.DataFrame([{"held_out_source": name, **set_metrics(r.held_out[name]), **adapted_columns(r, name)}
+                         for name, r in results.items()])
 
 
 def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
