@@ -21,7 +21,7 @@ from crackcore.adaptation import adapt_model
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DivergedError
 from crackcore.devices import available_cpus, resolve_device
-from crackcore.data import BatchLoader, PreparedData, as_tensor, model_inputs, prepare_data
+from crackcore.data import BatchLoader, PreparedData, as_tensor, model_inputs
 from crackcore.metrics import binary_metrics, format_accuracy, paired_difference
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
 from crackcore.progress import track
@@ -242,14 +242,17 @@ class FitResult:
 EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
 
 
-def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCallback | None = None,
+Weights = tuple[WeightsInfo, "dict[str, torch.Tensor] | None"]  # resolved, and loaded (None: random init)
+
+
+def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None, on_epoch: EpochCallback | None = None,
         resume_state: dict[str, Any] | None = None, evaluate_test: bool = False,
-        weights_info: WeightsInfo | None = None, backbone: dict[str, torch.Tensor] | None = None,
         log: Callable[[str], None] | None = print, progress: bool = False) -> FitResult:
-    """Train `cfg.epochs` epochs, evaluating on val after each. `on_epoch(row, state_fn)` is
+    """Train `cfg.epochs` epochs on `data`, evaluating on val after each. `weights`: the
+    ImageNet weights already resolved and loaded (model.resolve_weights, load_backbone), as a
+    study ships them to its trials; None: resolve cfg.weights here. `on_epoch(row, state_fn)` is
     called after every epoch with the history row and a function returning a checkpoint dict
     (model, optimizer, scheduler, RNG states, history); `resume_state` is such a dict.
-    `weights_info` / `backbone`: already resolved / loaded ImageNet weights (see build_model).
     `progress`: show each epoch's batches (a bar on a terminal, periodic lines in a log)."""
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -259,8 +262,7 @@ def fit(cfg: TrainConfig, data: PreparedData | None = None, *, on_epoch: EpochCa
         torch.backends.cudnn.benchmark = True
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
-    data = data or prepare_data(cfg)
-    model, info = build_model(cfg.freeze_depth, cfg.weights, weights_info, backbone)
+    model, info = build_model(cfg.freeze_depth, cfg.weights, *(weights or (None, None)))
     model.to(device)
     channels_last = cfg.channels_last
     model = model.to(memory_format=torch.channels_last) if channels_last else model

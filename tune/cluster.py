@@ -105,10 +105,10 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cp
 
     @ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, max_retries=1)
     def _fit(refs: list, cfg: TrainConfig) -> Any:
-        data, (weights, backbone) = ray.get(refs)
+        data, weights = ray.get(refs)
         with bars(bar):
             result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
-                         weights_info=weights, backbone=backbone,
+                         weights=weights,
                          on_epoch=lambda row, _: kill_point(f"{label}:epoch{row['epoch']}"),
                          log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True),
                          progress=evaluate_test)  # the retrains that run one at a time, not the parallel repeats

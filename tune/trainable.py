@@ -37,7 +37,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
         torch.cuda.empty_cache()
     # data and ImageNet backbone travel once per node through the object store (data zero-copy):
     # a weights path resolved on the driver need not exist on the node running this trial
-    data, (weights, backbone) = ray.get([data_ref[0], backbone_ref[0]])
+    data, weights = ray.get([data_ref[0], backbone_ref[0]])
     cfg = within_resources(trial_config(train, TrialParams(**params), max_epochs), cpus, gpus)
     node_id = ray.get_runtime_context().get_node_id()
     resume_state = None
@@ -59,8 +59,7 @@ def train_trial(params: dict[str, Any], data_ref: Any, train: TrainConfig, backb
         last_epoch = row["epoch"]
 
     try:
-        fit(cfg, data, on_epoch=on_epoch, resume_state=resume_state, weights_info=weights,
-            backbone=backbone, log=None)
+        fit(cfg, data, weights=weights, on_epoch=on_epoch, resume_state=resume_state, log=None)
     except FloatingPointError:
         # Divergence is deterministic (same seed, same checkpoint): a Ray retry would diverge
         # again. Report it as the worst result instead: ASHA stops the trial, Optuna records the
