@@ -19,6 +19,7 @@ METRICS = ("val_acc", "val_shift_acc")  # what ASHA, Optuna and the choice of th
 FREEZE_DEPTHS = tuple(range(6))  # stages frozen: 0 = fine-tune all .. 5 = head only
 SPLIT_STRATEGIES = ("random", "grouped")
 LR_SCHEDULES = ("cosine", "constant")
+ADAPT_METHODS = ("bn", "tent", "self-train")  # crackcore.adaptation; bn is the one measured to help
 SEARCHERS = ("tpe", "random", "qmc", "gp", "cmaes")  # Optuna samplers behind Ray's OptunaSearch (tune.search)
 SCHEDULERS = ("asha", "hyperband", "median", "fifo")  # Ray's schedulers; hyperband = asynchronous (ASHA's brackets)
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # of a study or a data source: a folder name
@@ -81,6 +82,14 @@ class TrainConfig:
     val_source: str | None = setting(None, help="a --data source never trained on: trials and the best trial are "
                                      "scored on all of its images")
     test_source: str | None = setting(None, help="a --data source used only for the final evaluation")
+    adapt_to: str | None = setting(None, help="the held-out source (--val-source or --test-source) to score adapted "
+                                   "to its own unlabelled images (crackcore.adaptation): the val source every epoch, "
+                                   "so trials are selected on the adapted score; the final evaluation reports every "
+                                   "held-out source and --eval set zero-shot and adapted")
+    adapt_method: str = setting("bn", choices=ADAPT_METHODS, help="how --adapt-to adapts: bn (BN statistics "
+                                "re-estimated), tent or self-train")
+    adapt_prior: bool = setting(True, help="after --adapt-method, shift the decision for the site's crack prior "
+                                "estimated by EM; --no-adapt-prior skips it (EM can run away on an overconfident model)")
     external: dict[str, str] = setting(flag="--eval", metavar="NAME=PATH", default_factory=dict,
                                        help="a labelled folder the final model is evaluated on (repeatable)")
     image_size: int = setting(64, help="images are decoded to this square size in px (native 227)")
@@ -125,6 +134,7 @@ class TrainConfig:
         check_choice("split_strategy", self.split_strategy, SPLIT_STRATEGIES)
         check_choice("freeze_depth", self.freeze_depth, FREEZE_DEPTHS)
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        check_choice("adapt_method", self.adapt_method, ADAPT_METHODS)
         if not 16 <= self.image_size <= 1024:
             raise ConfigError(f"image_size={self.image_size} is out of range; use 16..1024 (native 227)")
         if not (self.lr > 0 and self.batch_size > 0 and self.epochs > 0):
@@ -175,6 +185,10 @@ class TrainConfig:
         if self.val_source is not None and self.val_source == self.test_source:
             raise ConfigError(f"val_source and test_source are both {self.val_source!r}; a source is either scored "
                               "for selection or kept for the final evaluation, not both")
+        if self.adapt_to is not None and self.adapt_to not in self.held_out():
+            raise ConfigError(f"adapt_to={self.adapt_to!r} is not a held-out source (held out: "
+                              f"{', '.join(sorted(self.held_out())) or 'none'}); name the --val-source or --test-source "
+                              "to adapt to, or drop --adapt-to")
         if not set(names) - {self.val_source, self.test_source}:
             raise ConfigError(f"held out {', '.join(n for n in names)}, the only source(s) there are: nothing is "
                               "left to train on; add a training source with --data NAME=PATH")
@@ -211,7 +225,8 @@ def leave_one_out(cfg: TrainConfig) -> dict[str, TrainConfig]:
     the standard table of domain-generalisation work."""
     if len(cfg.sources()) < 2:
         raise ConfigError("leave-one-out needs at least two data sources; give them as --data NAME=PATH")
-    return {name: cfg.replace(val_source=None, test_source=name, external={}) for name in cfg.sources()}
+    return {name: cfg.replace(val_source=None, test_source=name, external={}, adapt_to=name if cfg.adapt_to else None)
+            for name in cfg.sources()}
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+from crackcore.augment import batch_augment
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DataError, storage_error
 from crackcore.hashing import content_digest, unit_hash
@@ -411,3 +412,11 @@ class CrackDataset(torch.utils.data.Dataset):
         img = self.transform(self.images[row].float().div(255))
         return normalize(img.unsqueeze(0))[0], int(self.data.samples.at[row, "label"])
 
+
+def model_inputs(x_u8: torch.Tensor, augment_policy: str = "none", generator: torch.Generator | None = None,
+                 channels_last: bool = False) -> torch.Tensor:
+    """uint8 [B,3,S,S] batch -> augmented, ImageNet-normalised float, on the batch's device."""
+    if x_u8.dtype != torch.uint8:  # a float batch could come back unchanged and be normalised in place
+        raise TypeError(f"model_inputs takes the uint8 batches of BatchLoader, not {x_u8.dtype}")
+    x = normalize(batch_augment(x_u8, augment_policy, generator), inplace=True)  # a new float tensor: ours to modify
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x

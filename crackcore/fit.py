@@ -21,9 +21,9 @@ from crackcore.train import HISTORY_COLUMNS, fit
 
 
 # the settings python -m crackcore.fit takes as flags, each made from its config field (crackcore.flags)
-TRAIN_FLAGS = ["data", "group_by", "val_source", "test_source", "external", "epochs", "lr", "batch_size", "freeze_depth",
-               "augment_policy", "image_size", "subset", "weights", "seed", "split_strategy", "device", "lr_schedule",
-               "shift_suite", "shift_max_images", "val_shift"]
+TRAIN_FLAGS = ["data", "group_by", "val_source", "test_source", "adapt_to", "adapt_method", "adapt_prior", "external",
+               "epochs", "lr", "batch_size", "freeze_depth", "augment_policy", "image_size", "subset", "weights", "seed",
+               "split_strategy", "device", "lr_schedule", "shift_suite", "shift_max_images", "val_shift"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -45,8 +45,23 @@ def per_source_metrics(result: Any, cfg: Any) -> dict[str, Any]:
         for name, g in test_preds.groupby("source"):
             rows[name] = set_metrics(binary_metrics(g["true_label"], g["pred_label"], g["prob_crack"]), role="test split")
     for name, m in result.held_out.items():
-        rows[name] = set_metrics(m, role=f"held out, {'selection' if name == cfg.val_source else 'final evaluation'} only")
+        rows[name] = set_metrics(m, role=f"held out, {'selection' if name == cfg.val_source else 'final evaluation'} only",
+                                 **adapted_block(result, name))
     return rows
+
+
+def adapted_block(result: Any, name: str) -> dict[str, Any]:
+    """{"adapted": figures} of a set the model was also scored on adapted to it (TrainConfig.adapt_to;
+    the set's own figures beside it are zero-shot), else {}."""
+    adapted = getattr(result, "adapted", {})
+    if name not in adapted:
+        return {}
+    record = getattr(result, "adaptation", {}).get(name, {})
+    prior = record.get("prior", {})
+    return {"adapted": set_metrics(adapted[name], method=record.get("method"), adapted_on_n=record.get("n"),
+                                   prior_applied=prior.get("applied"), site_prior=prior.get("site_prior"),
+                                   train_prior=prior.get("train_prior"), gain=record.get("gain"),
+                                   seconds=record.get("seconds"))}
 
 
 def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -265,7 +280,15 @@ def model_payload(result: Any, cfg: Any) -> dict[str, Any]:
 
 def loso_table(results: dict[str, Any]) -> pd.DataFrame:
     """loso.parquet: one row per held-out source, from train.FitResults of config.leave_one_out."""
-    return pd.DataFrame([{"held_out_source": name, **set_metrics(r.held_out[name])} for name, r in results.items()])
+    def adapted_columns(r: Any, name: str) -> dict[str, Any]:  # flat: the paired gain as three numbers
+        block = dict(adapted_block(r, name).get("adapted", {}))
+        gain = block.pop("gain", None) or {}
+        return {**{f"adapted_{k}": v for k, v in block.items()},
+                **{column: gain[k] for column, k in (("adapted_gain", "difference"), ("adapted_gain_ci95_low", "ci95_low"),
+                                                     ("adapted_gain_ci95_high", "ci95_high")) if k in gain}}
+
+    return pd.DataFrame([{"held_out_source": name, **set_metrics(r.held_out[name]), **adapted_columns(r, name)}
+                         for name, r in results.items()])
 
 
 def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
@@ -279,7 +302,8 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
                              *(m["predictions"] for m in result.external.values())], ignore_index=True)
     errors = errors_from_predictions(predictions)
     # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
-    val_preds = result.val["predictions"]
+    # of the model saved: its zero-shot val predictions, when selection scored val adapted
+    val_preds = (getattr(result, "val_zero_shot", None) or result.val)["predictions"]
     temperature = fit_temperature(val_preds["true_label"], val_preds["logit_crack"])
     test_preds = test["predictions"]
     calibrated = apply_temperature(test_preds["logit_crack"], temperature)
@@ -289,12 +313,13 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
         "recall": test["recall"], "f1": test["f1"], "roc_auc": test["roc_auc"], "ece": test["ece"],
         "test_loss": test["loss"], "confusion": {"tp": test["tp"], "fp": test["fp"], "fn": test["fn"], "tn": test["tn"]},
         "val_accuracy": result.val["accuracy"], "n_val": result.val["n"], "val_loss": result.val["loss"],
+        **({"val_adapted_to": cfg.adapt_to} if getattr(result, "val_zero_shot", None) else {}),
         "reliability": reliability_table(test_preds["true_label"], test_preds["prob_crack"]).to_dict("records"),
         "temperature": temperature,
         "ece_calibrated": expected_calibration_error(test_preds["true_label"], calibrated),
         "reliability_calibrated": reliability_table(test_preds["true_label"], calibrated).to_dict("records"),
         "selection": cfg.selection(), "per_source": per_source_metrics(result, cfg),
-        "external": {name: set_metrics(m) for name, m in result.external.items()},
+        "external": {name: set_metrics(m, **adapted_block(result, name)) for name, m in result.external.items()},
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
         "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,
         "train_seconds": result.seconds,
@@ -314,6 +339,10 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     return metrics
 
 
+def adapted_how(m: dict[str, Any]) -> str:
+    return f"{m.get('method')}{'' if m.get('prior_applied', True) else ', no prior'}"
+
+
 def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
     sets = [(f"{name}, {m['role']}", m) for name, m in metrics.get("per_source", {}).items()]
     shift = metrics.get("shift")
@@ -324,6 +353,8 @@ def summary_lines(metrics: dict[str, Any], out: Path) -> list[str]:
             f"{c['shift']}@{c['severity']} {100 * c['accuracy']:.1f} %"
             for c in sorted(shift["cells"], key=lambda c: c["accuracy"])[:3]) + f" ({shift['seconds']:.0f}s)"]
     sets += [(f"external {name}", m) for name, m in metrics.get("external", {}).items()]
+    sets = [s for label, m in sets for s in ((label, m), *(((f"{label}, adapted ({adapted_how(m['adapted'])})",
+                                                             m["adapted"]),) if "adapted" in m else ()))]
     return [f"test accuracy {format_accuracy(metrics['test_accuracy'], metrics['n_test'], metrics['ci95_low'], metrics['ci95_high'])}",
             f"precision {metrics['precision']:.4f}  recall {metrics['recall']:.4f}  F1 {metrics['f1']:.4f}  "
             f"ROC-AUC {metrics['roc_auc']:.4f}  ECE {metrics['ece']:.4f} (temperature {metrics['temperature']:.2f} "

@@ -98,6 +98,11 @@ class Study:
                  **{k: m[k] for k in ("ci95_low", "ci95_high", "precision", "recall", "f1", "roc_auc")}}]
         rows += [{"set": name, **s} for name, s in m.get("per_source", {}).items()]
         rows += [{"set": name, "role": "external (--eval)", **s} for name, s in m.get("external", {}).items()]
+        # a set also scored adapted to its own images (--adapt-to): its adapted figures on a row of their own
+        rows = [r for row in rows for r in ({k: v for k, v in row.items() if k != "adapted"}, *(
+            [{"set": f"{row['set']} (adapted)", "role": f"{row.get('role', '')}, adapted ({row['adapted']['method']})",
+              **{k: row["adapted"][k] for k in ("n", "accuracy", "ci95_low", "ci95_high", "precision", "recall", "f1",
+                                                "roc_auc") if k in row["adapted"]}}] if "adapted" in row else []))]
         return pd.DataFrame(rows)
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,12 +17,12 @@ import torch
 from torch import nn
 
 from crackcore import checkpoint
-from crackcore.augment import batch_augment
+from crackcore.adaptation import adapt_model
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DivergedError
 from crackcore.devices import available_cpus, resolve_device
-from crackcore.data import BatchLoader, PreparedData, as_tensor, normalize
-from crackcore.metrics import binary_metrics, format_accuracy
+from crackcore.data import BatchLoader, PreparedData, as_tensor, model_inputs
+from crackcore.metrics import binary_metrics, format_accuracy, paired_difference
 from crackcore.model import CrackResNet, WeightsInfo, build_model, trainable_parameters
 from crackcore.progress import track
 from crackcore.shift import VAL_CELLS, run_suite
@@ -54,15 +55,6 @@ def training_precision(device: torch.device, amp: bool) -> tuple[torch.dtype | N
 
 def precision_name(dtype: torch.dtype | None) -> str:
     return f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
-
-
-def model_inputs(x_u8: torch.Tensor, augment_policy: str = "none", generator: torch.Generator | None = None,
-                 channels_last: bool = False) -> torch.Tensor:
-    """uint8 [B,3,S,S] batch -> augmented, ImageNet-normalised float, on the batch's device."""
-    if x_u8.dtype != torch.uint8:  # a float batch could come back unchanged and be normalised in place
-        raise TypeError(f"model_inputs takes the uint8 batches of BatchLoader, not {x_u8.dtype}")
-    x = normalize(batch_augment(x_u8, augment_policy, generator), inplace=True)  # a new float tensor: ours to modify
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
@@ -178,6 +170,39 @@ def evaluate_shifts(model: nn.Module, data: PreparedData, rows: np.ndarray, devi
                      max_images=max_images, seed=seed, device=device, clean=clean)
 
 
+def adapted_evaluation(model: nn.Module, data: PreparedData, split: str, source: str, loader: "BatchLoader",
+                       cfg: TrainConfig, *, channels_last: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """evaluate() of a copy of `model` adapted (cfg.adapt_method, then the EM prior) to the decoded
+    images of `source`'s rows in `split`, the rows it scores: transductive, as test-time adaptation
+    is; the labels are never read. `model` itself is untouched. Returns (evaluation, record)."""
+    rows = torch.from_numpy(data.indices(split, [source]))
+    labels = data.samples["label"].to_numpy()
+    train_prior = float(labels[data.indices("train")].mean())  # the uncalibrated model's prior (temperature 1)
+    net = copy.deepcopy(model)
+    device = next(model.parameters()).device
+    # adapt_model seeds torch: the run's own random streams go on as if it had not been called
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        record = adapt_model(net, as_tensor(data.images)[rows], cfg.adapt_method, train_prior=train_prior, seed=cfg.seed,
+                             prior=cfg.adapt_prior)
+    return evaluate(net, loader, data, channels_last=channels_last), {**record, "n": len(rows), "split": split}
+
+
+def adaptation_gain(adapted: dict[str, Any], zero_shot: dict[str, Any], data: PreparedData, rows: np.ndarray,
+                    seed: int = 0) -> dict[str, Any]:
+    """Adapted minus zero-shot accuracy on the same images with its paired 95 % bootstrap interval,
+    resampling whole photos (the `group` of each row)."""
+    a, z = adapted["predictions"], zero_shot["predictions"]
+    if not (a["path"].to_numpy() == z["path"].to_numpy()).all():
+        raise ValueError("the adapted and the zero-shot model were scored on other images")
+    return paired_difference(a["true_label"] == a["pred_label"], z["true_label"] == z["pred_label"],
+                             data.samples["group"].to_numpy()[rows], seed=seed)
+
+
+def gain_text(gain: dict[str, Any]) -> str:
+    return (f"{100 * gain['difference']:+.2f} points, paired 95 % CI {100 * gain['ci95_low']:+.2f}.."
+            f"{100 * gain['ci95_high']:+.2f}, {gain['n_groups']} photos")
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Short linear warm-up (3 % of steps), then cosine to zero over `cfg.epochs`, or constant."""
     total = max(1, cfg.epochs * steps_per_epoch)
@@ -202,6 +227,11 @@ class FitResult:
     test: dict[str, Any] | None = None  # evaluate() on the test split of the sources trained on
     held_out: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate() on each val/test source
     external: dict[str, dict[str, Any]] = field(default_factory=dict)  # evaluate() on each --eval folder
+    # cfg.adapt_to set: evaluate() of the model adapted to each held-out source's and --eval set's own
+    # images (crackcore.adaptation), beside the zero-shot held_out / external; with the adaptation records
+    adapted: dict[str, dict[str, Any]] = field(default_factory=dict)
+    adaptation: dict[str, dict[str, Any]] = field(default_factory=dict)
+    val_zero_shot: dict[str, Any] | None = None  # val adapted to the val source: the saved model's own val score
     shift: dict[str, Any] | None = None  # the shift suite on the test split (crackcore.shift.run_suite)
     device: str = "cpu"
     precision: str = "float32"  # of the training forward pass; evaluation is always float32
@@ -259,18 +289,33 @@ def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None,
     aug_gen = torch.Generator().manual_seed(cfg.seed + 1)
     history, start_epoch = ([], 1) if resume_state is None else checkpoint.restore(
         resume_state, model, optimizer, scheduler, scaler, aug_gen, info.sha256)
+    adapt_val = cfg.adapt_to is not None and cfg.adapt_to == cfg.val_source
+    adaptation: dict[str, dict[str, Any]] = {}
+
+    def score_val() -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """(the val score selection uses, the zero-shot one when that is adapted)."""
+        zero_shot = evaluate(step_model, val_loader, data, channels_last=channels_last)
+        if not adapt_val:
+            return zero_shot, None
+        adapted, adaptation[cfg.val_source] = adapted_evaluation(model, data, "val", cfg.val_source, val_loader, cfg,
+                                                                 channels_last=channels_last)
+        return adapted, zero_shot
+
     val: dict[str, Any] = {}
+    val_zero_shot: dict[str, Any] | None = None
     for epoch in range(start_epoch, cfg.epochs + 1):
         t_epoch = time.perf_counter()
         train_loader.epoch = epoch
         tr = train_one_epoch(step_model, optimizer, scheduler, train_loader, cfg.augment_policy, aug_gen,
                              amp=cfg.amp, channels_last=channels_last, label_smoothing=cfg.label_smoothing,
                              scaler=scaler, progress=f"epoch {epoch}/{cfg.epochs}" if progress else None)
-        val = evaluate(step_model, val_loader, data, channels_last=channels_last)
+        val, val_zero_shot = score_val()
         domain = None if domain_val is None else evaluate(step_model, domain_val, data, channels_last=channels_last)
         per_source = val_by_source(val, domain)
         if domain is not None:  # val_loss is the held-out source's; the in-domain one beside it (tune.curves)
             per_source["val_loss_domain"] = domain["loss"]
+        if val_zero_shot is not None:  # val_* are the adapted model's (what trials are selected on)
+            per_source.update(val_acc_zero_shot=val_zero_shot["accuracy"], val_loss_zero_shot=val_zero_shot["loss"])
         if cfg.val_shift:  # the clean val pass is done; the cheap shifts add one pass each
             shifted = evaluate_shifts(step_model, data, val_loader.index.numpy(), device, cells=list(VAL_CELLS),
                                       seed=cfg.seed, channels_last=channels_last, clean=False)
@@ -288,14 +333,33 @@ def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None,
             on_epoch(dict(row), lambda epoch=epoch: checkpoint.capture(model, optimizer, scheduler, scaler, aug_gen,
                                                                        history, epoch, cfg.to_dict(), info.sha256))
     if not val:  # resumed after the last epoch: evaluate the restored model
-        val = evaluate(step_model, val_loader, data, channels_last=channels_last)
-    test, held_out, external, shift = None, {}, {}, None
+        val, val_zero_shot = score_val()
+    test, held_out, external, shift, adapted = None, {}, {}, None, {}
     if evaluate_test:
         test = evaluate(step_model, loader("test", data.roles("train")), data, channels_last=channels_last)
-        held_out = {**({cfg.val_source: val} if cfg.val_source else {}), **({cfg.test_source: evaluate(
+        held_out = {**({cfg.val_source: val_zero_shot or val} if cfg.val_source else {}), **({cfg.test_source: evaluate(
             step_model, loader("test", [cfg.test_source]), data, channels_last=channels_last)} if cfg.test_source else {})}
         external = {name: evaluate(step_model, loader("external", [name]), data, channels_last=channels_last)
                     for name in cfg.external}
+        if cfg.adapt_to is not None:  # every held-out source and --eval set, each adapted to its own images
+            sets = {cfg.val_source: "val", cfg.test_source: "test", **{name: "external" for name in cfg.external}}
+            for name, split in sets.items():
+                if name is None:
+                    continue
+                if name == cfg.val_source and adapt_val:
+                    adapted[name] = val  # the last epoch's adapted val score
+                    continue
+                adapted[name], adaptation[name] = adapted_evaluation(model, data, split, name, loader(split, [name]),
+                                                                     cfg, channels_last=channels_last)
+            for name, split in sets.items():
+                if name is not None:
+                    adaptation[name]["gain"] = adaptation_gain(adapted[name], {**held_out, **external}[name], data,
+                                                               data.indices(split, [name]), cfg.seed)
+            if log:
+                log(f"adapted ({cfg.adapt_method}{' + EM prior' if cfg.adapt_prior else ''}): " + ", ".join(
+                    f"{name} {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])} (zero-shot "
+                    f"{100 * {**held_out, **external}[name]['accuracy']:.2f} %, gain {gain_text(adaptation[name]['gain'])})"
+                    for name, m in adapted.items()))
         if cfg.shift_suite:
             shift = evaluate_shifts(step_model, data, data.indices("test", data.roles("train")), device,
                                     max_images=cfg.shift_max_images, seed=cfg.seed, channels_last=channels_last)
@@ -304,7 +368,8 @@ def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None,
                     f"cells {shift['mean_accuracy']:.4f} (n={shift['n_per_cell']} per cell, {shift['seconds']:.1f}s)")
     columns = [*HISTORY_COLUMNS, *sorted({k for row in history for k in row} - set(HISTORY_COLUMNS))]
     return FitResult(model=model, history=pd.DataFrame(history, columns=columns), weights=info, val=val, test=test,
-                     held_out=held_out, external=external, shift=shift, device=str(device), precision=precision_name(dtype),
+                     held_out=held_out, external=external, adapted=adapted, adaptation=adaptation,
+                     val_zero_shot=val_zero_shot, shift=shift, device=str(device), precision=precision_name(dtype),
                      seconds=time.perf_counter() - t0)
 
 

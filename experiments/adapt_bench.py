@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from crackcore.adapt import (BN_LAYERS, METHODS, adapt_model, holdout_mask, load_net, logit_crack, train_prior_of)
+from crackcore.adapt import holdout_mask, load_net
+from crackcore.adaptation import BN_LAYERS, METHODS, adapt_model, logit_crack, train_prior_of
 from crackcore.calibrate import GROUP_BY, decode_all, draw, score_column, site_samples
 from crackcore.classifier import load_torch_meta, temperature_of, threshold_of
 

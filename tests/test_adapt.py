@@ -13,8 +13,9 @@ import pandas as pd
 import pytest
 import torch
 
-from crackcore.adapt import (apply_prior_shift, bn_modules, em_prior, entropy, logit_crack, main as
-                             adapt_main, reestimate_bn, self_train, tent)
+from crackcore.adapt import main as adapt_main
+from crackcore.adaptation import (apply_prior_shift, bn_modules, em_prior, entropy, logit_crack, reestimate_bn,
+                                  self_train, tent)
 from crackcore.calibrate import main as calibrate_main
 from crackcore.sites import decode_all
 from crackcore.classifier import load_classifier

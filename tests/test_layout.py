@@ -18,6 +18,7 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
      "crackcore.sources"},
     {"crackcore.sites"},
     {"crackcore.data", "crackcore.flags"},
+    {"crackcore.adaptation"},
     {"crackcore.train"},
     # entry points: no command imports another
     {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export", "crackcore.calibrate",

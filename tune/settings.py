@@ -26,8 +26,8 @@ SMOKE = {"num_samples": 4, "max_epochs": 2, "grace_period": 1, "final_epochs": 2
 STUDY_FLAGS = ["name", "num_samples", "max_epochs", "searcher", "scheduler", "grace_period", "reduction_factor",
                "final_epochs", "gpus_per_trial", "cpus_per_trial", "max_concurrent_trials", "reference_retrain", "seed",
                "repeat_top", "repeats", "compare_splits", "leave_one_out", "mlflow"]
-TRAIN_FLAGS = ["data", "group_by", "val_source", "test_source", "external", "image_size", "subset", "weights",
-               "split_strategy", "shift_suite"]
+TRAIN_FLAGS = ["data", "group_by", "val_source", "test_source", "adapt_to", "adapt_method", "adapt_prior", "external",
+               "image_size", "subset", "weights", "split_strategy", "shift_suite"]
 
 
 def build_parser() -> argparse.ArgumentParser:
