@@ -6,9 +6,10 @@ EM (Saerens, Latinne & Decaestecker 2002) folded into fc's bias. The library und
 adapted, TrainConfig.adapt_to). Labels never enter any function here."""
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -90,6 +91,22 @@ def bn_affine(modules: list[nn.BatchNorm2d]) -> list[nn.Parameter]:
     return [p for m in modules for p in (m.weight, m.bias)]
 
 
+@contextlib.contextmanager
+def training_only(net: nn.Module, params: list[nn.Parameter]) -> Iterator[None]:
+    """Gradients for `params` alone while inside; every parameter's requires_grad as it was after."""
+    state = [p.requires_grad for p in net.parameters()]
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, g in zip(net.parameters(), state):
+            p.requires_grad_(g)
+        net.eval()
+
+
 def tent(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_LAYERS, epochs: int = TENT_EPOCHS,
          lr: float = TENT_LR, seed: int = 0, batch_size: int = BATCH) -> dict[str, Any]:
     """TENT: the chosen BN layers in train mode (batch statistics) and their affine parameters
@@ -99,14 +116,9 @@ def tent(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_LAYERS
     reestimate_bn(net, images, layers, batch_size=batch_size)
     chosen = bn_modules(net, layers)
     params = bn_affine(chosen)
-    state = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     gen, device, losses = torch.Generator().manual_seed(seed), next(net.parameters()).device, []
-    try:
+    with training_only(net, params):
         for _ in range(epochs):
             net.eval()
             for m in chosen:
@@ -119,9 +131,6 @@ def tent(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_LAYERS
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-    finally:
-        for p, g in zip(net.parameters(), state):
-            p.requires_grad_(g)
     reestimate_bn(net, images, layers, batch_size=batch_size)
     return {"epochs": epochs, "lr": lr, "optimizer": "Adam", "batch_size": batch_size, "steps": len(losses),
             "entropy_first": losses[0] if losses else None, "entropy_last": losses[-1] if losses else None}
@@ -140,15 +149,10 @@ def self_train(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_
     chosen = bn_modules(net, layers)
     params = [*bn_affine(chosen), *net.layer4.parameters(), *net.fc.parameters()]
     params = list({id(p): p for p in params}.values())
-    state = [p.requires_grad for p in net.parameters()]
-    for p in net.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
     gen, device = torch.Generator().manual_seed(seed), next(net.parameters()).device
     used, seen, losses = 0, 0, []
-    try:
+    with training_only(net, params):
         for _ in range(epochs):
             for b in batches(images, batch_size, gen):
                 b = b.to(device)
@@ -171,10 +175,7 @@ def self_train(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_
                 loss.backward()
                 opt.step()
                 losses.append(float(loss.detach()))
-    finally:
-        for p, g in zip(net.parameters(), state):
-            p.requires_grad_(g)
-        net.eval()
+    net.eval()
     reestimate_bn(net, images, layers, batch_size=batch_size)
     return {"epochs": epochs, "lr": lr, "optimizer": "Adam", "batch_size": batch_size, "confidence": confidence,
             "strong_policy": policy, "trains": SELF_TRAINS, "pseudo_labelled_share": used / max(1, seen),
