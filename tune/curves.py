@@ -30,7 +30,7 @@ from crackcore.data import prepare_data
 from crackcore.exceptions import ConfigError, StudyError
 from crackcore.model import load_backbone, resolve_weights
 from crackcore.outputs import versions, write_json, write_parquet
-from crackcore.sources import EMBEDDED_SAMPLE, data_setting, default_data
+from crackcore.sources import EMBEDDED_SAMPLE, default_data
 from tune.cluster import connect_ray, put_data, trial_slots
 from tune.storage import DropFinishedCheckpoints
 from tune.trainable import train_trial
@@ -82,11 +82,12 @@ def curve_trial(config: dict[str, Any], **kwargs: Any) -> None:
 def study_config(a: argparse.Namespace, has_gpu: bool) -> StudyConfig:
     from_file = load_study_config(a.config)
     cfg = apply_overrides(from_file, from_file.gpu if has_gpu else from_file.cpu)
+    train = flag_values(a, CURVE_TRAIN_FLAGS)  # --data parsed once, here
     return apply_overrides(cfg, {
         "max_epochs": a.max_epochs, "grace_period": 1, "num_samples": a.num_samples, "seed": a.seed,
         "cpus_per_trial": a.cpus_per_trial, "gpus_per_trial": None if has_gpu else 0.0,
-        **{f"train.{k}": v for k, v in flag_values(a, CURVE_TRAIN_FLAGS).items()},
-        "train.data": data_setting(a.data) or default_data() or str(EMBEDDED_SAMPLE), "train.seed": a.seed,
+        **{f"train.{k}": v for k, v in train.items()},
+        "train.data": train["data"] or default_data() or str(EMBEDDED_SAMPLE), "train.seed": a.seed,
         "train.shift_suite": False})
 
 
