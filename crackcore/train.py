@@ -144,10 +144,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
         "source": data.samples["source"].to_numpy()[row],
     })
     per_image = torch.cat(losses).cpu().double() if losses else torch.zeros(0, dtype=torch.float64)
-    # loss_sd: the spread of the per-image log loss, so a study can tell two val losses apart
-    # (tune.trials.tie_set) without keeping every trial's per-image predictions
     return {**binary_metrics(y_true, y_pred, prob), "loss": float(per_image.sum().item() / max(1, len(row))),
-            "loss_sd": float(per_image.std().item()) if len(per_image) > 1 else float("nan"),
             "seconds": seconds, "img_s": len(row) / seconds if seconds else float("nan"), "predictions": predictions}
 
 
@@ -322,7 +319,7 @@ def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None,
             per_source["val_shift_acc"] = float(np.mean([val["accuracy"], *(c["accuracy"] for c in shifted["cells"])]))
             per_source["val_shift_seconds"] = shifted["seconds"]
         row = {"epoch": epoch, "train_loss": tr["loss"], "train_acc": tr["accuracy"], "val_loss": val["loss"],
-               "val_loss_sd": val["loss_sd"], "val_n": val["n"], "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
+               "val_n": val["n"], "val_acc": val["accuracy"], "current_lr": tr["last_lr"],
                "seconds": time.perf_counter() - t_epoch, "train_img_s": tr["img_s"], **per_source}
         history.append(row)
         if log:

@@ -58,9 +58,9 @@ def _table(**columns) -> pd.DataFrame:
 def test_tie_set_and_its_preferences() -> None:
     from tune.trials import pick_best, rank_trials
 
-    # per-image loss spread 0.3 over 200 images: SE 0.021 each, a difference needs > 0.06
-    t = _table(trial_id=["a", "b", "c", "d"], last_val_loss=[0.10, 0.12, 0.30, 0.13], last_val_loss_sd=[0.3] * 4,
-               freeze_depth=[0, 0, 0, 0])
+    # 200 val images: a difference of 1.5 points is inside the noise, 9 points is not
+    t = _table(trial_id=["a", "b", "c", "d"], last_val_acc=[0.99, 0.98, 0.90, 0.975],
+               last_val_loss=[0.10, 0.12, 0.30, 0.13], freeze_depth=[0, 0, 0, 0])
     ranked = rank_trials(t)
     assert ranked.loc[ranked["tied"], "trial_id"].tolist() == ["a", "b", "d"]  # c is clearly worse
     assert pick_best(t)["trial_id"] == "a"  # no preference applies: the lowest loss
@@ -73,19 +73,31 @@ def test_tie_set_and_its_preferences() -> None:
     deeper = t.assign(freeze_depth=[0, 3, 0, 1])
     assert pick_best(deeper)["trial_id"] == "b"
     assert pick_best(deeper, reference={**reference, "freeze_depth": 1})["trial_id"] == "d"
-    # a precise val loss separates them all: the tie set is the leader alone
-    sharp = t.assign(last_val_loss_sd=[0.01] * 4)
+    # many val images separate them all: the tie set is the leader alone
+    sharp = t.assign(last_val_n=[100_000.0] * 4)
     assert rank_trials(sharp)["tied"].sum() == 1 and pick_best(sharp, reference=reference)["trial_id"] == "a"
+    # seed 2 of the README: equal val accuracy, the reference's val loss three times the leader's:
+    # the reference is kept (the loss-ranked pick was 0.67 points worse on 4,800 other patches)
+    same = _table(trial_id=["p", "r"], last_val_acc=[159 / 161] * 2, last_val_n=[161.0] * 2,
+                  last_val_loss=[0.019, 0.057], lr=[0.099, 1e-3])
+    assert pick_best(same, reference={"lr": 1e-3, "freeze_depth": 0, "augment_policy": "flip"})["trial_id"] == "r"
+    # 161/161 has a spread too (one image added right and one wrong): 157/161 is not separated from it
+    top = _table(trial_id=["p", "r"], last_val_acc=[1.0, 157 / 161], last_val_n=[161.0] * 2, last_val_loss=[0.02, 0.06])
+    assert rank_trials(top)["tied"].all()
+    # val losses lost with Ray's files (journal-recovered trials): ranked on accuracy all the same
+    lost = t.assign(last_val_loss=np.nan)
+    assert rank_trials(lost).loc[lambda r: r["tied"], "trial_id"].tolist()[0] == "a"
 
 
 def test_repeats_are_ranked_by_the_same_rule() -> None:
     from tune.trials import rank_repeats
 
     rows = []
-    for rank, (tid, losses) in enumerate({"x": [0.20, 0.21, 0.19], "y": [0.10, 0.11, 0.09],
-                                          "z": [0.105, 0.2, 0.05]}.items(), start=1):
-        rows += [{"config_rank": rank, "trial_id": tid, "seed": 10 * rank + i, "val_acc": 0.9, "val_loss": v,
-                  "lr": 1e-3 * rank, "freeze_depth": 0, "augment_policy": "flip"} for i, v in enumerate(losses)]
+    for rank, (tid, accs) in enumerate({"x": [0.80, 0.81, 0.79], "y": [0.90, 0.91, 0.89],
+                                        "z": [0.895, 0.80, 0.95]}.items(), start=1):
+        rows += [{"config_rank": rank, "trial_id": tid, "seed": 10 * rank + i, "val_acc": v, "val_loss": 1 - v,
+                  "n_val": 200, "lr": 1e-3 * rank, "freeze_depth": 0, "augment_policy": "flip"}
+                 for i, v in enumerate(accs)]
     ranked = rank_repeats(pd.DataFrame(rows))
     assert ranked["trial_id"].tolist()[0] == "y" and ranked.set_index("trial_id")["tied"].to_dict() == {
         "y": True, "z": True, "x": False}  # z's seeds scatter: inside y's noise; x is clearly worse
@@ -98,7 +110,7 @@ def test_rung_fidelity_is_spearman_over_trials_that_ran_all_epochs() -> None:
 
     trials = pd.DataFrame({"trial_id": list("abcde"), "status": ["COMPLETE"] * 4 + ["PRUNED"]})
     # at epoch 1 the ranking is the reverse of the end; at epoch 3 the same
-    acc1, acc3, loss4 = [0.9, 0.8, 0.7, 0.6], [0.6, 0.7, 0.8, 0.9], [0.4, 0.3, 0.2, 0.1]
+    acc1, acc3, loss4 = [0.9, 0.8, 0.7, 0.6], [0.6, 0.7, 0.8, 0.9], [0.1, 0.1, 0.1, 0.1]
     history = pd.DataFrame([{"trial_id": t, "epoch": e, "val_acc": v, "val_loss": l}
                             for t, a1, a3, l in zip("abcd", acc1, acc3, loss4)
                             for e, v in ((1, a1), (3, a3), (4, a3))] + [{"trial_id": "e", "epoch": 1, "val_acc": 1.0,

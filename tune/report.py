@@ -375,24 +375,24 @@ def top_trials_section(s: Study) -> list[str]:
         cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "status", "epochs", "best_val_acc")
                 if c in top]
         return ["## Top 10 trials (by best val accuracy: the search has not ended)", "", _table(top[cols]), ""]
-    figure = "last_val_shift_acc" if metric == "val_shift_acc" else "last_val_loss"
+    figure = f"last_{metric}"
     ranked["rule_figure"] = ranked[figure].map(lambda v: f"{v:.4f}") + ranked["rule_se"].map(
         lambda v: "" if pd.isna(v) else f" ± {1.96 * v:.4f}")
     # then the trials outside the choice pool (stopped by ASHA when some ran all epochs), as they ended
-    rest = t[~t["trial_id"].isin(ranked["trial_id"])].sort_values(figure, ascending=metric != "val_shift_acc")
+    rest = t[~t["trial_id"].isin(ranked["trial_id"])].sort_values(figure, ascending=False)
     ranked = pd.concat([ranked, rest.assign(tied=False, is_reference=False)], ignore_index=True)
     top = ranked.assign(**{"rule figure": ranked["rule_figure"].fillna("(stopped early)"),
                            "tie set": np.where(ranked["tied"].astype(bool), "tied", ""),
                            "reference": np.where(ranked["is_reference"].astype(bool), "reference", "")}).head(10)
     cols = [c for c in ("trial_id", "lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size", "status",
-                        "epochs", "rule figure", "tie set", "reference", "last_val_acc", "seconds")
+                        "epochs", "rule figure", "tie set", "reference", "last_val_loss", "seconds")
             if c in top]
-    words = "val_shift_acc at the last epoch" if metric == "val_shift_acc" else "val log loss at the last epoch"
     return ["## Top 10 trials", "",
-            f"In the order the choice rule ranks them: by {words} (± 1.96 standard errors over the n val images), "
-            f"among the {int((t['status'] == 'COMPLETE').sum())} trials that ran all epochs. `tied`: inside the noise "
-            f"of the leader ({int(ranked['tied'].astype(bool).sum())} setting(s), the tie set), where the reference setting, then "
-            "the one training fewer parameters, is preferred.", "", _table(top[cols]), ""]
+            f"In the order the choice rule ranks them: by {figure[5:]} at the last epoch (± 1.96 standard errors over "
+            f"the n val images), among the {int((t['status'] == 'COMPLETE').sum())} trials that ran all epochs. "
+            f"`tied`: inside the noise of the leader ({int(ranked['tied'].astype(bool).sum())} setting(s), the tie "
+            "set), where the reference setting, then the one training fewer parameters, then the lower val loss, is "
+            "preferred.", "", _table(top[cols]), ""]
 
 
 def lift_summary(s: Study) -> list[str]:

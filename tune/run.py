@@ -309,7 +309,7 @@ class Choice:
 
 
 def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams]) -> Choice:
-    """The trial to retrain by best_rule (val log loss, a tie set of the settings the data
+    """The trial to retrain by best_rule (val accuracy, a tie set of the settings the data
     cannot separate, the reference then fewer trained parameters preferred inside it), or with
     --repeat-top the tie set re-run over seeds and chosen by the same rule on their means."""
     cfg = run.cfg
