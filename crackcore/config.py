@@ -318,7 +318,8 @@ class StudyConfig:
     metric: str = "val_acc"
     max_epochs: int = setting(4, help="epochs of a trial that is never stopped early (the scheduler's max_t)")
     searcher: str = setting("tpe", choices=SEARCHERS, help="Optuna sampler behind Ray's OptunaSearch")
-    scheduler: str = setting("asha", choices=SCHEDULERS, help="Ray scheduler that stops trials early (fifo: none)")
+    scheduler: str = setting("auto", choices=("auto", *SCHEDULERS), help="Ray scheduler that stops trials early (fifo: "
+                             "none; auto: fifo with --val-source, else asha)")
     grace_period: int = setting(1, help="the first epoch a scheduler may stop a trial at")
     reduction_factor: int = setting(3, help="asha / hyperband keep 1/reduction_factor of the trials at each rung")
     final_epochs: int = setting(10, help="epochs of the final retrain")
@@ -373,7 +374,7 @@ class StudyConfig:
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 Ray needs whole GPUs; use e.g. 0.5, 1 or 2")
         check_choice("metric", self.metric, METRICS)
         check_choice("searcher", self.searcher, SEARCHERS)
-        check_choice("scheduler", self.scheduler, SCHEDULERS)
+        check_choice("scheduler", self.scheduler, ("auto", *SCHEDULERS))
         if self.searcher == "cmaes":
             self._check_cmaes_space()
         if self.metric == "val_shift_acc":  # every trial scores val under the cheap shifts at each epoch
@@ -396,6 +397,15 @@ class StudyConfig:
             if outside:
                 raise ConfigError(f"reference = {self.reference} is outside the search space ({outside}); put it "
                                   "inside [space] or widen [space], as the study must be able to pick it")
+
+    @property
+    def scheduler_used(self) -> str:
+        """The scheduler the search runs. `auto`: FIFO when trials are chosen on a held-out source
+        (train.val_source), where masonry accuracy at epoch 1 did not predict epoch 4 and every
+        early-stopping scheduler replayed stopped the eventual winners (README, tune.replay); else ASHA."""
+        if self.scheduler != "auto":
+            return self.scheduler
+        return "fifo" if self.train.val_source else "asha"
 
     def reference_params(self) -> "TrialParams":
         """The reference setting as a trial's params: `reference`, else the first start point, its

@@ -133,10 +133,19 @@ def test_each_scheduler_is_rays_and_trials_checkpoint_off_its_rungs(scheduler: s
         assert made.on_trial_result(None, trial, {"epoch": 1, "val_acc": 0.5}) == "CONTINUE"  # no controller asked
 
 
+def test_auto_scheduler_stops_early_in_domain_only() -> None:
+    # on a held-out val source epoch 1 does not predict the end (tune.replay): no early stopping there
+    assert StudyConfig().scheduler == "auto" and StudyConfig().scheduler_used == "asha"
+    held_out = apply_overrides(StudyConfig(train={"data": "concrete=a,masonry=b"}), {"train.val_source": "masonry"})
+    assert held_out.scheduler_used == "fifo" and type(make_scheduler(held_out)) is FIFOScheduler
+    assert checkpoint_epochs(held_out) == (1, 2, 3)  # no rung to spare a checkpoint at
+    assert apply_overrides(held_out, {"scheduler": "asha"}).scheduler_used == "asha"  # asked for: kept
+
+
 def test_bad_choices_are_one_line() -> None:
     with pytest.raises(ConfigError, match=r"^searcher='bohb' is unknown; use one of tpe, random, qmc, gp, cmaes$"):
         StudyConfig(searcher="bohb")
-    with pytest.raises(ConfigError, match=r"^scheduler='pbt' is unknown; use one of asha, hyperband, median, fifo$"):
+    with pytest.raises(ConfigError, match=r"^scheduler='pbt' is unknown; use one of auto, asha, hyperband, median, fifo$"):
         StudyConfig(scheduler="pbt")
     with pytest.raises(ConfigError, match="searcher=cmaes cannot search this space: augment_policy is categorical"):
         StudyConfig(searcher="cmaes")  # the default space: 8 policies

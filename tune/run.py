@@ -261,7 +261,7 @@ def load_inputs(run: StudyRun, resources: dict[str, float]) -> None:
     # (WeightsInfo, state dict) for every trial and retrain: the weights file exists on this node only
     run.backbone_ref = ray.put((run.weights, load_backbone(run.weights)))
     print(f"trials: {cfg.num_samples}, up to {run.slots} at once ({cfg.cpus_per_trial:g} CPU, {cfg.gpus_per_trial:g} "
-          f"GPU each), {cfg.searcher} + {cfg.scheduler}, {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
+          f"GPU each), {cfg.searcher} + {cfg.scheduler_used}, {cfg.grace_period}..{cfg.max_epochs} epochs", flush=True)
 
 
 def search(run: StudyRun) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialParams], int, float]:
@@ -507,7 +507,7 @@ def study_record(run: StudyRun, a: argparse.Namespace, resources: dict[str, floa
         # how well each ASHA rung's ranking predicted the last epoch's, over the trials that ran all epochs
         "fidelity": rung_fidelity(
             trials, history, stop_epochs(run.cfg) or list(range(1, run.cfg.max_epochs)), run.cfg.metric).to_dict("records"),
-        "selection": run.cfg.train.selection(), "config": run.cfg.to_dict(),
+        "selection": run.cfg.train.selection(), "scheduler_used": run.cfg.scheduler_used, "config": run.cfg.to_dict(),
         "resumed": run.resumed, "state_sha256": STATE_HASHES,  # Ray's state as written, checked by --resume
         **({"mlflow": {"uri": run.cfg.mlflow, "experiment": run.cfg.name, "experiment_id": run.experiment_id,
                        "retrain_run_id": run.retrain_run_id}} if run.experiment_id else {}),

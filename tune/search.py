@@ -37,15 +37,15 @@ from crackcore.journal import open_journal
 
 
 def make_scheduler(cfg: StudyConfig) -> TrialScheduler:
-    """Ray's scheduler for cfg.scheduler, judging trials by epoch (metric and mode come from the
+    """Ray's scheduler for cfg.scheduler_used, judging trials by epoch (metric and mode come from the
     TuneConfig). The median rule never pauses a trial (an infinite min_time_slice; Ray's first
     pause comes after -inf, so any finite slice pauses once): a paused function trial would
     restart from its last checkpoint."""
-    if cfg.scheduler in ("asha", "hyperband"):
-        brackets = max(1, len(asha_rungs(cfg))) if cfg.scheduler == "hyperband" else 1
+    if cfg.scheduler_used in ("asha", "hyperband"):
+        brackets = max(1, len(asha_rungs(cfg))) if cfg.scheduler_used == "hyperband" else 1
         return AsyncHyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
                                        reduction_factor=cfg.reduction_factor, brackets=brackets)
-    if cfg.scheduler == "median":
+    if cfg.scheduler_used == "median":
         return MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period, min_samples_required=3,
                                   min_time_slice=math.inf, hard_stop=True)
     return FIFOScheduler()
@@ -62,7 +62,7 @@ def asha_rungs(cfg: StudyConfig) -> list[int]:
 def stop_epochs(cfg: StudyConfig) -> list[int]:
     """The epochs where the scheduler judges (and may stop) a trial: ASHA's and HyperBand's rungs;
     none for FIFO, and none fixed for the median rule, which may stop a trial at any epoch."""
-    return asha_rungs(cfg) if cfg.scheduler in ("asha", "hyperband") else []
+    return asha_rungs(cfg) if cfg.scheduler_used in ("asha", "hyperband") else []
 
 
 def checkpoint_epochs(cfg: StudyConfig) -> tuple[int, ...]:
