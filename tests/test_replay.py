@@ -13,7 +13,7 @@ import pytest
 from crackcore.cli import run_main
 from crackcore.exceptions import StudyFilesError
 from tune.curves import CURVE_COLUMNS
-from tune.replay import Curves, epochs_to_reach, main, median_ci, parse, replay_study, study_config
+from tune.replay import Curves, epochs_to_reach, main, median_ci, parse, replay_study, study_config, summarise
 from tune.report import replay_section
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,6 +70,19 @@ def test_the_dominant_setting_is_found_and_the_outputs_say_so(replayed: Path) ->
     assert (runs[runs["scheduler"] == "asha"]["stopped_early"] > 0).all()
     assert set(reach["searcher"] + "+" + reach["scheduler"]) == {"tpe+asha", "tpe+fifo", "random+asha", "random+fifo"}
     assert (replayed / "replay.png").stat().st_size > 10_000
+
+
+def test_reach_is_measured_to_a_target_given_or_random_fifos_median(replayed: Path) -> None:
+    runs = pd.DataFrame({"searcher": ["random"] * 4 + ["tpe"] * 4, "scheduler": "fifo", "final": [0.6, 0.6, 0.7, 0.7] * 2,
+                         "epochs": 4, "stopped_early": 0, "cpu_seconds": 0.1})
+    climb = np.array([[0.5, 0.6, 0.6, 0.6], [0.6, 0.6, 0.6, 0.6], [0.5, 0.5, 0.7, 0.7], [0.7, 0.7, 0.7, 0.7]])
+    scores = {("random", "fifo"): climb, ("tpe", "fifo"): climb[::-1]}
+    _, reach = summarise(runs, scores, full=4, seed=0)
+    assert reach["target"].tolist() == pytest.approx([0.65, 0.65])  # the median of random's finals sits between two steps
+    assert reach.set_index("searcher")["reached"].to_dict() == {"random": 0.5, "tpe": 0.5}
+    _, reach = summarise(runs, scores, full=4, seed=0, target=0.6)
+    assert reach.set_index("searcher")["median_epochs"].to_dict() == {"random": 1, "tpe": 1}  # a rank, not interpolated
+    assert (reach["reached"] == 1).all() and json.loads((replayed / "replay.json").read_text())["target"] > 0
 
 
 def test_the_report_draws_a_replay(replayed: Path, tmp_path: Path) -> None:

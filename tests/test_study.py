@@ -462,7 +462,7 @@ def test_ctrl_c_in_the_last_trials_is_an_interruption_not_the_end(crack_data: Pa
     # Ray marks the trials it stops on SIGINT as TERMINATED: the study must still count them
     # unfinished. Two trials of 2 CPUs on 2 CPUs: the second one is still pending (no results).
     args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "ctrl-c",
-            "--num-samples", "2", "--max-epochs", "30", "--grace-period", "30", "--final-epochs", "1",
+            "--num-samples", "2", "--max-epochs", "10", "--grace-period", "10", "--final-epochs", "1",
             "--image-size", "32", "--subset", "40", "--cpus-per-trial", "2", "--max-concurrent-trials", "2"]
     study_dir = tmp_path / "ctrl-c"
     driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -480,14 +480,14 @@ def test_ctrl_c_in_the_last_trials_is_an_interruption_not_the_end(crack_data: Pa
     assert driver.returncode == 130 and "--resume" in err, err[-3000:]
     assert not (study_dir / "final_metrics.json").exists()
     running = [t for t in optuna_trials(study_dir, "ctrl-c") if t.intermediate_values]
-    assert [t.state for t in running] == [optuna.trial.TrialState.RUNNING] and len(running[0].intermediate_values) < 30
+    assert [t.state for t in running] == [optuna.trial.TrialState.RUNNING] and len(running[0].intermediate_values) < 10
     trials = pd.read_parquet(study_dir / "trials.parquet")
     assert trials["status"].tolist() == ["INTERRUPTED", "INTERRUPTED"], trials
 
     proc = run_study(*args, "--resume")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for trial in optuna_trials(study_dir, "ctrl-c"):
-        assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == list(range(1, 31))
+        assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == list(range(1, 11))
     trials = pd.read_parquet(study_dir / "trials.parquet")
     assert trials["status"].tolist() == ["COMPLETE"] * 2 and (study_dir / "final_metrics.json").exists()
 
