@@ -11,9 +11,8 @@ epoch the scheduler's and the searcher's on_trial_complete). A trial's epoch tak
 seconds, W workers run at once and results arrive in the order they would finish. A suggestion
 maps to the table's nearest setting (same policy and depth, nearest lr in log space).
 
-The incumbent is the trial the study would retrain (tune.trials.pick_best's rule: the best last
-value among trials that ran all max_epochs, else among all that reported), scored at its last
-recorded epoch. Outputs in DIR: anytime.parquet (incumbent vs cumulative epochs: interquartile
+The incumbent is the best last value among trials that ran all max_epochs, else among all that
+reported (the study's choice rule without its tie set), scored at its last recorded epoch. Outputs in DIR: anytime.parquet (incumbent vs cumulative epochs: interquartile
 mean and bootstrap 95 % CI over repeats), reach.parquet (epochs to reach random + FIFO's final
 best, per pair), runs.parquet (one row per replayed study), replay.json, replay.png."""
 from __future__ import annotations
@@ -128,7 +127,7 @@ class Study:
 
 
 def incumbent(trials: list[_Trial], max_epochs: int) -> float:
-    """tune.trials.pick_best's rule: the best last value among trials that ran max_epochs, else among all."""
+    """The best last value among trials that ran max_epochs, else among all (the choice rule, no tie set)."""
     complete = [t.last for t in trials if t.epoch >= max_epochs]
     return max(complete) if complete else max(t.last for t in trials if t.epoch > 0)
 
