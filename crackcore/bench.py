@@ -54,44 +54,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _model_and_opt(cfg: TrainConfig, device: torch.device, steps_per_epoch: int):
+def _model_and_opt(cfg: TrainConfig, device: torch.device):
+    """The model as a step runs it (compiled with cfg.compile), its optimiser and one training step."""
     model, _ = build_model(cfg.freeze_depth, "random")
     model.to(device)
     model = model.to(memory_format=torch.channels_last) if cfg.channels_last else model
     step_model = torch.compile(model) if cfg.compile else model
     opt = torch.optim.SGD(trainable_parameters(model), lr=0.01, momentum=0.9)
-    return model, step_model, opt, make_scheduler(opt, cfg, steps_per_epoch), cfg.channels_last
+    step_model.train()
+    loss_fn = nn.CrossEntropyLoss()
+    dtype, scaler = training_precision(device, cfg.amp)
+    return step_model, opt, lambda x, y: training_step(step_model, opt, x, y, loss_fn, dtype, scaler)
 
 
 def model_only_bench(cfg: TrainConfig, device: torch.device, steps: int, warmup: int) -> Callable[[], float]:
     """A round = `steps` forward+backward+step on one fixed batch already on the device (the
     ceiling any data path can reach); returns img/s."""
-    _, model, opt, _, channels_last = _model_and_opt(cfg, device, steps)
+    _, _, step = _model_and_opt(cfg, device)
     x = normalize(torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device))
-    if channels_last:
+    if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (cfg.batch_size,), device=device)
-    model.train()
-    loss_fn = nn.CrossEntropyLoss()
-    dtype, scaler = training_precision(device, cfg.amp)
 
     def run() -> float:
         _sync(device)
         start = time.perf_counter()
         for _ in range(steps):
-            training_step(model, opt, x, y, loss_fn, dtype, scaler)
+            step(x, y)
         _sync(device)
         return steps * cfg.batch_size / (time.perf_counter() - start)
 
     for _ in range(warmup):
-        training_step(model, opt, x, y, loss_fn, dtype, scaler)
+        step(x, y)
     return run
 
 
 def pipeline_bench(cfg: TrainConfig, data, device: torch.device, rounds: int) -> tuple[Callable[[], float], Callable[[], float]]:
     """A round = one of crackcore's real training epochs (after one warm-up epoch); also returns
     a function timing evaluate() over the val split. Both return img/s."""
-    model, step_model, opt, _, channels_last = _model_and_opt(cfg, device, 1)
+    step_model, opt, _ = _model_and_opt(cfg, device)
+    channels_last = cfg.channels_last
     loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
     sched = make_scheduler(opt, cfg.replace(epochs=rounds + 1), len(loader))
     gen = torch.Generator().manual_seed(0)
@@ -148,16 +150,13 @@ def pil_baseline_bench(cfg: TrainConfig, root: Path, paths: list[str], device: t
     """A round = one training epoch fed by the PIL DataLoader (fresh workers, as each epoch of a
     trial has; their start-up batch not counted); returns img/s."""
     loader = pil_loader(cfg, root, paths, device, workers)
-    _, model, opt, _, channels_last = _model_and_opt(cfg, device, len(loader))
-    model.train()
-    loss_fn = nn.CrossEntropyLoss()
-    dtype, scaler = training_precision(device, cfg.amp)
+    _, _, train_step = _model_and_opt(cfg, device)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last:
+        if cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        training_step(model, opt, x, y, loss_fn, dtype, scaler)
+        train_step(x, y)
 
     return lambda: _timed_epoch(loader, device, step)
 
@@ -379,7 +378,7 @@ def training_bench(a: argparse.Namespace) -> dict[str, Any]:
     model_only, pipeline, pil = (max(round_img_s[k]) for k in ("model_only", "pipeline", "pil_baseline"))
     eval_img_s = run_eval()
     loader_only, pil_loader_only = bench_loaders_only(cfg, data, Path(data.source["root"]), train_paths, device, workers)
-    out: dict[str, Any] = {
+    return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({available_cpus()} threads)",
         "image_size": size, "batch_size": cfg.batch_size, "augment_policy": a.augment_policy, "train_images": n_train,
         "data_kind": data.source["kind"] + (f" replicated to {a.replicate}" if a.replicate else ""),
@@ -395,7 +394,6 @@ def training_bench(a: argparse.Namespace) -> dict[str, Any]:
         "peak_memory_mb": round(peak_memory_mb(device), 1), "rounds": rounds,
         "round_img_s": rounded(round_img_s), "quick": a.quick,
     }
-    return out
 
 
 def print_result(out: dict[str, Any], json_out: Path | None) -> int:

@@ -56,7 +56,8 @@ def _type_ok(value: Any, hint: Any) -> bool:
 
 def check_types(obj: Any, where: str) -> None:
     """TOML and JSON give strings, numbers and booleans as written: "227" or "no" must not pass
-    as an image size or as True. A value of the wrong type is a ConfigError naming the key."""
+    as an image size or as True. A value of the wrong type, or outside a setting's `choices`,
+    is a ConfigError naming the key."""
     hints = typing.get_type_hints(type(obj))
     for f in fields(obj):
         value = getattr(obj, f.name)
@@ -67,6 +68,8 @@ def check_types(obj: Any, where: str) -> None:
             hint = hints[f.name]
             want = hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "").replace("NoneType", "None")
             raise ConfigError(f"[{where}] {f.name} = {value!r} has the wrong type; expected {want}")
+        if "choices" in f.metadata:
+            check_choice(f.name, value, f.metadata["choices"])
 
 
 @dataclass
@@ -130,11 +133,6 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_types(self, "train")
         self.split_fractions = tuple(float(f) for f in self.split_fractions)  # TOML gives lists
-        check_choice("augment_policy", self.augment_policy, AUGMENT_POLICIES)
-        check_choice("split_strategy", self.split_strategy, SPLIT_STRATEGIES)
-        check_choice("freeze_depth", self.freeze_depth, FREEZE_DEPTHS)
-        check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
-        check_choice("adapt_method", self.adapt_method, ADAPT_METHODS)
         if not 16 <= self.image_size <= 1024:
             raise ConfigError(f"image_size={self.image_size} is out of range; use 16..1024 (native 227)")
         if not (self.lr > 0 and self.batch_size > 0 and self.epochs > 0):
@@ -365,16 +363,12 @@ class StudyConfig:
         if self.num_samples < 1:
             raise ConfigError(f"num_samples={self.num_samples} must be >= 1")
         if not 1 <= self.grace_period <= self.max_epochs:
-            raise ConfigError(
-                f"grace_period={self.grace_period} must be between 1 and max_epochs={self.max_epochs}"
-            )
+            raise ConfigError(f"grace_period={self.grace_period} must be between 1 and max_epochs={self.max_epochs}")
         if self.cpus_per_trial <= 0 or (self.gpus_per_trial or 0) < 0:
             raise ConfigError("cpus_per_trial must be > 0 and gpus_per_trial >= 0")
         if (self.gpus_per_trial or 0) > 1 and not float(self.gpus_per_trial).is_integer():
             raise ConfigError(f"gpus_per_trial={self.gpus_per_trial}: above 1 Ray needs whole GPUs; use e.g. 0.5, 1 or 2")
         check_choice("metric", self.metric, METRICS)
-        check_choice("searcher", self.searcher, SEARCHERS)
-        check_choice("scheduler", self.scheduler, ("auto", *SCHEDULERS))
         if self.searcher == "cmaes":
             self._check_cmaes_space()
         if self.metric == "val_shift_acc":  # every trial scores val under the cheap shifts at each epoch

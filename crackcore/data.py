@@ -169,7 +169,7 @@ class PreparedData:
         return {s: {CLASSES[l]: int(tab.get((s, l), 0)) for l in (0, 1)} for s in splits}
 
 
-def resolve_data_root(data: str | None, synthetic_per_class: int, image_size: int, seed: int) -> tuple[Path, str]:
+def resolve_data_root(data: str | None, synthetic_per_class: int, seed: int) -> tuple[Path, str]:
     """`data` if given (the embedded real sample is named as such), else (None or `synthetic`)
     the procedural synthetic set (generated once, cached). Returns (root, kind) where kind is
     "real" or "synthetic"."""
@@ -212,7 +212,7 @@ def photo_groups(samples: pd.DataFrame, pattern: str) -> pd.Series:
 
 def _source_files(name: str, path: str | None, cfg: TrainConfig) -> tuple[pd.DataFrame, dict[str, Any]]:
     """One source's files (with their `source` and absolute `file`) and what was found there."""
-    root, kind = resolve_data_root(path, cfg.synthetic_per_class, cfg.image_size, cfg.seed)
+    root, kind = resolve_data_root(path, cfg.synthetic_per_class, cfg.seed)
     samples, skipped = discover(root)
     samples = add_content_hashes(root, samples).assign(source=name, file=[str(root / p) for p in samples["path"]])
     role = ("external" if name in cfg.external else "val" if name == cfg.val_source else

@@ -51,8 +51,3 @@ def lift_line(name: str, lift: dict[str, Any]) -> str:
     if lift["ci95_high"] < 0:
         return f"{name}: tuning COST {figures}: the reference setting is better here"
     return f"{name}: no measurable lift over the reference ({figures})"
-
-
-def lift_table(lift: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """final_metrics.json's "lift" as a table, one row per evaluated set."""
-    return pd.DataFrame([{"set": name, **v} for name, v in lift.items()])

@@ -151,18 +151,13 @@ def load_study(path: str | Path) -> Study:
         raise StudyFilesError(f"{path} is not a study folder (no study_config.json / trials.parquet); "
                               "pass results/<study-name>")
     study = Study(path=path)
-    for attr, name in DOCUMENTS.items():
-        f = path / name
-        if f.is_file():
-            setattr(study, attr, _read(f, lambda: json.loads(f.read_text())))
-        else:
-            study.missing.append(name)
-    for attr, name in TABLES.items():
-        f = path / name
-        if f.is_file():
-            setattr(study, attr, _read(f, lambda: pd.read_parquet(f)))
-        elif name not in OPTIONAL:
-            study.missing.append(name)
+    for files, read in ((DOCUMENTS, lambda f: json.loads(f.read_text())), (TABLES, pd.read_parquet)):
+        for attr, name in files.items():
+            f = path / name
+            if f.is_file():
+                setattr(study, attr, _read(f, lambda: read(f)))
+            elif name not in OPTIONAL:
+                study.missing.append(name)
     if not study.model_path.is_file():
         study.missing.append(MODEL)
     if not len(study.trials) and study.journal_path.is_file():  # stopped mid-search: the journal has the trials so far

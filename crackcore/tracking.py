@@ -1,7 +1,7 @@
 """MLflow runs of a training run or a study, beside its files (which stay the record of truth).
 
 `open_store(uri)` checks a `--mlflow` tracking URI before any work starts; `experiment(...)`
-gets or makes the experiment runs go to; `start_run` / `log_epoch` / `log_history` /
+gets or makes the experiment runs go to; `tracked_run` / `log_epoch` / `log_history` /
 `finish_run` record one run (parameters, per-epoch metrics at step = epoch, final metrics,
 artifacts). mlflow is imported only when a URI is given. No Ray here: Ray Tune's trials are
 logged by tune.tracking through Ray's own MLflow callback, which uses the same store.
@@ -131,15 +131,6 @@ def log_batch(mlf: Any, run_id: str, metrics: dict[str, float] | None = None, st
         mlf.log_batch(run_id, metrics=items[0][i:i + BATCH], params=items[1][i:i + BATCH], tags=items[2][i:i + BATCH])
 
 
-def start_run(uri: str, experiment_id: str, name: str, params: dict[str, Any],
-              tags: dict[str, str] | None = None) -> str:
-    """A new run with its parameters (a nested config is flattened); returns its id."""
-    mlf = client(uri)
-    run_id = mlf.create_run(experiment_id, run_name=name, tags=tags).info.run_id
-    log_batch(mlf, run_id, params=flat_params(params))
-    return run_id
-
-
 @contextlib.contextmanager
 def tracked_run(uri: str | None, experiment_id: str | None, name: str, params: dict[str, Any],
                 tags: dict[str, str] | None = None) -> Iterator[str | None]:
@@ -148,7 +139,9 @@ def tracked_run(uri: str | None, experiment_id: str | None, name: str, params: d
     if uri is None or experiment_id is None:
         yield None
         return
-    run_id = start_run(uri, experiment_id, name, params, tags)
+    mlf = client(uri)
+    run_id = mlf.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+    log_batch(mlf, run_id, params=flat_params(params))  # a nested config flattened
     try:
         yield run_id
     except BaseException as exc:

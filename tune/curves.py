@@ -4,11 +4,8 @@ A learning-curve table of this problem: a fixed, seeded grid of settings from th
 space, each trained to max_epochs with no early stopping (Ray Tune, FIFO), one row per setting
 and epoch. tune.replay replays searchers and schedulers against it in simulated time.
 
-The grid: log-spaced learning rates x every augment policy x the freeze depths given (default
-0: with random init the study searches depth 0 only). A grid, not a random sample, because the
-replay maps each suggestion to its nearest recorded setting: the policy and depth match exactly
-and lr is off by at most half a grid step in log space. When the grid holds more than N
-settings, N are drawn from it with --seed."""
+A grid of log-spaced lr x policies x --freeze-depths (a seeded draw of N when larger), not a random
+sample, so the replay's nearest-setting lookups are exact in policy and depth."""
 from __future__ import annotations
 
 import argparse

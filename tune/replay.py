@@ -3,18 +3,9 @@
 Whole studies replayed in simulated time against a learning-curve table (tune.curves): which
 searcher and scheduler find a good setting in the fewest epochs, on this problem.
 
-Each study drives the objects the real study builds: tune.search.make_searcher (Ray's
-OptunaSearch with our Optuna sampler and its journal) and make_scheduler (Ray's scheduler),
-called as Ray's TuneController calls them (suggest; on_trial_add; per result the scheduler's
-on_trial_result, then the searcher's unless the scheduler stops the trial; on a stop or the last
-epoch the scheduler's and the searcher's on_trial_complete). A trial's epoch takes its recorded
-seconds, W workers run at once and results arrive in the order they would finish. A suggestion
-maps to the table's nearest setting (same policy and depth, nearest lr in log space).
-
-The incumbent is the best last value among trials that ran all max_epochs, else among all that
-reported (the study's choice rule without its tie set), scored at its last recorded epoch. Outputs in DIR: anytime.parquet (incumbent vs cumulative epochs: interquartile
-mean and bootstrap 95 % CI over repeats), reach.parquet (epochs to reach random + FIFO's final
-best, per pair), runs.parquet (one row per replayed study), replay.json, replay.png."""
+Each study drives the objects the real study builds (tune.search's make_searcher and
+make_scheduler) as Ray's TuneController calls them, so what is measured is Ray's and Optuna's own
+code, not a model of it; the README ("Searchers and schedulers") details the replay and its outputs."""
 from __future__ import annotations
 
 import argparse

@@ -9,11 +9,8 @@ from __future__ import annotations
 import argparse
 import html
 import json
-import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,7 +26,7 @@ from crackcore.exceptions import StudyError, StudyFilesError  # noqa: E402
 from crackcore.images import open_image  # noqa: E402
 from crackcore.lift import lift_line  # noqa: E402
 from crackcore.metrics import format_accuracy, roc_curve  # noqa: E402
-from crackcore.outputs import DIR_MODE, check_writable  # noqa: E402
+from crackcore.outputs import check_writable, write_folder  # noqa: E402
 from crackcore.results import Study, load_optuna_study, load_study  # noqa: E402
 from crackcore.studyfiles import ERRORS, FINAL_METRICS, JOURNAL  # noqa: E402
 from crackcore.sources import EMBEDDED_CITATION, EMBEDDED_SAMPLE  # noqa: E402
@@ -586,25 +583,14 @@ def main(argv: list[str] | None = None) -> int:
         raise StudyFilesError(f"--max-errors must be >= 0 (got {a.max_errors}); 0 leaves the error grid out")
     s = load_study(a.study)
     check_writable(a.study, f"the report, {a.study / 'report'}", "copy the study folder somewhere writable first")
-    target = a.study / "report"
-    tmp = Path(tempfile.mkdtemp(dir=a.study, prefix=".report-"))
-    tmp.chmod(DIR_MODE)  # mkdtemp makes it 0700; the report is served/shared like any other output
-    try:
-        md, notes = build_report(s, tmp, a.max_errors, a.replay)
+    notes: list[str] = []
+
+    def fill(tmp: Path) -> None:
+        md, found = build_report(s, tmp, a.max_errors, a.replay)
         (tmp / "index.html").write_text(render_html(md, f"Study report: {s.name}"))
-        old = a.study / f".report-old-{os.getpid()}"
-        if target.exists():
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # e.g. another report took its place meanwhile: put the previous one back
-            if old.exists() and not target.exists():
-                os.replace(old, target)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        notes.extend(found)
+
+    target = write_folder(a.study / "report", fill)
     if (mlflow := s.study.get("mlflow")) and mlflow.get("retrain_run_id"):  # a study run with --mlflow
         try:
             log_folder(mlflow["uri"], mlflow["retrain_run_id"], target, "report")

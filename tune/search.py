@@ -205,21 +205,18 @@ def make_sampler(cfg: StudyConfig) -> optuna.samplers.BaseSampler:
     startup = max(4, min(10, cfg.num_samples // 3))
     with warnings.catch_warnings():  # QMC and consider_pruned_trials are "experimental" in Optuna 5.0
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return _sampler(cfg, startup)
-
-
-def _sampler(cfg: StudyConfig, startup: int) -> optuna.samplers.BaseSampler:
-    if cfg.searcher == "tpe":
-        # constant_liar keeps parallel TPE from proposing the same point to trials running at once
-        return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True, n_startup_trials=startup)
-    if cfg.searcher == "gp":
-        return optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=startup)
-    if cfg.searcher == "cmaes":
-        # consider_pruned_trials: with a scheduler most trials end PRUNED, CMA-ES would learn from few
-        return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=startup, consider_pruned_trials=True)
-    if cfg.searcher == "qmc":  # scrambled Sobol: a fresh low-discrepancy sequence per seed
-        return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
-    return optuna.samplers.RandomSampler(seed=cfg.seed)
+        if cfg.searcher == "tpe":
+            # constant_liar keeps parallel TPE from proposing the same point to trials running at once
+            return optuna.samplers.TPESampler(seed=cfg.seed, multivariate=True, constant_liar=True,
+                                              n_startup_trials=startup)
+        if cfg.searcher == "gp":
+            return optuna.samplers.GPSampler(seed=cfg.seed, n_startup_trials=startup)
+        if cfg.searcher == "cmaes":
+            # consider_pruned_trials: with a scheduler most trials end PRUNED, CMA-ES would learn from few
+            return optuna.samplers.CmaEsSampler(seed=cfg.seed, n_startup_trials=startup, consider_pruned_trials=True)
+        if cfg.searcher == "qmc":  # scrambled Sobol: a fresh low-discrepancy sequence per seed
+            return optuna.samplers.QMCSampler(seed=cfg.seed, scramble=True, warn_independent_sampling=False)
+        return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
 def make_searcher(cfg: StudyConfig, study_dir: Path, start: bool = True) -> EpochAwareOptunaSearch:

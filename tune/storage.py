@@ -112,8 +112,7 @@ class DropFinishedCheckpoints(tune.Callback):
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self.finished += [trial.checkpoint] if trial.checkpoint else []
 
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.finished += [trial.checkpoint] if trial.checkpoint else []
+    on_trial_error = on_trial_complete  # a trial out of retries is as finished
 
     def get_state(self) -> None:
         self.recorded, self.finished = self.recorded + self.finished, []
@@ -211,12 +210,7 @@ class KillPoints(tune.Callback):
 def has_experiment_state(experiment: str) -> bool:
     """Ray's experiment folder holds a snapshot to restore (an experiment_state-*.json), not
     just the tuner.pkl it writes before the first one."""
-    fs, root = _filesystem(experiment)
-    try:
-        found = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
-    except OSError:
-        return False
-    return any(Path(f.path).name.startswith("experiment_state-") and f.path.endswith(".json") for f in found)
+    return any(name.startswith("experiment_state-") and name.endswith(".json") for name in _state_files(experiment))
 
 
 def clear_experiment(experiment: str) -> None:
