@@ -328,8 +328,7 @@ def test_a_study_killed_or_out_of_disk_at_any_point_resumes_with_the_same_comman
     with tmpfs(tmp_path / "disk", "1g") if root else contextlib.nullcontext(tmp_path) as storage:
         args = ["--data", str(crack_data), "--storage-path", str(storage), "--study-name", "soak",
                 "--num-samples", "3", "--max-epochs", "2", "--grace-period", "2", "--final-epochs", "2",
-                "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto",
-                "--mlflow", f"sqlite:///{tmp_path}/mlflow.db"]
+                "--image-size", "32", "--subset", "40", "--max-concurrent-trials", "1", "--resume", "auto"]
         study_dir = storage / "soak"
 
         def stopped_at(point: str, fill: bool = True, leave: int = 0) -> subprocess.CompletedProcess:
@@ -402,16 +401,6 @@ def test_a_study_killed_or_out_of_disk_at_any_point_resumes_with_the_same_comman
         assert json.loads((study_dir / "final_metrics.json").read_text())["epochs"] == 2
         # (once finished, the same command leaves it alone: test_existing_study_is_not_overwritten_...)
         assert json.loads((study_dir / "study.json").read_text())["resumed"] is True
-    # MLflow: the resumed study went on in its experiment, each trial in its own run, every epoch once
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("soak").experiment_id], "tags.role = 'trial'")
-    assert set(trials.index) <= {r.data.tags["trial_id"] for r in runs}
-    for r in runs:
-        if r.data.tags["trial_id"] in trials.index:
-            assert r.info.status == "FINISHED"
-            assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == [1, 2]
 
 
 @pytest.mark.slow
@@ -463,7 +452,8 @@ def test_ctrl_c_in_the_last_trials_is_an_interruption_not_the_end(crack_data: Pa
     # unfinished. Two trials of 2 CPUs on 2 CPUs: the second one is still pending (no results).
     args = ["--data", str(crack_data), "--storage-path", str(tmp_path), "--study-name", "ctrl-c",
             "--num-samples", "2", "--max-epochs", "10", "--grace-period", "10", "--final-epochs", "1",
-            "--image-size", "32", "--subset", "40", "--cpus-per-trial", "2", "--max-concurrent-trials", "2"]
+            "--image-size", "32", "--subset", "40", "--cpus-per-trial", "2", "--max-concurrent-trials", "2",
+            "--mlflow", f"sqlite:///{tmp_path}/mlflow.db"]
     study_dir = tmp_path / "ctrl-c"
     driver = subprocess.Popen([*RUN, *args], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -490,6 +480,16 @@ def test_ctrl_c_in_the_last_trials_is_an_interruption_not_the_end(crack_data: Pa
         assert trial.state == optuna.trial.TrialState.COMPLETE and sorted(trial.intermediate_values) == list(range(1, 11))
     trials = pd.read_parquet(study_dir / "trials.parquet")
     assert trials["status"].tolist() == ["COMPLETE"] * 2 and (study_dir / "final_metrics.json").exists()
+    # MLflow: the resumed study went on in its experiment, each trial in its own run (the interrupted
+    # one included), every epoch once
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("ctrl-c").experiment_id], "tags.role = 'trial'")
+    assert sorted(r.data.tags["trial_id"] for r in runs) == sorted(trials["trial_id"])
+    for r in runs:
+        assert r.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "val_acc")) == list(range(1, 11))
 
 
 # --------------------------------------------------------------------------- (d) fault injection
