@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelFileError(f"model file {a.model} does not exist; pass a model.pt a study or crackcore.fit wrote")
     meta = load_torch_meta(a.model)
     size, temperature = int(meta["image_size"]), temperature_of(meta)
-    labelled = None
-    adapt_files = files
+    labelled, adapt_files = None, files
     if a.labelled is not None:
         lroot = a.labelled.expanduser().resolve()
         labelled = site_samples(lroot, a.group_by)
@@ -186,7 +185,6 @@ def main(argv: list[str] | None = None) -> int:
           f"images of {root} by {a.method}", flush=True)
     before_z = None
     if labelled is not None:
-        lroot = a.labelled.expanduser().resolve()
         limages, readable = decode_all(lroot, labelled["path"], size)
         labelled = labelled[readable].reset_index(drop=True)
         before_z = logit_crack(net, limages)
