@@ -223,7 +223,7 @@ def summarise(runs: pd.DataFrame, anytime_scores: dict[tuple[str, str], np.ndarr
     return anytime, pd.DataFrame(reach)
 
 
-def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, title: str) -> None:
+def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, recipe: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +237,8 @@ def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, title: str) -> 
                         color="k" if ref else colours[k % 20])
         ax.fill_between(g["epochs"], g["ci95_low"], g["ci95_high"], color=line.get_color(), alpha=0.08)
     ax.axhline(reach["target"].iloc[0], color="k", ls=":", lw=1, label="target (default: random+fifo final, median)")
-    ax.set(xlabel="cumulative epochs", ylabel="incumbent score (IQM, 95 % CI)", title=title)
+    ax.set(xlabel="cumulative epochs", ylabel="incumbent score (IQM, 95 % CI)", title=f"{recipe['objective']}: "
+           f"{recipe['num_samples']} trials, {recipe['workers']} workers, {recipe['repeats']} repeats")
     ax.legend(fontsize=7, ncol=2)
     r = reach.assign(label=reach["searcher"] + "+" + reach["scheduler"]).sort_values("median_fraction")
     finite = r["median_fraction"].replace(math.inf, np.nan)
@@ -347,8 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                     "reduction_factor": a.reduction_factor, "reference": "+".join(REFERENCE),
                     "target": float(reach["target"].iloc[0]),
                     "wall_seconds": round(time.time() - t0, 1), "argv": argv or sys.argv[1:]}, d / "replay.json")
-        draw(anytime, reach, d / "replay.png", f"{a.objective}: {a.num_samples} trials, {a.workers} workers, "
-             f"{a.repeats} repeats")
+        draw(anytime, reach, d / "replay.png", vars(a))
 
     write_folder(a.out, fill)
     cols = ["searcher", "scheduler", "reached", "median_epochs", "median_fraction", "fraction_ci95_low",
