@@ -231,8 +231,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 def _blend(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's _blend, factor * x + (1 - factor) * other, as one lerp (other=None: black)."""
     f = factor.view(-1, 1, 1, 1)
-    out = x * f if other is None else torch.lerp(other.expand_as(x), x, f)
-    return out.clamp_(0, 1)
+    return (x * f if other is None else torch.lerp(other.expand_as(x), x, f)).clamp_(0, 1)
 
 
 def _by_group(x: torch.Tensor, codes: torch.Tensor, fn) -> torch.Tensor:

@@ -59,8 +59,7 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
         img = Image.fromarray(pil_rgb(img)[0].numpy())
     gray = img.convert("L")
     phash = int(str(imagehash.phash(gray)), 16)
-    thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
-    return phash, thumb.tobytes()
+    return phash, np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8).tobytes()
 
 
 def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.DataFrame:

@@ -145,8 +145,7 @@ def apply_shift(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> tor
     level = SHIFTS[name].levels[severity - 1]
     size = x.shape[-1]
     if name == "scale_down":
-        small = TF.resize(x, [max(1, round(size * level))] * 2, antialias=True)
-        return reflect_pad_to(small, size)
+        return reflect_pad_to(TF.resize(x, [max(1, round(size * level))] * 2, antialias=True), size)
     if name == "gaussian_blur":
         sigma = scaled(level, size)
         return TF.gaussian_blur(x, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])

@@ -120,8 +120,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
     losses, probs, margins, labels, rows = [], [], [], [], []
     start = time.perf_counter()
     for x_u8, y, idx in loader:
-        x = model_inputs(x_u8, channels_last=channels_last)
-        logits = model(x).float()
+        logits = model(model_inputs(x_u8, channels_last=channels_last)).float()
         losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
         probs.append(torch.softmax(logits, 1)[:, 1])
         margins.append(logits[:, 1] - logits[:, 0])  # exact where the probability saturates (calibration)

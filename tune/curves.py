@@ -67,8 +67,7 @@ def settings_grid(cfg: StudyConfig, n: int, depths: list[int], seed: int) -> lis
     grid = [{"lr": float(f"{lr:.6g}"), "freeze_depth": d, "augment_policy": p} for lr in lrs for d in depths
             for p in policies]
     if len(grid) > n:
-        keep = np.sort(np.random.default_rng(seed).choice(len(grid), n, replace=False))
-        grid = [grid[i] for i in keep]
+        grid = [grid[i] for i in np.sort(np.random.default_rng(seed).choice(len(grid), n, replace=False))]
     return grid
 
 
@@ -161,8 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                            run_config=tune.RunConfig(name=a.name, storage_path=storage, verbose=1,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                                      callbacks=[DropFinishedCheckpoints()]))
-    results = tuner.fit()
-    table = curves_table(results, data, cfg)
+    table = curves_table(tuner.fit(), data, cfg)
     recipe = {"command": shlex.join([sys.executable, "-m", "tune.curves", *(argv or sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": len(grid),
               "max_epochs": cfg.max_epochs, "grid": grid, "freeze_depths": depths,

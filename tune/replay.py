@@ -176,8 +176,7 @@ def study_config(curves: Curves, searcher: str, scheduler: str, repeat: int, arg
 def iqm_ci(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interquartile mean over axis 0 (the repeats) and its percentile-bootstrap 95 % CI."""
     iqm = trim_mean(x, 0.25, axis=0)
-    idx = rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))
-    boot = trim_mean(x[idx], 0.25, axis=1)
+    boot = trim_mean(x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))], 0.25, axis=1)
     return iqm, *np.percentile(boot, [2.5, 97.5], axis=0)
 
 
@@ -210,8 +209,7 @@ def summarise(runs: pd.DataFrame, anytime_scores: dict[tuple[str, str], np.ndarr
     reach = []
     for (searcher, scheduler), group in runs.groupby(["searcher", "scheduler"], sort=False):
         epochs = np.array([epochs_to_reach(anytime_scores[searcher, scheduler][i], target) for i in range(len(group))])
-        fraction = epochs / full
-        med, low, high = median_ci(fraction, rng)
+        med, low, high = median_ci(epochs / full, rng)
         final, f_low, f_high = (float(v[0]) for v in iqm_ci(group["final"].to_numpy()[:, None], rng))
         reach.append({"searcher": searcher, "scheduler": scheduler, "repeats": len(group), "target": target,
                       "reached": float(np.isfinite(epochs).mean()), "median_epochs": med * full,

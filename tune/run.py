@@ -405,8 +405,7 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
     extra: dict[str, Any] = {"best_trial_id": best["trial_id"], "reference": reference}
     if ref_result:
         [ref] = ref_result
-        groups = data.samples.set_index(["source", "path"])["group"]
-        extra["lift"] = lift_by_set(result, ref, groups, seed=cfg.seed)
+        extra["lift"] = lift_by_set(result, ref, data.samples.set_index(["source", "path"])["group"], seed=cfg.seed)
         reference.update(test=set_summary(ref.test), val={"accuracy": ref.val["accuracy"], "loss": ref.val["loss"],
                                                           "n": ref.val["n"]},
                          sets={name: set_summary(m) for name, m in {**ref.held_out, **ref.external}.items()},

@@ -148,8 +148,7 @@ def journal_wins(trials: pd.DataFrame, params_of: dict[str, TrialParams], study_
         print(f"warning: Ray's result files of {len(fixed)} trial(s) disagree with the Optuna journal (torn or empty "
               f"after a full disk, or set aside with a damaged experiment state): trials.parquet takes their status, "
               f"epochs and {cfg.metric} from the journal ({', '.join(sorted(fixed))})", file=sys.stderr, flush=True)
-    table = pd.DataFrame(list(rows.values()))
-    return table.sort_values("trial_id").reset_index(drop=True), params_of
+    return pd.DataFrame(list(rows.values())).sort_values("trial_id").reset_index(drop=True), params_of
 
 
 def max_parallel(trials: pd.DataFrame) -> int:
@@ -332,8 +331,7 @@ def rung_fidelity(trials: pd.DataFrame, history: pd.DataFrame, rungs: list[int],
     if not len(history) or "epoch" not in history:
         return pd.DataFrame(columns=["rung", "n", "spearman"])
     h = history[history["trial_id"].isin(done)]
-    last = h.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
-    final = last[metric]
+    final = h.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")[metric]
     rows = []
     for rung in rungs:
         at = h[h["epoch"] == rung].set_index("trial_id")[metric]
