@@ -255,8 +255,7 @@ def adapt_model(net: CrackResNet, images: torch.Tensor, method: str, *, temperat
         record["self_train"] = self_train(net, images, layers, epochs if epochs is not None else SELF_EPOCHS, seed=seed)
     prob = 1 / (1 + np.exp(-logit_crack(net, images) / temperature))
     site_prior, iterations = em_prior(prob, train_prior)
-    clipped = float(np.clip(site_prior, *PRIOR_CLIP))
-    offset = logit(clipped) - logit(train_prior) if prior else 0.0
+    offset = logit(float(np.clip(site_prior, *PRIOR_CLIP))) - logit(train_prior) if prior else 0.0
     if prior:
         apply_prior_shift(net, offset, temperature)
     record["prior"] = {"method": "EM on the adapted model's temperature-scaled probabilities (Saerens et al. 2002)",
