@@ -217,8 +217,7 @@ def _source_files(name: str, path: str | None, cfg: TrainConfig) -> tuple[pd.Dat
     samples = add_content_hashes(root, samples).assign(source=name, file=[str(root / p) for p in samples["path"]])
     role = ("external" if name in cfg.external else "val" if name == cfg.val_source else
             "test" if name == cfg.test_source else "train")
-    return samples, {"kind": kind, "root": str(root.resolve()), "role": role, "files": len(samples),
-                     **skipped}
+    return samples, {"kind": kind, "root": str(root.resolve()), "role": role, "files": len(samples), **skipped}
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:

@@ -131,7 +131,6 @@ def decode_file(path: Path, image_size: int, exif: bool = False) -> torch.Tensor
     else:
         img = read_rgb(path, exif)
     if tuple(img.shape[1:]) != (image_size, image_size):
-        img = TF.resize(img, [image_size], antialias=True)
-        img = TF.center_crop(img, [image_size, image_size])
+        img = TF.center_crop(TF.resize(img, [image_size], antialias=True), [image_size, image_size])
     return img.contiguous()
 
