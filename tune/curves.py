@@ -107,8 +107,7 @@ def curves_table(results: Any, data: Any, cfg: StudyConfig) -> pd.DataFrame:
             row["val_loss"] = row["val_loss_domain"]
         frames.append(row)
     table = pd.concat(frames, ignore_index=True)
-    keys = table[PARAMS].astype(str).agg("|".join, axis=1)
-    table.insert(0, "setting", pd.factorize(keys)[0])
+    table.insert(0, "setting", pd.factorize(table[PARAMS].astype(str).agg("|".join, axis=1))[0])
     extra = sorted(c for c in table.columns if c.startswith(("val_acc_", "val_loss_")) and c != "val_loss_domain")
     cols = [*CURVE_COLUMNS, *extra, "train_loss", "train_acc", *(["diverged"] if "diverged" in table else [])]
     return table[cols].sort_values(["setting", "epoch"]).reset_index(drop=True)
@@ -129,8 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     a.num_samples = a.num_settings
     study_config(a, False).train.check_sources()  # bad flags fail before Ray starts
     resources = connect_ray(a.address)
-    cfg = study_config(a, resources.get("GPU", 0) > 0)
-    cfg = apply_overrides(cfg, {"space.freeze_depths": depths})
+    cfg = apply_overrides(study_config(a, resources.get("GPU", 0) > 0), {"space.freeze_depths": depths})
     grid = settings_grid(cfg, a.num_settings, depths, a.seed)
     data = prepare_data(cfg.train)
     weights = resolve_weights(cfg.train.weights)

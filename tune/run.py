@@ -3,10 +3,9 @@
 The tuning study, top to bottom: read the experiment file and flags into a StudyConfig,
 connect to (or start) Ray, decode the data once and ship it through the object store, run
 trials with Ray Tune (an Optuna sampler proposes, a Ray scheduler stops early; TPE + ASHA by
-default), then retrain the best configuration from scratch,
-evaluate it on the held-out test split and write every output under results/<study>/.
-`main` tells it in stages: open (or resume) the study, load its inputs, search, choose,
-retrain, write.
+default), then retrain the best configuration from scratch, evaluate it on the held-out test
+split and write every output under results/<study>/. `main` tells it in stages: open (or
+resume) the study, load its inputs, search, choose, retrain, write.
 """
 from __future__ import annotations
 
@@ -28,8 +27,7 @@ import ray
 from ray.tune.error import TuneError
 
 from crackcore import faults
-from crackcore.config import (StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
-                              leave_one_out,
+from crackcore.config import (StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json, leave_one_out,
                               load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
 from crackcore.exceptions import ConfigError, StorageError, StudyError, storage_error
