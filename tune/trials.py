@@ -154,12 +154,8 @@ def journal_wins(trials: pd.DataFrame, params_of: dict[str, TrialParams], study_
 def max_parallel(trials: pd.DataFrame) -> int:
     """Most trials running at the same moment, from their start/end times."""
     ok = trials.dropna(subset=["start_time", "end_time"])
-    events = sorted([(t, 1) for t in ok["start_time"]] + [(t, -1) for t in ok["end_time"]], key=lambda e: (e[0], e[1]))
-    running = best = 0
-    for _, step in events:
-        running += step
-        best = max(best, running)
-    return best
+    events = sorted([(t, 1) for t in ok["start_time"]] + [(t, -1) for t in ok["end_time"]])  # ends first at a tie
+    return int(np.cumsum([step for _, step in events]).max(initial=0))
 
 
 Z95 = 1.959963984540054
