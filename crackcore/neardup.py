@@ -113,10 +113,9 @@ def group_report(samples: pd.DataFrame, top: int = 5) -> dict[str, Any]:
     """Counts of a samples table with a `group` column, for printing and study.json."""
     sizes = samples.groupby("group").size().sort_values(ascending=False)
     multi = sizes[sizes > 1]
-    labels = samples.groupby("group")["label"].nunique()
     return {"images": int(len(samples)), "groups": int(len(sizes)), "singletons": int((sizes == 1).sum()),
             "multi_image_groups": int(len(multi)), "images_in_multi_groups": int(multi.sum()),
-            "cross_class_groups": int((labels > 1).sum()),
+            "cross_class_groups": int((samples.groupby("group")["label"].nunique() > 1).sum()),
             "largest_groups": [{"group": g, "size": int(s), "paths": samples.loc[samples["group"] == g, "path"].head(5).tolist()}
                                for g, s in multi.head(top).items()]}
 

@@ -219,9 +219,8 @@ def fig_shift_heatmap(s: Study, path: Path) -> str:
     im = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
     for i, shift in enumerate(grid.index):
         for j, col in enumerate(grid.columns):
-            v = grid.iat[i, j]
             ci = "" if col == "0" else f"\n{100 * low.at[shift, col]:.0f}-{100 * high.at[shift, col]:.0f}"
-            ax.text(j, i, f"{100 * v:.1f}{ci}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{100 * grid.iat[i, j]:.1f}{ci}", ha="center", va="center", fontsize=7)
     ax.set(xticks=range(len(grid.columns)), xticklabels=["0 (clean)", *map(str, acc.columns)], yticks=range(len(grid)),
            yticklabels=grid.index, xlabel="severity", title=f"Test accuracy under shifts (n={int(cells['n'].iloc[0])} per cell)")
     fig.colorbar(im, ax=ax, label="accuracy (fraction); 0.5 = chance")
