@@ -27,8 +27,8 @@ import ray
 from ray.tune.error import TuneError
 
 from crackcore import faults
-from crackcore.config import (StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json, leave_one_out,
-                              load_study_config, trial_config)
+from crackcore.config import (SEARCH_KEYS as SEARCH_COLUMNS, StudyConfig, TrainConfig, TrialParams, apply_overrides,
+                              config_json, leave_one_out, load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
 from crackcore.exceptions import ConfigError, StorageError, StudyError, storage_error
 from crackcore.metrics import format_accuracy, wilson_interval
@@ -342,9 +342,6 @@ def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams
         "mean_val_acc": float(chosen["mean_val_acc"]), "ci95_low": float(chosen["ci95_low"]),
         "ci95_high": float(chosen["ci95_high"]), "mean_val_loss": float(chosen["mean_val_loss"]), "seeds": cfg.repeats,
         "configs_repeated": n_configs, "tie_set": ranked_repeats.loc[ranked_repeats["tied"], "trial_id"].tolist()})
-
-
-SEARCH_COLUMNS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
 
 
 def retrain_resources(cfg: StudyConfig, tasks: int) -> tuple[int, float]:
