@@ -151,8 +151,7 @@ def apply_shift(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> tor
         return TF.gaussian_blur(x, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
     if name == "motion_blur":
         length = _odd(scaled(level, size))
-        g = torch.Generator().manual_seed(_seed(seed, name))
-        angles = torch.rand(len(x), generator=g) * math.pi
+        angles = torch.rand(len(x), generator=torch.Generator().manual_seed(_seed(seed, name))) * math.pi
         return to_uint8(per_sample_conv(x.float(), line_kernels(torch.full((len(x),), length), angles, length)))
     if name == "jpeg":  # torchvision encodes and decodes JPEG on the CPU
         return TF.jpeg(x.cpu(), int(level)).to(x.device)
