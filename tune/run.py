@@ -401,8 +401,7 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
     if ref_result:
         [ref] = ref_result
         extra["lift"] = lift_by_set(result, ref, data.samples.set_index(["source", "path"])["group"], seed=cfg.seed)
-        reference.update(test=set_summary(ref.test), val={"accuracy": ref.val["accuracy"], "loss": ref.val["loss"],
-                                                          "n": ref.val["n"]},
+        reference.update(test=set_summary(ref.test), val={k: ref.val[k] for k in ("accuracy", "loss", "n")},
                          sets={name: set_summary(m) for name, m in {**ref.held_out, **ref.external}.items()},
                          seconds=ref.seconds)
         write_parquet(pd.concat([p.assign(set=name) for name, p in evaluated_sets(ref).items()], ignore_index=True),
