@@ -296,9 +296,8 @@ def set_damaged_state_aside(experiment: str) -> str:
 def state_hashes(experiment: str, staging: str | None = None) -> dict[str, str]:
     """SHA-256 of Ray's state files: tuner.pkl from the experiment, the snapshot's files from
     Ray's staging folder (`staging`, as written, before Ray uploads them) or the experiment."""
-    hashes = {}
-    for name in _state_files(experiment) if staging is None else ["tuner.pkl"]:
-        hashes[name] = hashlib.sha256(_read(experiment, name)).hexdigest()
+    hashes = {name: hashlib.sha256(_read(experiment, name)).hexdigest()
+              for name in (_state_files(experiment) if staging is None else ["tuner.pkl"])}
     if staging is not None:
         for f in sorted(Path(staging).iterdir()):
             if f.is_file() and f.name.startswith(STATE_FILES[1:]):
