@@ -441,9 +441,8 @@ def lift_lines(metrics: dict[str, Any], tie_set: int) -> list[str]:
         lines.append(f"the pick is the reference setting {reference['params']}: no lift to measure (retrained once)")
     elif not reference.get("retrained"):
         lines.append("reference not retrained (--no-reference): the lift over it is not measured")
-    for name, lift in (metrics.get("lift") or {}).items():
-        lines.append(lift_line(name if name != TEST_SET else "test split (in-domain)", lift))
-    return lines
+    return lines + [lift_line(name if name != TEST_SET else "test split (in-domain)", lift)
+                    for name, lift in (metrics.get("lift") or {}).items()]
 
 
 def slot_use(trials: pd.DataFrame, history: pd.DataFrame, slots: int, search_seconds: float,

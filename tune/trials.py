@@ -116,9 +116,7 @@ def journal_wins(trials: pd.DataFrame, params_of: dict[str, TrialParams], study_
     import optuna
 
     study = optuna.load_study(study_name=cfg.name, storage=open_journal(study_dir))
-    rows = {r["trial_id"]: r for r in trials.to_dict("records")}
-    for r in rows.values():
-        r["from_journal"] = False
+    rows = {r["trial_id"]: {**r, "from_journal": False} for r in trials.to_dict("records")}
     by_params = {tuple(sorted(p.to_dict().items())): tid for tid, p in params_of.items()}
     fixed = []
     for t in study.get_trials(deepcopy=False):
