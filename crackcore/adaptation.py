@@ -262,5 +262,4 @@ def adapt_model(net: CrackResNet, images: torch.Tensor, method: str, *, temperat
                        "train_prior": train_prior, "site_prior": site_prior, "iterations": iterations,
                        "mean_prob_crack": float(prob.mean()), "applied": prior, "clip": list(PRIOR_CLIP),
                        "logit_offset": offset, "where": "added to the crack log-odds through fc.bias"}
-    record["seconds"] = time.time() - t0
-    return record
+    return {**record, "seconds": time.time() - t0}
