@@ -22,7 +22,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from crackcore.augment import batch_augment
+from crackcore.augment import batch_augment, per_image_transform
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DataError, storage_error
 from crackcore.hashing import content_digest, unit_hash
@@ -387,8 +387,6 @@ class CrackDataset(torch.utils.data.Dataset):
     torch's global RNG as torchvision transforms do (DataLoader seeds each worker from it)."""
 
     def __init__(self, data: PreparedData, split: str | None = None, augment_policy: str = "none"):
-        from crackcore.augment import per_image_transform
-
         self.data = data
         self.rows = np.arange(len(data.samples)) if split is None else data.indices(split)
         self.transform = per_image_transform(augment_policy, data.image_size)

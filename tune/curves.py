@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
+from ray import tune
 
 from crackcore.config import StudyConfig, TrainConfig, apply_overrides, load_study_config
 from crackcore.flags import add_flags, flag_values
@@ -135,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     slots = trial_slots(cfg, resources)
     print(f"{len(grid)} settings x {cfg.max_epochs} epochs, {slots} at once; data {data.counts()}; "
           f"weights: {weights.describe()}", flush=True)
-    from ray import tune
-
     trainable = tune.with_resources(
         tune.with_parameters(curve_trial, data_ref=[put_data(data)], train=cfg.train,
                              backbone_ref=[ray.put((weights, load_backbone(weights)))], max_epochs=cfg.max_epochs,

@@ -24,6 +24,7 @@ import optuna
 import numpy as np
 import pandas as pd
 import ray
+from ray import tune
 from ray.tune.error import TuneError
 
 from crackcore import faults
@@ -56,8 +57,6 @@ from tune.trials import (best_rule, collect_trials, earlier_trials, is_setting, 
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
                slots: int) -> Any:
-    from ray import tune
-
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data_ref=[data_ref], train=cfg.train, backbone_ref=[backbone_ref],
                              max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial, gpus=cfg.gpus_per_trial,
