@@ -73,15 +73,10 @@ def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
         [c for c in PREDICTION_COLUMNS if c in wrong]].reset_index(drop=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # mkstemp/mkdtemp create 0600/0700 for privacy while being written; the renamed result gets
-# the permissions an ordinary open()/mkdir() would have given it
-_UMASK = _umask()
+# the permissions an ordinary open()/mkdir() would have given it (the umask is read by setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
