@@ -147,8 +147,7 @@ def self_train(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_
     re-estimated at the end."""
     reestimate_bn(net, images, layers, batch_size=batch_size)
     chosen = bn_modules(net, layers)
-    params = [*bn_affine(chosen), *net.layer4.parameters(), *net.fc.parameters()]
-    params = list({id(p): p for p in params}.values())
+    params = list({id(p): p for p in [*bn_affine(chosen), *net.layer4.parameters(), *net.fc.parameters()]}.values())
     opt = torch.optim.Adam(params, lr=lr)
     gen, device = torch.Generator().manual_seed(seed), next(net.parameters()).device
     used, seen, losses = 0, 0, []
