@@ -120,8 +120,7 @@ def score(z: np.ndarray, temperature: float, threshold: float, labels: np.ndarra
           ) -> dict[str, Any]:
     prob = 1 / (1 + np.exp(-z / temperature))
     m = metrics_with_intervals(labels, (prob >= threshold).astype(int), prob, groups, seed=seed)
-    fp, tn = m["fp"], m["tn"]
-    return {**{k: m[k] for k in METRIC_KEYS}, "false_alarm_rate": fp / max(1, fp + tn)}
+    return {**{k: m[k] for k in METRIC_KEYS}, "false_alarm_rate": m["fp"] / max(1, m["fp"] + m["tn"])}
 
 
 def build_parser() -> argparse.ArgumentParser:
