@@ -75,10 +75,9 @@ class Curves:
                               "needs every epoch (finish the recording with python -m tune.curves --resume)")
         if table[[objective, "seconds"]].isna().any().any():
             raise ReplayError(f"{where}: {objective} or seconds has missing values; record the table again")
-        params = table[keys].drop_duplicates().reset_index(drop=True)
-        n = len(params)
-        return cls(params, table[objective].to_numpy(float).reshape(n, epochs),
-                   table["seconds"].to_numpy(float).reshape(n, epochs))
+        params = table[keys].drop_duplicates().reset_index(drop=True)  # one row per setting and epoch, checked above
+        return cls(params, table[objective].to_numpy(float).reshape(-1, epochs),
+                   table["seconds"].to_numpy(float).reshape(-1, epochs))
 
     @property
     def epochs(self) -> int:
