@@ -296,9 +296,7 @@ def resources_table(resources: dict[str, float], nodes: int | None = None) -> pd
     (`node:<ip>`) counted as nodes rather than listed."""
     rows = [("nodes", str(nodes if nodes is not None else sum(k.startswith("node:") and "internal" not in k
                                                               for k in resources)))]
-    for key, value in sorted(resources.items()):
-        if key.startswith("node:"):
-            continue
+    for key, value in sorted((k, v) for k, v in resources.items() if not k.startswith("node:")):
         name = key.replace("_", " ")
         rows.append((f"{name} (GiB)" if "memory" in key else name,
                      f"{value / 2 ** 30:.1f}" if "memory" in key else f"{value:g}"))
