@@ -91,8 +91,7 @@ class DrawnParams(T.Transform):
         self.policy, self.image_size, self.keys = policy, image_size, keys
 
     def make_params(self, flat_inputs: list) -> dict:
-        drawn = sample_params(self.policy, 1, self.image_size)
-        return {"drawn": {k: v for k, v in drawn.items() if k in self.keys}}
+        return {"drawn": {k: v for k, v in sample_params(self.policy, 1, self.image_size).items() if k in self.keys}}
 
     def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
         return reference_apply(inpt, params["drawn"], 0)
@@ -364,8 +363,7 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
 def batch_augment(x: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augment a [B,3,S,S] batch (uint8, or float in [0,1]) on whatever device it lives on;
     returns float in [0,1]; an unknown policy is a ValueError (get_policy)."""
-    params = sample_params(policy, x.shape[0], x.shape[-1], generator) if policy != "none" else {}
-    return apply_params(x, params)
+    return apply_params(x, sample_params(policy, x.shape[0], x.shape[-1], generator) if policy != "none" else {})
 
 
 def reference_apply(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) -> torch.Tensor:

@@ -340,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
               "(near-duplicates of each other: for timing, not accuracy)", file=sys.stderr)
     out = training_bench(a)
     if a.study:
-        device = resolve_device(a.device)
-        packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
+        packing = [float(x) for x in a.packing.split(",") if x] if resolve_device(a.device).type == "cuda" else [0.0]
         out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1, subset=a.study_subset,
                                    image_size=out["image_size"])
     return print_result(out, a.json_out)

@@ -71,8 +71,7 @@ def draw(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
                               "pass a smaller --k or label more images")
     shuffled = samples.sample(frac=1, random_state=seed)
     order = shuffled.assign(_rank=shuffled.groupby("group").cumcount()).sort_values("_rank", kind="stable")
-    chosen = pd.concat([order[order["label"] == label].head(want[label]) for label in (1, 0)]).index
-    return samples.index.isin(chosen)
+    return samples.index.isin(pd.concat([order[order["label"] == label].head(want[label]) for label in (1, 0)]).index)
 
 
 @torch.inference_mode()

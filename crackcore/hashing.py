@@ -16,5 +16,4 @@ def content_digest(path: Path) -> str:
 def unit_hash(seed: int, key: str) -> float:
     """A number in [0, 1) fixed by (seed, key): the basis of subsets and splits, so neither
     depends on file order or on which other files exist."""
-    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") / 2**64

@@ -92,8 +92,7 @@ def predict_photo(model: Classifier, meta: dict[str, Any], path: Path, tile: int
     probs = []
     for start in range(0, len(boxes), batch_size):
         crops = [photo[:, y:y + tile, x:x + tile] for x, y in boxes[start:start + batch_size]]
-        batch = TF.resize(torch.stack(crops), [meta["image_size"]] * 2, antialias=True)
-        probs.append(model.prob_crack(batch))
+        probs.append(model.prob_crack(TF.resize(torch.stack(crops), [meta["image_size"]] * 2, antialias=True)))
     tiles = pd.DataFrame([{"photo": str(path), "x": x, "y": y, "w": tile, "h": tile} for x, y in boxes])
     return tiles.assign(prob_crack=np.concatenate(probs)), photo
 

@@ -309,10 +309,9 @@ def _params(params: dict[str, Any] | None) -> str:
 
 def _data_root(src: dict[str, Any]) -> str:
     root = src.get("root", "?")
-    roots = root if isinstance(root, dict) else {None: root}
     return ", ".join(f"{_text(name) + ' ' if name else ''}{_code(r)}" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
                                                               if r == str(EMBEDDED_SAMPLE) else "")
-                     for name, r in roots.items())
+                     for name, r in (root if isinstance(root, dict) else {None: root}).items())
 
 
 def calibration_section(s: Study) -> list[str]:
