@@ -37,8 +37,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _listing(names: list[str]) -> str:
-    more = f", ... ({len(names) - 10} more)" if len(names) > 10 else ""
-    return ", ".join(names[:10]) + more if names else "none"
+    return ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "") if names else "none"
 
 
 def _class_folders(root: Path) -> list[tuple[int, Path]]:

@@ -125,9 +125,8 @@ def fig_importance(s: Study, path: Path) -> str:
     _axes(ax, "x", xlabel="importance (fANOVA share of val-accuracy variance)",
           title="Hyperparameter importance (completed trials)")
     _save(fig, path)
-    ranking = ", ".join(f"{name} {share:.2f}" for name, share in importance.items())
     return ("Longer bars: that setting explains more of the differences in validation accuracy between completed "
-            f"trials. Ranking: {ranking}.")
+            f"trials. Ranking: {', '.join(f'{name} {share:.2f}' for name, share in importance.items())}.")
 
 
 def fig_final_history(s: Study, path: Path) -> str:
@@ -403,12 +402,11 @@ def fidelity_section(s: Study) -> list[str]:
     f = s.fidelity
     if not len(f):
         return []
-    table = f.assign(spearman=f["spearman"].map(lambda v: "n/a (n < 3)" if pd.isna(v) else f"{v:.2f}"))
     return ["## How well the early rungs predicted the end", "",
             "Spearman's rank correlation between the trials' ranking at each rung (by the study metric, what ASHA "
             "stops on) and their ranking by the choice rule at the last epoch, over the n trials that ran all epochs. "
             "A low value says the rung judges how fast a setting starts, not where it ends: raise grace_period.", "",
-            _table(table), ""]
+            _table(f.assign(spearman=f["spearman"].map(lambda v: "n/a (n < 3)" if pd.isna(v) else f"{v:.2f}"))), ""]
 
 
 def summary_section(s: Study) -> tuple[list[str], list[str]]:
