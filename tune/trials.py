@@ -197,9 +197,7 @@ def is_setting(table: pd.DataFrame, params: dict[str, Any] | None) -> pd.Series:
     if not params:
         return pd.Series(False, index=table.index)
     same = pd.Series(True, index=table.index)
-    for key, value in params.items():
-        if key not in table:
-            continue
+    for key, value in ((k, v) for k, v in params.items() if k in table):
         same &= np.isclose(table[key].astype(float), float(value), rtol=1e-9, atol=0) if key == "lr" else table[key] == value
     return same
 
