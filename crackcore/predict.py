@@ -323,13 +323,9 @@ def main(argv: list[str] | None = None) -> int:
     patches, photos, failed = sort_inputs(files, a.tile)
     print(f"model {a.model} ({meta['image_size']} px, temperature {temperature_of(meta):.2f}, "
           f"{describe_threshold(meta)}, {meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
-    processed = 0
-    if patches:
-        done, bad = write_patches(model, meta, patches, labels, a)
-        processed, failed = processed + done, failed + bad
-    if photos:
-        done, bad = write_photos(model, meta, photos, stride, a)
-        processed, failed = processed + done, failed + bad
+    done_patches, bad_patches = write_patches(model, meta, patches, labels, a)  # no patches: nothing written
+    done_photos, bad_photos = write_photos(model, meta, photos, stride, a)  # no photos: nothing written
+    processed, failed = done_patches + done_photos, failed + bad_patches + bad_photos
     for f, why in failed:
         print(f"skipped unreadable image {f}: {why}", file=sys.stderr)
     if failed:
