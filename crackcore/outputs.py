@@ -289,7 +289,6 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     test = result.test
     predictions = pd.concat([test["predictions"], *(m["predictions"] for m in result.held_out.values()),
                              *(m["predictions"] for m in result.external.values())], ignore_index=True)
-    errors = errors_from_predictions(predictions)
     # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
     # of the model saved: its zero-shot val predictions, when selection scored val adapted
     val_preds = (getattr(result, "val_zero_shot", None) or result.val)["predictions"]
@@ -315,7 +314,7 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     }
     write_parquet(result.history, out / FINAL_HISTORY)
     write_parquet(predictions, out / PREDICTIONS)
-    write_parquet(errors, out / ERRORS)
+    write_parquet(errors_from_predictions(predictions), out / ERRORS)
     write_parquet(data.split_table(), out / SPLIT)
     save_torch({**model_payload(result, cfg), "temperature": temperature}, out / MODEL)
     kill_point("outputs")
