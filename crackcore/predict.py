@@ -187,9 +187,8 @@ def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], label
         print(f"warning: --shifts scores the {len(labelled)} labelled image(s); {len(files) - len(labelled)} without "
               "a class folder are left out", file=sys.stderr)
     y = np.array([labels[f] for f in labelled])
-    keep = capped_rows(y, max_images, seed=0)
     imgs, ok = [], []
-    for i in keep:
+    for i in capped_rows(y, max_images, seed=0):
         try:
             imgs.append(decode_file(labelled[i], meta["image_size"]))
             ok.append(i)
