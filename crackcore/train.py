@@ -236,8 +236,6 @@ class FitResult:
 
 
 EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
-
-
 Weights = tuple[WeightsInfo, "dict[str, torch.Tensor] | None"]  # resolved, and loaded (None: random init)
 
 
