@@ -45,8 +45,7 @@ def _warn(msg: str) -> None:
 
 def add_content_hashes(root: Path, samples: pd.DataFrame) -> pd.DataFrame:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        digests = list(pool.map(lambda rel: content_digest(root / rel), samples["path"]))
-    return samples.assign(content_hash=digests)
+        return samples.assign(content_hash=list(pool.map(lambda rel: content_digest(root / rel), samples["path"])))
 
 
 def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
