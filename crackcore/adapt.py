@@ -120,8 +120,7 @@ def score(z: np.ndarray, temperature: float, threshold: float, labels: np.ndarra
           ) -> dict[str, Any]:
     prob = 1 / (1 + np.exp(-z / temperature))
     m = metrics_with_intervals(labels, (prob >= threshold).astype(int), prob, groups, seed=seed)
-    fp, tn = m["fp"], m["tn"]
-    return {**{k: m[k] for k in METRIC_KEYS}, "false_alarm_rate": fp / max(1, fp + tn)}
+    return {**{k: m[k] for k in METRIC_KEYS}, "false_alarm_rate": m["fp"] / max(1, m["fp"] + m["tn"])}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,8 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         raise ModelFileError(f"model file {a.model} does not exist; pass a model.pt a study or crackcore.fit wrote")
     meta = load_torch_meta(a.model)
     size, temperature = int(meta["image_size"]), temperature_of(meta)
-    labelled = None
-    adapt_files = files
+    labelled, adapt_files = None, files
     if a.labelled is not None:
         lroot = a.labelled.expanduser().resolve()
         labelled = site_samples(lroot, a.group_by)
@@ -186,7 +184,6 @@ def main(argv: list[str] | None = None) -> int:
           f"images of {root} by {a.method}", flush=True)
     before_z = None
     if labelled is not None:
-        lroot = a.labelled.expanduser().resolve()
         limages, readable = decode_all(lroot, labelled["path"], size)
         labelled = labelled[readable].reset_index(drop=True)
         before_z = logit_crack(net, limages)

@@ -147,8 +147,7 @@ def self_train(net: CrackResNet, images: torch.Tensor, layers: str = DEFAULT_BN_
     re-estimated at the end."""
     reestimate_bn(net, images, layers, batch_size=batch_size)
     chosen = bn_modules(net, layers)
-    params = [*bn_affine(chosen), *net.layer4.parameters(), *net.fc.parameters()]
-    params = list({id(p): p for p in params}.values())
+    params = list({id(p): p for p in [*bn_affine(chosen), *net.layer4.parameters(), *net.fc.parameters()]}.values())
     opt = torch.optim.Adam(params, lr=lr)
     gen, device = torch.Generator().manual_seed(seed), next(net.parameters()).device
     used, seen, losses = 0, 0, []
@@ -255,13 +254,11 @@ def adapt_model(net: CrackResNet, images: torch.Tensor, method: str, *, temperat
         record["self_train"] = self_train(net, images, layers, epochs if epochs is not None else SELF_EPOCHS, seed=seed)
     prob = 1 / (1 + np.exp(-logit_crack(net, images) / temperature))
     site_prior, iterations = em_prior(prob, train_prior)
-    clipped = float(np.clip(site_prior, *PRIOR_CLIP))
-    offset = logit(clipped) - logit(train_prior) if prior else 0.0
+    offset = logit(float(np.clip(site_prior, *PRIOR_CLIP))) - logit(train_prior) if prior else 0.0
     if prior:
         apply_prior_shift(net, offset, temperature)
     record["prior"] = {"method": "EM on the adapted model's temperature-scaled probabilities (Saerens et al. 2002)",
                        "train_prior": train_prior, "site_prior": site_prior, "iterations": iterations,
                        "mean_prob_crack": float(prob.mean()), "applied": prior, "clip": list(PRIOR_CLIP),
                        "logit_offset": offset, "where": "added to the crack log-odds through fc.bias"}
-    record["seconds"] = time.time() - t0
-    return record
+    return {**record, "seconds": time.time() - t0}

@@ -91,8 +91,7 @@ class DrawnParams(T.Transform):
         self.policy, self.image_size, self.keys = policy, image_size, keys
 
     def make_params(self, flat_inputs: list) -> dict:
-        drawn = sample_params(self.policy, 1, self.image_size)
-        return {"drawn": {k: v for k, v in drawn.items() if k in self.keys}}
+        return {"drawn": {k: v for k, v in sample_params(self.policy, 1, self.image_size).items() if k in self.keys}}
 
     def transform(self, inpt: torch.Tensor, params: dict) -> torch.Tensor:
         return reference_apply(inpt, params["drawn"], 0)
@@ -231,8 +230,7 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
 def _blend(x: torch.Tensor, other: torch.Tensor | None, factor: torch.Tensor) -> torch.Tensor:
     """torchvision's _blend, factor * x + (1 - factor) * other, as one lerp (other=None: black)."""
     f = factor.view(-1, 1, 1, 1)
-    out = x * f if other is None else torch.lerp(other.expand_as(x), x, f)
-    return out.clamp_(0, 1)
+    return (x * f if other is None else torch.lerp(other.expand_as(x), x, f)).clamp_(0, 1)
 
 
 def _by_group(x: torch.Tensor, codes: torch.Tensor, fn) -> torch.Tensor:
@@ -365,8 +363,7 @@ def _jpeg(img: torch.Tensor, quality: int) -> torch.Tensor:
 def batch_augment(x: torch.Tensor, policy: str, generator: torch.Generator | None = None) -> torch.Tensor:
     """Augment a [B,3,S,S] batch (uint8, or float in [0,1]) on whatever device it lives on;
     returns float in [0,1]; an unknown policy is a ValueError (get_policy)."""
-    params = sample_params(policy, x.shape[0], x.shape[-1], generator) if policy != "none" else {}
-    return apply_params(x, params)
+    return apply_params(x, sample_params(policy, x.shape[0], x.shape[-1], generator) if policy != "none" else {})
 
 
 def reference_apply(img: torch.Tensor, params: dict[str, torch.Tensor], i: int) -> torch.Tensor:

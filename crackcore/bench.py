@@ -72,8 +72,7 @@ def model_only_bench(cfg: TrainConfig, device: torch.device, steps: int, warmup:
     ceiling any data path can reach); returns img/s."""
     _, _, step = _model_and_opt(cfg, device)
     x = normalize(torch.rand(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=device))
-    if cfg.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x
     y = torch.randint(0, 2, (cfg.batch_size,), device=device)
 
     def run() -> float:
@@ -93,7 +92,6 @@ def pipeline_bench(cfg: TrainConfig, data, device: torch.device, rounds: int) ->
     """A round = one of crackcore's real training epochs (after one warm-up epoch); also returns
     a function timing evaluate() over the val split. Both return img/s."""
     step_model, opt, _ = _model_and_opt(cfg, device)
-    channels_last = cfg.channels_last
     loader = BatchLoader(data, "train", cfg.batch_size, device, shuffle=True, seed=0, drop_last=True)
     sched = make_scheduler(opt, cfg.replace(epochs=rounds + 1), len(loader))
     gen = torch.Generator().manual_seed(0)
@@ -103,11 +101,11 @@ def pipeline_bench(cfg: TrainConfig, data, device: torch.device, rounds: int) ->
     def run() -> float:
         loader.epoch = next(epochs)
         return train_one_epoch(step_model, opt, sched, loader, cfg.augment_policy, gen, amp=cfg.amp,
-                               channels_last=channels_last, scaler=scaler)["img_s"]
+                               channels_last=cfg.channels_last, scaler=scaler)["img_s"]
 
     def run_eval() -> float:
         return evaluate(step_model, BatchLoader(data, "val", 256, device, shuffle=False), data,
-                        channels_last=channels_last)["img_s"]
+                        channels_last=cfg.channels_last)["img_s"]
 
     run()
     return run, run_eval
@@ -154,9 +152,7 @@ def pil_baseline_bench(cfg: TrainConfig, root: Path, paths: list[str], device: t
 
     def step(x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if cfg.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        train_step(x, y)
+        train_step(x.contiguous(memory_format=torch.channels_last) if cfg.channels_last else x, y)
 
     return lambda: _timed_epoch(loader, device, step)
 
@@ -344,8 +340,7 @@ def main(argv: list[str] | None = None) -> int:
               "(near-duplicates of each other: for timing, not accuracy)", file=sys.stderr)
     out = training_bench(a)
     if a.study:
-        device = resolve_device(a.device)
-        packing = [float(x) for x in a.packing.split(",") if x] if device.type == "cuda" else [0.0]
+        packing = [float(x) for x in a.packing.split(",") if x] if resolve_device(a.device).type == "cuda" else [0.0]
         out["study"] = bench_study(a.data, packing or [0.0], a.quick, cpus_per_trial=1, subset=a.study_subset,
                                    image_size=out["image_size"])
     return print_result(out, a.json_out)
@@ -383,8 +378,7 @@ def training_bench(a: argparse.Namespace) -> dict[str, Any]:
         "image_size": size, "batch_size": cfg.batch_size, "augment_policy": a.augment_policy, "train_images": n_train,
         "data_kind": data.source["kind"] + (f" replicated to {a.replicate}" if a.replicate else ""),
         "train_precision": precision_name(training_precision(device, cfg.amp)[0]), "channels_last": cfg.channels_last,
-        "compile": a.compile,
-        "prepare_seconds": round(prepare_s, 2),
+        "compile": a.compile, "prepare_seconds": round(prepare_s, 2),
         "model_only_img_s": round(model_only, 1), "pipeline_img_s": round(pipeline, 1),
         "pipeline_over_model_only": round(pipeline / model_only, 3),
         "pil_baseline_img_s": round(pil, 1), "pil_workers": workers,

@@ -46,9 +46,8 @@ def check_out(out: Path) -> None:
     complete); anything else would be lost, so it is refused before any work."""
     if not out.exists() or (out.is_dir() and not folder_in_use(out)):
         return
-    marker = out / "calibration.json"
     try:
-        ours = out.is_dir() and is_calibration(json.loads(marker.read_text()))
+        ours = out.is_dir() and is_calibration(json.loads((out / "calibration.json").read_text()))
     except (OSError, ValueError):
         ours = False
     if not ours:
@@ -72,8 +71,7 @@ def draw(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
                               "pass a smaller --k or label more images")
     shuffled = samples.sample(frac=1, random_state=seed)
     order = shuffled.assign(_rank=shuffled.groupby("group").cumcount()).sort_values("_rank", kind="stable")
-    chosen = pd.concat([order[order["label"] == label].head(want[label]) for label in (1, 0)]).index
-    return samples.index.isin(chosen)
+    return samples.index.isin(pd.concat([order[order["label"] == label].head(want[label]) for label in (1, 0)]).index)
 
 
 @torch.inference_mode()
@@ -197,9 +195,8 @@ def calibrate(a: argparse.Namespace, t0: float) -> int:
               file=sys.stderr)
     feats = features(classifier.field, images)
     z = logit_crack(model.fc, feats)
-    before_t = temperature_of(meta)
     columns, probs = {}, {}
-    columns["before"], probs["before"] = score_column(z, labels, fit, rest, groups, a.seed, before_t,
+    columns["before"], probs["before"] = score_column(z, labels, fit, rest, groups, a.seed, temperature_of(meta),
                                                       threshold_of(meta))
     try:
         columns["after"], probs["after"] = score_column(z, labels, fit, rest, groups, a.seed)

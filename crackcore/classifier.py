@@ -134,8 +134,7 @@ def ort_reason(exc: Exception) -> str:
     text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
     if re.search(r"\.cc:\d+ ", text):  # "Load model from P failed:/src/x.cc:256 onnxruntime::F(...) reason"
         text = text.rsplit(") ", 1)[-1]
-    text = re.sub(r"^Load model from .* failed:\s*", "", text)
-    return text[:120]
+    return re.sub(r"^Load model from .* failed:\s*", "", text)[:120]
 
 
 def to_onnx(field: FieldModel, image_size: int, metadata: dict[str, str]) -> bytes:

@@ -22,7 +22,7 @@ import torch
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from crackcore.augment import batch_augment
+from crackcore.augment import batch_augment, per_image_transform
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DataError, storage_error
 from crackcore.hashing import content_digest, unit_hash
@@ -45,8 +45,7 @@ def _warn(msg: str) -> None:
 
 def add_content_hashes(root: Path, samples: pd.DataFrame) -> pd.DataFrame:
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        digests = list(pool.map(lambda rel: content_digest(root / rel), samples["path"]))
-    return samples.assign(content_hash=digests)
+        return samples.assign(content_hash=list(pool.map(lambda rel: content_digest(root / rel), samples["path"])))
 
 
 def assign_splits(samples: pd.DataFrame, fractions: tuple[float, float, float], seed: int,
@@ -217,8 +216,7 @@ def _source_files(name: str, path: str | None, cfg: TrainConfig) -> tuple[pd.Dat
     samples = add_content_hashes(root, samples).assign(source=name, file=[str(root / p) for p in samples["path"]])
     role = ("external" if name in cfg.external else "val" if name == cfg.val_source else
             "test" if name == cfg.test_source else "train")
-    return samples, {"kind": kind, "root": str(root.resolve()), "role": role, "files": len(samples),
-                     **skipped}
+    return samples, {"kind": kind, "root": str(root.resolve()), "role": role, "files": len(samples), **skipped}
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = True) -> PreparedData:
@@ -388,8 +386,6 @@ class CrackDataset(torch.utils.data.Dataset):
     torch's global RNG as torchvision transforms do (DataLoader seeds each worker from it)."""
 
     def __init__(self, data: PreparedData, split: str | None = None, augment_policy: str = "none"):
-        from crackcore.augment import per_image_transform
-
         self.data = data
         self.rows = np.arange(len(data.samples)) if split is None else data.indices(split)
         self.transform = per_image_transform(augment_policy, data.image_size)

@@ -90,8 +90,7 @@ def parity(reference: TorchClassifier, exported: OnnxClassifier, batch: torch.Te
         largest = max(largest, float(np.abs(lt).max()))
         agree += int(((pt >= threshold) == (po >= threshold)).sum())
     return {"n": len(batch), "max_abs_logit_diff": d_logit, "max_abs_logit": largest, "max_abs_prob_diff": d_prob,
-            "labels_agree": agree,
-            "batch_sizes": sorted({len(c) for c in chunks})}
+            "labels_agree": agree, "batch_sizes": sorted({len(c) for c in chunks})}
 
 
 def export(model_path: Path, out: Path, check_images: Path | None = None, n_images: int = 64,
@@ -124,9 +123,8 @@ def export(model_path: Path, out: Path, check_images: Path | None = None, n_imag
     allowed = tolerance * max(1.0, check["max_abs_logit"])  # float32 rounding grows with the logits
     check.update(images=where, tolerance=tolerance, allowed=allowed, export_seconds=round(seconds, 1), bytes=len(blob))
     print(f"parity on {check['n']} {where}: max |Δ logit| {check['max_abs_logit_diff']:.2e} (logits up to "
-          f"{check['max_abs_logit']:.3g}), max |Δ prob_crack| "
-          f"{check['max_abs_prob_diff']:.2e}, labels agree {check['labels_agree']}/{check['n']} "
-          f"(batch sizes {check['batch_sizes']}; allowed {allowed:.2g})")
+          f"{check['max_abs_logit']:.3g}), max |Δ prob_crack| {check['max_abs_prob_diff']:.2e}, labels agree "
+          f"{check['labels_agree']}/{check['n']} (batch sizes {check['batch_sizes']}; allowed {allowed:.2g})")
     if not check["max_abs_logit_diff"] <= allowed:  # NaN fails too
         raise ModelFileError(f"onnxruntime's logits differ from PyTorch's by {check['max_abs_logit_diff']:.2e} > "
                              f"{allowed:.2g} (--tolerance {tolerance:g} x max(1, largest |logit|)); {out} not written "

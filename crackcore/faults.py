@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import suppress
 
 KILL_AT_ENV, GROUP_ENV = "CRACK_KILL_AT", "CRACK_KILL_GROUP"
 FILL_AT_ENV, FILL_DIR_ENV, FILL_LEAVE_ENV = "CRACK_FILL_AT", "CRACK_FILL_DIR", "CRACK_FILL_LEAVE"
@@ -33,13 +34,10 @@ def arm() -> None:
 def fill_disk(folder: str, leave: int = 0) -> None:
     """Fill the disk of `folder` up to `leave` free bytes with a file of zeros (filler-PID)."""
     chunk = b"\0" * (1 << 16)
-    with open(os.path.join(folder, f"filler-{os.getpid()}"), "ab") as f:
-        try:
-            while (free := os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize) > leave:
-                f.write(chunk[:max(1, min(len(chunk), free - leave))])
-                f.flush()
-        except OSError:  # full
-            pass
+    with open(os.path.join(folder, f"filler-{os.getpid()}"), "ab") as f, suppress(OSError):  # OSError: full
+        while (free := os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize) > leave:
+            f.write(chunk[:max(1, min(len(chunk), free - leave))])
+            f.flush()
 
 
 def kill_point(name: str) -> None:

@@ -18,13 +18,6 @@ from crackcore.sources import data_setting, parse_sources
 REPEATED = {"data": data_setting, "external": lambda specs: parse_sources(specs) if specs else None}
 
 
-def _plain_type(hint: Any) -> Any:
-    """int for `int | None`, and so on: the one type a flag's text is converted to."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
-
-
 def add_flags(parser: argparse.ArgumentParser, cls: type, names: list[str], defaults: bool = False) -> None:
     """One flag per field of `cls` named in `names` (dest = the field's name), defaulting to the
     field's default when `defaults` (and saying so in the help), else to None."""
@@ -37,7 +30,9 @@ def add_flags(parser: argparse.ArgumentParser, cls: type, names: list[str], defa
         help_text = meta["help"] + (f" (default {default})" if defaults and default is not None else "")
         kwargs: dict[str, Any] = {"dest": name, "default": default if defaults and name not in REPEATED else None,
                                   "help": help_text}
-        kind = _plain_type(hints[name])
+        kind = hints[name]  # int for `int | None`, and so on: the one type a flag's text is converted to
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         if name in REPEATED:
             kwargs.update(action="append", metavar=meta.get("metavar"))
         elif kind is bool:

@@ -5,11 +5,8 @@ from pathlib import Path
 
 
 def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def content_digest(path: Path) -> str:
@@ -19,5 +16,4 @@ def content_digest(path: Path) -> str:
 def unit_hash(seed: int, key: str) -> float:
     """A number in [0, 1) fixed by (seed, key): the basis of subsets and splits, so neither
     depends on file order or on which other files exist."""
-    h = hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "big") / 2**64
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big") / 2**64

@@ -125,13 +125,10 @@ def decode_file(path: Path, image_size: int, exif: bool = False) -> torch.Tensor
                 raise ValueError(f"{img.dtype} values span {img.min().item():g}..{img.max().item():g}, outside {lo:g}..{hi:g}; "
                                  "save uint8 0-255 or float 0-1 images")
             img = (img * 255).round() if img.is_floating_point() else img
-        img = img.to(torch.uint8)
-        if img.shape[0] == 1:
-            img = img.expand(3, -1, -1)
+        img = img.to(torch.uint8).expand(3, -1, -1)  # a grayscale [1,H,W] repeated as RGB
     else:
         img = read_rgb(path, exif)
     if tuple(img.shape[1:]) != (image_size, image_size):
-        img = TF.resize(img, [image_size], antialias=True)
-        img = TF.center_crop(img, [image_size, image_size])
+        img = TF.center_crop(TF.resize(img, [image_size], antialias=True), [image_size, image_size])
     return img.contiguous()
 

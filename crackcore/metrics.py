@@ -120,12 +120,10 @@ def metrics_with_intervals(y_true: np.ndarray, y_pred: np.ndarray, prob_crack: n
     """binary_metrics plus a 95 % interval for each of accuracy, precision and recall (Wilson,
     over the images each is a share of) and F1 (f1_bootstrap_interval)."""
     m = binary_metrics(y_true, y_pred, prob_crack)
-    pos_pred, pos_true = m["tp"] + m["fp"], m["tp"] + m["fn"]
-    m["precision_ci95"] = list(wilson_interval(m["tp"], pos_pred))
-    m["recall_ci95"] = list(wilson_interval(m["tp"], pos_true))
-    m["accuracy_ci95"] = [m["ci95_low"], m["ci95_high"]]
-    m["f1_ci95"] = list(f1_bootstrap_interval(y_true, y_pred, groups, seed=seed))
-    return m
+    return {**m, "precision_ci95": list(wilson_interval(m["tp"], m["tp"] + m["fp"])),
+            "recall_ci95": list(wilson_interval(m["tp"], m["tp"] + m["fn"])),
+            "accuracy_ci95": [m["ci95_low"], m["ci95_high"]],
+            "f1_ci95": list(f1_bootstrap_interval(y_true, y_pred, groups, seed=seed))}
 
 
 def paired_difference(correct_a: np.ndarray, correct_b: np.ndarray, groups: np.ndarray | None = None,

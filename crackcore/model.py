@@ -141,8 +141,7 @@ def build_model(freeze_depth: int = 0, weights: str | Path | None = "auto", weig
     stages frozen. Pass `weights_info` to reuse an already resolved file (no second search),
     and `backbone` (from `load_backbone`) to skip reading the file."""
     info = weights_info or resolve_weights(weights)
-    if backbone is None:
-        backbone = load_backbone(info)
+    backbone = load_backbone(info) if backbone is None else backbone
     model = CrackResNet(freeze_depth)
     if backbone is not None:
         model.load_state_dict(backbone, strict=False)  # fc stays freshly initialised

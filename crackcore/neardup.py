@@ -59,8 +59,7 @@ def _signature(path: Path) -> tuple[int, bytes] | None:
         img = Image.fromarray(pil_rgb(img)[0].numpy())
     gray = img.convert("L")
     phash = int(str(imagehash.phash(gray)), 16)
-    thumb = np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8)
-    return phash, thumb.tobytes()
+    return phash, np.asarray(gray.resize((THUMB, THUMB), Image.BILINEAR), dtype=np.uint8).tobytes()
 
 
 def signatures(root: Path, samples: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
@@ -114,10 +113,9 @@ def group_report(samples: pd.DataFrame, top: int = 5) -> dict[str, Any]:
     """Counts of a samples table with a `group` column, for printing and study.json."""
     sizes = samples.groupby("group").size().sort_values(ascending=False)
     multi = sizes[sizes > 1]
-    labels = samples.groupby("group")["label"].nunique()
     return {"images": int(len(samples)), "groups": int(len(sizes)), "singletons": int((sizes == 1).sum()),
             "multi_image_groups": int(len(multi)), "images_in_multi_groups": int(multi.sum()),
-            "cross_class_groups": int((labels > 1).sum()),
+            "cross_class_groups": int((samples.groupby("group")["label"].nunique() > 1).sum()),
             "largest_groups": [{"group": g, "size": int(s), "paths": samples.loc[samples["group"] == g, "path"].head(5).tolist()}
                                for g, s in multi.head(top).items()]}
 

@@ -11,7 +11,7 @@ import fcntl
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,15 +73,10 @@ def errors_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:
         [c for c in PREDICTION_COLUMNS if c in wrong]].reset_index(drop=True)
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 # mkstemp/mkdtemp create 0600/0700 for privacy while being written; the renamed result gets
-# the permissions an ordinary open()/mkdir() would have given it
-_UMASK = _umask()
+# the permissions an ordinary open()/mkdir() would have given it (the umask is read by setting it)
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
 
 
@@ -200,28 +195,22 @@ def claim_folder(out: Path, flag: str = "--out") -> Iterator[None]:
             os.close(fd)
             raise ConfigError(f"{flag} {out} is being written by another run ({holder}); wait for it to finish, or "
                               f"pass another {flag}") from None
-        try:  # the file may have been removed by the run that held it just before we locked it
+        with suppress(FileNotFoundError):  # removed by the run that held it just before we locked it
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 break
-        except FileNotFoundError:
-            pass
         os.close(fd)
     os.ftruncate(fd, 0)
     os.write(fd, f"pid {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
     try:
         yield
     finally:
-        try:
+        with suppress(FileNotFoundError):
             if os.stat(lock).st_ino == os.fstat(fd).st_ino:
                 os.unlink(lock)
-        except FileNotFoundError:
-            pass
         os.close(fd)
         if created:
-            try:
+            with suppress(OSError):
                 out.rmdir()  # only if empty: a run that failed before writing leaves no folder
-            except OSError:
-                pass
 
 
 def write_parquet(df: pd.DataFrame, path: str | Path) -> Path:
@@ -300,7 +289,6 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
     test = result.test
     predictions = pd.concat([test["predictions"], *(m["predictions"] for m in result.held_out.values()),
                              *(m["predictions"] for m in result.external.values())], ignore_index=True)
-    errors = errors_from_predictions(predictions)
     # temperature fitted on val, judged on test: the predicted class is unchanged, only confidence
     # of the model saved: its zero-shot val predictions, when selection scored val adapted
     val_preds = (getattr(result, "val_zero_shot", None) or result.val)["predictions"]
@@ -315,22 +303,18 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
         "val_accuracy": result.val["accuracy"], "n_val": result.val["n"], "val_loss": result.val["loss"],
         **({"val_adapted_to": cfg.adapt_to} if getattr(result, "val_zero_shot", None) else {}),
         "reliability": reliability_table(test_preds["true_label"], test_preds["prob_crack"]).to_dict("records"),
-        "temperature": temperature,
-        "ece_calibrated": expected_calibration_error(test_preds["true_label"], calibrated),
+        "temperature": temperature, "ece_calibrated": expected_calibration_error(test_preds["true_label"], calibrated),
         "reliability_calibrated": reliability_table(test_preds["true_label"], calibrated).to_dict("records"),
         "selection": cfg.selection(), "per_source": per_source_metrics(result, cfg),
         "external": {name: set_metrics(m, **adapted_block(result, name)) for name, m in result.external.items()},
         "split_strategy": cfg.split_strategy, "data_kind": data.source.get("kind"),
         "weights": result.weights.to_dict(), "device": result.device, "train_precision": result.precision,
-        "train_seconds": result.seconds,
-        **({"shift": result.shift} if getattr(result, "shift", None) else {}),
-        "epochs": len(result.history), "image_size": cfg.image_size,
+        "train_seconds": result.seconds, **({"shift": result.shift} if getattr(result, "shift", None) else {}),
+        "epochs": len(result.history), "image_size": cfg.image_size, **(extra_metrics or {}),
     }
-    metrics.update(extra_metrics or {})
-    out.mkdir(parents=True, exist_ok=True)
     write_parquet(result.history, out / FINAL_HISTORY)
     write_parquet(predictions, out / PREDICTIONS)
-    write_parquet(errors, out / ERRORS)
+    write_parquet(errors_from_predictions(predictions), out / ERRORS)
     write_parquet(data.split_table(), out / SPLIT)
     save_torch({**model_payload(result, cfg), "temperature": temperature}, out / MODEL)
     kill_point("outputs")

@@ -92,8 +92,7 @@ def predict_photo(model: Classifier, meta: dict[str, Any], path: Path, tile: int
     probs = []
     for start in range(0, len(boxes), batch_size):
         crops = [photo[:, y:y + tile, x:x + tile] for x, y in boxes[start:start + batch_size]]
-        batch = TF.resize(torch.stack(crops), [meta["image_size"]] * 2, antialias=True)
-        probs.append(model.prob_crack(batch))
+        probs.append(model.prob_crack(TF.resize(torch.stack(crops), [meta["image_size"]] * 2, antialias=True)))
     tiles = pd.DataFrame([{"photo": str(path), "x": x, "y": y, "w": tile, "h": tile} for x, y in boxes])
     return tiles.assign(prob_crack=np.concatenate(probs)), photo
 
@@ -188,9 +187,8 @@ def run_shifts(model: Classifier, meta: dict[str, Any], files: list[Path], label
         print(f"warning: --shifts scores the {len(labelled)} labelled image(s); {len(files) - len(labelled)} without "
               "a class folder are left out", file=sys.stderr)
     y = np.array([labels[f] for f in labelled])
-    keep = capped_rows(y, max_images, seed=0)
     imgs, ok = [], []
-    for i in keep:
+    for i in capped_rows(y, max_images, seed=0):
         try:
             imgs.append(decode_file(labelled[i], meta["image_size"]))
             ok.append(i)
@@ -324,13 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     patches, photos, failed = sort_inputs(files, a.tile)
     print(f"model {a.model} ({meta['image_size']} px, temperature {temperature_of(meta):.2f}, "
           f"{describe_threshold(meta)}, {meta['device']}): {len(patches)} patch(es), {len(photos)} photo(s)")
-    processed = 0
-    if patches:
-        done, bad = write_patches(model, meta, patches, labels, a)
-        processed, failed = processed + done, failed + bad
-    if photos:
-        done, bad = write_photos(model, meta, photos, stride, a)
-        processed, failed = processed + done, failed + bad
+    done_patches, bad_patches = write_patches(model, meta, patches, labels, a)  # no patches: nothing written
+    done_photos, bad_photos = write_photos(model, meta, photos, stride, a)  # no photos: nothing written
+    processed, failed = done_patches + done_photos, failed + bad_patches + bad_photos
     for f, why in failed:
         print(f"skipped unreadable image {f}: {why}", file=sys.stderr)
     if failed:

@@ -79,8 +79,7 @@ class Study:
         each: set, pick_accuracy, reference_accuracy, lift = pick - reference, its paired 95 % CI
         ci95_low..ci95_high, n); empty when no reference was retrained (--no-reference, or the
         pick is the reference: final_metrics.json "reference" says which)."""
-        lift = self.final_metrics.get("lift") or {}
-        return pd.DataFrame([{"set": name, **v} for name, v in lift.items()])
+        return pd.DataFrame([{"set": name, **v} for name, v in (self.final_metrics.get("lift") or {}).items()])
 
     @property
     def fidelity(self) -> pd.DataFrame:
@@ -171,11 +170,10 @@ def journal_trials(study: Study) -> pd.DataFrame:
     """The trials table as far as the Optuna journal knows it (params, state, epochs, best
     value); trials.parquet is only written once the search has ended."""
     optuna_study = load_optuna_study(study)
-    rows = [{"trial_id": f"optuna-{t.number}", **t.params, "status": t.state.name,
-             "epochs": len(t.intermediate_values),
-             "best_val_acc": max(t.intermediate_values.values(), default=float("nan"))}
-            for t in (optuna_study.trials if optuna_study else [])]
-    return pd.DataFrame(rows)
+    return pd.DataFrame([{"trial_id": f"optuna-{t.number}", **t.params, "status": t.state.name,
+                          "epochs": len(t.intermediate_values),
+                          "best_val_acc": max(t.intermediate_values.values(), default=float("nan"))}
+                         for t in (optuna_study.trials if optuna_study else [])])
 
 
 def load_optuna_study(study: Study) -> Any:

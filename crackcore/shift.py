@@ -72,11 +72,6 @@ def scaled(px: float, size: int) -> float:
     return px * size / REFERENCE_SIZE
 
 
-def _odd(n: float) -> int:
-    n = max(1, int(round(n)))
-    return n if n % 2 else n + 1
-
-
 def reflect_pad_to(x: torch.Tensor, size: int, left: int | None = None, top: int | None = None) -> torch.Tensor:
     """Reflect-pad a [...,h,w] tensor to size x size (the smaller image at (left, top), default
     centred). Reflection cannot reach further than the image is wide, so a small image is padded
@@ -145,15 +140,13 @@ def apply_shift(x: torch.Tensor, name: str, severity: int, seed: int = 0) -> tor
     level = SHIFTS[name].levels[severity - 1]
     size = x.shape[-1]
     if name == "scale_down":
-        small = TF.resize(x, [max(1, round(size * level))] * 2, antialias=True)
-        return reflect_pad_to(small, size)
+        return reflect_pad_to(TF.resize(x, [max(1, round(size * level))] * 2, antialias=True), size)
     if name == "gaussian_blur":
         sigma = scaled(level, size)
         return TF.gaussian_blur(x, [2 * math.ceil(3 * sigma) + 1] * 2, [sigma, sigma])
     if name == "motion_blur":
-        length = _odd(scaled(level, size))
-        g = torch.Generator().manual_seed(_seed(seed, name))
-        angles = torch.rand(len(x), generator=g) * math.pi
+        length = max(1, round(scaled(level, size))) | 1  # odd: the kernel has a centre pixel
+        angles = torch.rand(len(x), generator=torch.Generator().manual_seed(_seed(seed, name))) * math.pi
         return to_uint8(per_sample_conv(x.float(), line_kernels(torch.full((len(x),), length), angles, length)))
     if name == "jpeg":  # torchvision encodes and decodes JPEG on the CPU
         return TF.jpeg(x.cpu(), int(level)).to(x.device)

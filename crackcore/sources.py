@@ -37,8 +37,7 @@ def _subdirs(folder: Path) -> list[Path]:
 
 
 def _listing(names: list[str]) -> str:
-    more = f", ... ({len(names) - 10} more)" if len(names) > 10 else ""
-    return ", ".join(names[:10]) + more if names else "none"
+    return ", ".join(names[:10]) + (f", ... ({len(names) - 10} more)" if len(names) > 10 else "") if names else "none"
 
 
 def _class_folders(root: Path) -> list[tuple[int, Path]]:
@@ -110,15 +109,11 @@ def check_root(root: str | Path) -> Path:
 def discover(root: str | Path) -> tuple[pd.DataFrame, dict[str, Any]]:
     """List the images (JPEG/PNG/... files or saved `.pt` tensors) under the class folders of `root`:
     one row per file (path relative to root, label 1 = crack, bytes), and counts of what was
-    skipped (non-image files; names that are not UTF-8, one warning line). Class folders (any case), directly under root or else one level down:
-    Positive/Negative; crack/no_crack, nocrack, no-crack; cracked/uncracked; SDNET2018 CD, CW, CP
-    (crack) / UD, UW, UP (no crack), flat or as D/CD, W/UW, ... Raises DataError for a missing root,
-    no recognised class folder, a missing class, or an empty class folder."""
+    skipped (non-image files; names that are not UTF-8, one warning line). Class folders: LAYOUTS,
+    in any case. Raises DataError for a missing root, no recognised class folder, a missing class,
+    or an empty class folder."""
     root = _existing_folder(root)
-    rows: list[tuple[str, int, int]] = []
-    skipped_non_image: list[str] = []
-    bad_names: list[Path] = []
-    empty: list[Path] = []
+    rows, skipped_non_image, bad_names, empty = [], [], [], []
     for label, class_dir in _class_folders(root):
         found = 0
         for p in sorted(class_dir.rglob("*")):

@@ -88,8 +88,7 @@ def make_image(rng: np.random.Generator, size: int, crack: bool) -> Image.Image:
     mask = mask.filter(ImageFilter.GaussianBlur(radius=0.6 * size / 227))
     img = img - np.asarray(mask, dtype=np.float32)
     tint = rng.uniform(0.97, 1.03, 3)  # slight colour cast, like real lighting
-    rgb = np.clip(img[..., None] * tint[None, None, :], 0, 255).astype(np.uint8)
-    return Image.fromarray(rgb, "RGB")
+    return Image.fromarray(np.clip(img[..., None] * tint[None, None, :], 0, 255).astype(np.uint8), "RGB")
 
 
 def make_synthetic_dataset(root: Path, n_per_class: int = 400, image_size: int = 227, seed: int = 0) -> Path:

@@ -120,8 +120,7 @@ def evaluate(model: nn.Module, loader: BatchLoader, data: PreparedData, *, chann
     losses, probs, margins, labels, rows = [], [], [], [], []
     start = time.perf_counter()
     for x_u8, y, idx in loader:
-        x = model_inputs(x_u8, channels_last=channels_last)
-        logits = model(x).float()
+        logits = model(model_inputs(x_u8, channels_last=channels_last)).float()
         losses.append(nn.functional.cross_entropy(logits, y, reduction="none"))
         probs.append(torch.softmax(logits, 1)[:, 1])
         margins.append(logits[:, 1] - logits[:, 0])  # exact where the probability saturates (calibration)
@@ -237,8 +236,6 @@ class FitResult:
 
 
 EpochCallback = Callable[[dict[str, Any], Callable[[], dict[str, Any]]], None]
-
-
 Weights = tuple[WeightsInfo, "dict[str, torch.Tensor] | None"]  # resolved, and loaded (None: random init)
 
 
@@ -340,18 +337,16 @@ def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None,
                     for name in cfg.external}
         if cfg.adapt_to is not None:  # every held-out source and --eval set, each adapted to its own images
             sets = {cfg.val_source: "val", cfg.test_source: "test", **{name: "external" for name in cfg.external}}
+            sets.pop(None, None)  # no val or test source
             for name, split in sets.items():
-                if name is None:
-                    continue
                 if name == cfg.val_source and adapt_val:
                     adapted[name] = val  # the last epoch's adapted val score
                     continue
                 adapted[name], adaptation[name] = adapted_evaluation(model, data, split, name, loader(split, [name]),
                                                                      cfg, channels_last=channels_last)
             for name, split in sets.items():
-                if name is not None:
-                    adaptation[name]["gain"] = adaptation_gain(adapted[name], {**held_out, **external}[name], data,
-                                                               data.indices(split, [name]), cfg.seed)
+                adaptation[name]["gain"] = adaptation_gain(adapted[name], {**held_out, **external}[name], data,
+                                                           data.indices(split, [name]), cfg.seed)
             if log:
                 log(f"adapted ({cfg.adapt_method}{' + EM prior' if cfg.adapt_prior else ''}): " + ", ".join(
                     f"{name} {format_accuracy(m['accuracy'], m['n'], m['ci95_low'], m['ci95_high'])} (zero-shot "

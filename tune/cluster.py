@@ -107,8 +107,7 @@ def fit_remote(data_ref: Any, cfgs: list[TrainConfig], backbone_ref: Any, num_cp
     def _fit(refs: list, cfg: TrainConfig) -> Any:
         data, weights = ray.get(refs)
         with bars(bar):
-            result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test,
-                         weights=weights,
+            result = fit(within_resources(cfg, num_cpus, num_gpus), data, evaluate_test=evaluate_test, weights=weights,
                          on_epoch=lambda row, _: kill_point(f"{label}:epoch{row['epoch']}"),
                          log=lambda s: print(f"[{label} seed {cfg.seed}] {s}", flush=True),
                          progress=evaluate_test)  # the retrains that run one at a time, not the parallel repeats

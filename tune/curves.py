@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import ray
+from ray import tune
 
 from crackcore.config import StudyConfig, TrainConfig, apply_overrides, load_study_config
 from crackcore.flags import add_flags, flag_values
@@ -67,8 +68,7 @@ def settings_grid(cfg: StudyConfig, n: int, depths: list[int], seed: int) -> lis
     grid = [{"lr": float(f"{lr:.6g}"), "freeze_depth": d, "augment_policy": p} for lr in lrs for d in depths
             for p in policies]
     if len(grid) > n:
-        keep = np.sort(np.random.default_rng(seed).choice(len(grid), n, replace=False))
-        grid = [grid[i] for i in keep]
+        grid = [grid[i] for i in np.sort(np.random.default_rng(seed).choice(len(grid), n, replace=False))]
     return grid
 
 
@@ -108,8 +108,7 @@ def curves_table(results: Any, data: Any, cfg: StudyConfig) -> pd.DataFrame:
             row["val_loss"] = row["val_loss_domain"]
         frames.append(row)
     table = pd.concat(frames, ignore_index=True)
-    keys = table[PARAMS].astype(str).agg("|".join, axis=1)
-    table.insert(0, "setting", pd.factorize(keys)[0])
+    table.insert(0, "setting", pd.factorize(table[PARAMS].astype(str).agg("|".join, axis=1))[0])
     extra = sorted(c for c in table.columns if c.startswith(("val_acc_", "val_loss_")) and c != "val_loss_domain")
     cols = [*CURVE_COLUMNS, *extra, "train_loss", "train_acc", *(["diverged"] if "diverged" in table else [])]
     return table[cols].sort_values(["setting", "epoch"]).reset_index(drop=True)
@@ -130,16 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     a.num_samples = a.num_settings
     study_config(a, False).train.check_sources()  # bad flags fail before Ray starts
     resources = connect_ray(a.address)
-    cfg = study_config(a, resources.get("GPU", 0) > 0)
-    cfg = apply_overrides(cfg, {"space.freeze_depths": depths})
+    cfg = apply_overrides(study_config(a, resources.get("GPU", 0) > 0), {"space.freeze_depths": depths})
     grid = settings_grid(cfg, a.num_settings, depths, a.seed)
     data = prepare_data(cfg.train)
     weights = resolve_weights(cfg.train.weights)
     slots = trial_slots(cfg, resources)
     print(f"{len(grid)} settings x {cfg.max_epochs} epochs, {slots} at once; data {data.counts()}; "
           f"weights: {weights.describe()}", flush=True)
-    from ray import tune
-
     trainable = tune.with_resources(
         tune.with_parameters(curve_trial, data_ref=[put_data(data)], train=cfg.train,
                              backbone_ref=[ray.put((weights, load_backbone(weights)))], max_epochs=cfg.max_epochs,
@@ -161,8 +157,7 @@ def main(argv: list[str] | None = None) -> int:
                            run_config=tune.RunConfig(name=a.name, storage_path=storage, verbose=1,
                                                      checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                                      callbacks=[DropFinishedCheckpoints()]))
-    results = tuner.fit()
-    table = curves_table(results, data, cfg)
+    table = curves_table(tuner.fit(), data, cfg)
     recipe = {"command": shlex.join([sys.executable, "-m", "tune.curves", *(argv or sys.argv[1:])]),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "settings": len(grid),
               "max_epochs": cfg.max_epochs, "grid": grid, "freeze_depths": depths,

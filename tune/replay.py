@@ -75,10 +75,9 @@ class Curves:
                               "needs every epoch (finish the recording with python -m tune.curves --resume)")
         if table[[objective, "seconds"]].isna().any().any():
             raise ReplayError(f"{where}: {objective} or seconds has missing values; record the table again")
-        params = table[keys].drop_duplicates().reset_index(drop=True)
-        n = len(params)
-        return cls(params, table[objective].to_numpy(float).reshape(n, epochs),
-                   table["seconds"].to_numpy(float).reshape(n, epochs))
+        params = table[keys].drop_duplicates().reset_index(drop=True)  # one row per setting and epoch, checked above
+        return cls(params, table[objective].to_numpy(float).reshape(-1, epochs),
+                   table["seconds"].to_numpy(float).reshape(-1, epochs))
 
     @property
     def epochs(self) -> int:
@@ -176,8 +175,7 @@ def study_config(curves: Curves, searcher: str, scheduler: str, repeat: int, arg
 def iqm_ci(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Interquartile mean over axis 0 (the repeats) and its percentile-bootstrap 95 % CI."""
     iqm = trim_mean(x, 0.25, axis=0)
-    idx = rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))
-    boot = trim_mean(x[idx], 0.25, axis=1)
+    boot = trim_mean(x[rng.integers(0, len(x), size=(BOOTSTRAP, len(x)))], 0.25, axis=1)
     return iqm, *np.percentile(boot, [2.5, 97.5], axis=0)
 
 
@@ -210,8 +208,7 @@ def summarise(runs: pd.DataFrame, anytime_scores: dict[tuple[str, str], np.ndarr
     reach = []
     for (searcher, scheduler), group in runs.groupby(["searcher", "scheduler"], sort=False):
         epochs = np.array([epochs_to_reach(anytime_scores[searcher, scheduler][i], target) for i in range(len(group))])
-        fraction = epochs / full
-        med, low, high = median_ci(fraction, rng)
+        med, low, high = median_ci(epochs / full, rng)
         final, f_low, f_high = (float(v[0]) for v in iqm_ci(group["final"].to_numpy()[:, None], rng))
         reach.append({"searcher": searcher, "scheduler": scheduler, "repeats": len(group), "target": target,
                       "reached": float(np.isfinite(epochs).mean()), "median_epochs": med * full,
@@ -223,7 +220,7 @@ def summarise(runs: pd.DataFrame, anytime_scores: dict[tuple[str, str], np.ndarr
     return anytime, pd.DataFrame(reach)
 
 
-def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, title: str) -> None:
+def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, recipe: dict[str, Any]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -237,7 +234,8 @@ def draw(anytime: pd.DataFrame, reach: pd.DataFrame, path: Path, title: str) -> 
                         color="k" if ref else colours[k % 20])
         ax.fill_between(g["epochs"], g["ci95_low"], g["ci95_high"], color=line.get_color(), alpha=0.08)
     ax.axhline(reach["target"].iloc[0], color="k", ls=":", lw=1, label="target (default: random+fifo final, median)")
-    ax.set(xlabel="cumulative epochs", ylabel="incumbent score (IQM, 95 % CI)", title=title)
+    ax.set(xlabel="cumulative epochs", ylabel="incumbent score (IQM, 95 % CI)", title=f"{recipe['objective']}: "
+           f"{recipe['num_samples']} trials, {recipe['workers']} workers, {recipe['repeats']} repeats")
     ax.legend(fontsize=7, ncol=2)
     r = reach.assign(label=reach["searcher"] + "+" + reach["scheduler"]).sort_values("median_fraction")
     finite = r["median_fraction"].replace(math.inf, np.nan)
@@ -347,8 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                     "reduction_factor": a.reduction_factor, "reference": "+".join(REFERENCE),
                     "target": float(reach["target"].iloc[0]),
                     "wall_seconds": round(time.time() - t0, 1), "argv": argv or sys.argv[1:]}, d / "replay.json")
-        draw(anytime, reach, d / "replay.png", f"{a.objective}: {a.num_samples} trials, {a.workers} workers, "
-             f"{a.repeats} repeats")
+        draw(anytime, reach, d / "replay.png", vars(a))
 
     write_folder(a.out, fill)
     cols = ["searcher", "scheduler", "reached", "median_epochs", "median_fraction", "fraction_ci95_low",

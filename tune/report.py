@@ -48,6 +48,14 @@ def _save(fig: plt.Figure, path: Path) -> None:
     plt.close(fig)
 
 
+def _axes(ax: plt.Axes, grid: str = "both", epochs: bool = False, **labels: Any) -> None:
+    """ax.set(**labels) and the report's light grid; an epoch axis ticks whole numbers."""
+    if epochs:
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set(**labels)
+    ax.grid(alpha=0.3, axis=grid)
+
+
 def fig_learning_curves(s: Study, path: Path) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     status = s.trials.set_index("trial_id")["status"].to_dict()
@@ -57,9 +65,7 @@ def fig_learning_curves(s: Study, path: Path) -> str:
         for ax, col in zip(axes, ("val_acc", "val_loss")):
             ax.plot(h["epoch"], h[col], marker=".", **style)
     for ax, label in zip(axes, ("validation accuracy (fraction)", "validation loss (cross-entropy)")):
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set(xlabel="epoch", ylabel=label)
-        ax.grid(alpha=0.3)
+        _axes(ax, epochs=True, xlabel="epoch", ylabel=label)
     axes[1].set_yscale("log")
     handles = [plt.Line2D([], [], color="C0" if k == "COMPLETE" else v.get("color"), ls=v["ls"], label=k.lower())
                for k, v in STATUS_STYLE.items() if k in set(status.values())]
@@ -76,11 +82,10 @@ def fig_lr_vs_acc(s: Study, path: Path) -> str:
     for policy, g in t.groupby("augment_policy"):
         ax.scatter(g["lr"], g["best_val_acc"], c=g["freeze_depth"], cmap="plasma", norm=norm, s=60,
                         marker=MARKERS.get(policy, "o"), edgecolor="k", label=policy)
-    ax.set(xscale="log", xlabel="learning rate (log scale)", ylabel="best validation accuracy (fraction)",
-           title="Learning rate vs best validation accuracy")
+    _axes(ax, xscale="log", xlabel="learning rate (log scale)", ylabel="best validation accuracy (fraction)",
+          title="Learning rate vs best validation accuracy")
     ax.legend(title="augmentation", fontsize=8)
     fig.colorbar(plt.cm.ScalarMappable(norm=norm, cmap="plasma"), ax=ax, label="freeze depth (0 = all trainable)")
-    ax.grid(alpha=0.3)
     _save(fig, path)
     return "Each point is a trial; colour is the freezing depth and the marker the augmentation policy."
 
@@ -94,8 +99,7 @@ def fig_by_category(s: Study, path: Path) -> str:
         for i, g in enumerate(groups, start=1):
             y = t.loc[t[col] == g, "best_val_acc"]
             ax.scatter(np.full(len(y), i) + np.random.default_rng(i).uniform(-0.12, 0.12, len(y)), y, s=18, alpha=0.7)
-        ax.set(xlabel=title, title=f"best validation accuracy by {title}")
-        ax.grid(alpha=0.3, axis="y")
+        _axes(ax, "y", xlabel=title, title=f"best validation accuracy by {title}")
     axes[0].set_ylabel("best validation accuracy (fraction)")
     _save(fig, path)
     return "Boxes summarise the trials of each setting; dots are the trials themselves."
@@ -118,13 +122,11 @@ def fig_importance(s: Study, path: Path) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     names = list(importance)[::-1]
     ax.barh(names, [importance[n] for n in names], color="C2")
-    ax.set(xlabel="importance (fANOVA share of val-accuracy variance)",
-           title="Hyperparameter importance (completed trials)")
-    ax.grid(alpha=0.3, axis="x")
+    _axes(ax, "x", xlabel="importance (fANOVA share of val-accuracy variance)",
+          title="Hyperparameter importance (completed trials)")
     _save(fig, path)
-    ranking = ", ".join(f"{name} {share:.2f}" for name, share in importance.items())
     return ("Longer bars: that setting explains more of the differences in validation accuracy between completed "
-            f"trials. Ranking: {ranking}.")
+            f"trials. Ranking: {', '.join(f'{name} {share:.2f}' for name, share in importance.items())}.")
 
 
 def fig_final_history(s: Study, path: Path) -> str:
@@ -134,10 +136,8 @@ def fig_final_history(s: Study, path: Path) -> str:
                                           ("train_acc", "val_acc", "accuracy (fraction)"))):
         ax.plot(h["epoch"], h[tr], marker="o", label="train")
         ax.plot(h["epoch"], h[va], marker="o", label="validation")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set(xlabel="epoch", ylabel=label)
+        _axes(ax, epochs=True, xlabel="epoch", ylabel=label)
         ax.legend()
-        ax.grid(alpha=0.3)
     fig.suptitle("Final retrain of the best configuration")
     _save(fig, path)
     return "Train and validation curves of the retrained best configuration; a widening gap would mean over-fitting."
@@ -158,9 +158,8 @@ def fig_confusion_roc(s: Study, path: Path) -> str:
     fpr, tpr = roc_curve(y == 1, prob)  # tied (saturated) probabilities are one step
     a2.plot(fpr, tpr, label=f"ROC-AUC {s.final_metrics.get('roc_auc', float('nan')):.4f}")
     a2.plot([0, 1], [0, 1], ls="--", color="0.6", label="chance")
-    a2.set(xlabel="false positive rate", ylabel="true positive rate (recall)", title="ROC curve (test split)")
+    _axes(a2, xlabel="false positive rate", ylabel="true positive rate (recall)", title="ROC curve (test split)")
     a2.legend(loc="lower right")
-    a2.grid(alpha=0.3)
     _save(fig, path)
     return "Left: counts of test images by true and predicted class. Right: the trade-off of recall against false alarms."
 
@@ -198,10 +197,9 @@ def fig_per_set(s: Study, path: Path) -> str:
     y = np.arange(len(t))[::-1]
     ax.errorbar(t["accuracy"], y, xerr=[t["accuracy"] - t["ci95_low"], t["ci95_high"] - t["accuracy"]], fmt="o",
                 capsize=4)
-    ax.set(yticks=y, yticklabels=labels, xlim=(0, 1), xlabel="accuracy with Wilson 95 % interval",
-           title="Final model on each evaluated set")
+    _axes(ax, "x", yticks=y, yticklabels=labels, xlim=(0, 1), xlabel="accuracy with Wilson 95 % interval",
+          title="Final model on each evaluated set")
     ax.axvline(0.5, ls="--", color="0.6")
-    ax.grid(alpha=0.3, axis="x")
     _save(fig, path)
     return ("Accuracy of the final model on the in-domain test split, each held-out source and each external set "
             "(leave-one-out rows: the same setting retrained without that source); bars are 95 % intervals.")
@@ -220,9 +218,8 @@ def fig_shift_heatmap(s: Study, path: Path) -> str:
     im = ax.imshow(grid.to_numpy(float), cmap="RdYlGn", vmin=0.5, vmax=1.0, aspect="auto")
     for i, shift in enumerate(grid.index):
         for j, col in enumerate(grid.columns):
-            v = grid.iat[i, j]
             ci = "" if col == "0" else f"\n{100 * low.at[shift, col]:.0f}-{100 * high.at[shift, col]:.0f}"
-            ax.text(j, i, f"{100 * v:.1f}{ci}", ha="center", va="center", fontsize=7)
+            ax.text(j, i, f"{100 * grid.iat[i, j]:.1f}{ci}", ha="center", va="center", fontsize=7)
     ax.set(xticks=range(len(grid.columns)), xticklabels=["0 (clean)", *map(str, acc.columns)], yticks=range(len(grid)),
            yticklabels=grid.index, xlabel="severity", title=f"Test accuracy under shifts (n={int(cells['n'].iloc[0])} per cell)")
     fig.colorbar(im, ax=ax, label="accuracy (fraction); 0.5 = chance")
@@ -298,9 +295,7 @@ def resources_table(resources: dict[str, float], nodes: int | None = None) -> pd
     (`node:<ip>`) counted as nodes rather than listed."""
     rows = [("nodes", str(nodes if nodes is not None else sum(k.startswith("node:") and "internal" not in k
                                                               for k in resources)))]
-    for key, value in sorted(resources.items()):
-        if key.startswith("node:"):
-            continue
+    for key, value in sorted((k, v) for k, v in resources.items() if not k.startswith("node:")):
         name = key.replace("_", " ")
         rows.append((f"{name} (GiB)" if "memory" in key else name,
                      f"{value / 2 ** 30:.1f}" if "memory" in key else f"{value:g}"))
@@ -313,10 +308,9 @@ def _params(params: dict[str, Any] | None) -> str:
 
 def _data_root(src: dict[str, Any]) -> str:
     root = src.get("root", "?")
-    roots = root if isinstance(root, dict) else {None: root}
     return ", ".join(f"{_text(name) + ' ' if name else ''}{_code(r)}" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
                                                               if r == str(EMBEDDED_SAMPLE) else "")
-                     for name, r in roots.items())
+                     for name, r in (root if isinstance(root, dict) else {None: root}).items())
 
 
 def calibration_section(s: Study) -> list[str]:
@@ -349,8 +343,7 @@ def replay_section(replay: Path, out: Path) -> list[str]:
     anytime, reach = pd.read_parquet(replay / "anytime.parquet"), pd.read_parquet(replay / "reach.parquet")
     recipe = json.loads((replay / "replay.json").read_text())
     name = f"replay_{recipe['objective']}.png"
-    draw(anytime, reach, out / name, f"{recipe['objective']}: {recipe['num_samples']} trials, {recipe['workers']} workers, "
-         f"{recipe['repeats']} repeats")
+    draw(anytime, reach, out / name, recipe)
     table = reach.sort_values("median_fraction")[["searcher", "scheduler", "reached", "median_epochs", "median_fraction",
                                                   "fraction_ci95_low", "fraction_ci95_high", "final_iqm"]]
     return [f"## Searchers and schedulers replayed on {recipe['curves']} ({recipe['objective']})", "",
@@ -409,12 +402,11 @@ def fidelity_section(s: Study) -> list[str]:
     f = s.fidelity
     if not len(f):
         return []
-    table = f.assign(spearman=f["spearman"].map(lambda v: "n/a (n < 3)" if pd.isna(v) else f"{v:.2f}"))
     return ["## How well the early rungs predicted the end", "",
             "Spearman's rank correlation between the trials' ranking at each rung (by the study metric, what ASHA "
             "stops on) and their ranking by the choice rule at the last epoch, over the n trials that ran all epochs. "
             "A low value says the rung judges how fast a setting starts, not where it ends: raise grace_period.", "",
-            _table(table), ""]
+            _table(f.assign(spearman=f["spearman"].map(lambda v: "n/a (n < 3)" if pd.isna(v) else f"{v:.2f}"))), ""]
 
 
 def summary_section(s: Study) -> tuple[list[str], list[str]]:

@@ -3,10 +3,9 @@
 The tuning study, top to bottom: read the experiment file and flags into a StudyConfig,
 connect to (or start) Ray, decode the data once and ship it through the object store, run
 trials with Ray Tune (an Optuna sampler proposes, a Ray scheduler stops early; TPE + ASHA by
-default), then retrain the best configuration from scratch,
-evaluate it on the held-out test split and write every output under results/<study>/.
-`main` tells it in stages: open (or resume) the study, load its inputs, search, choose,
-retrain, write.
+default), then retrain the best configuration from scratch, evaluate it on the held-out test
+split and write every output under results/<study>/. `main` tells it in stages: open (or
+resume) the study, load its inputs, search, choose, retrain, write.
 """
 from __future__ import annotations
 
@@ -25,12 +24,12 @@ import optuna
 import numpy as np
 import pandas as pd
 import ray
+from ray import tune
 from ray.tune.error import TuneError
 
 from crackcore import faults
-from crackcore.config import (StudyConfig, TrainConfig, TrialParams, apply_overrides, config_json,
-                              leave_one_out,
-                              load_study_config, trial_config)
+from crackcore.config import (SEARCH_KEYS as SEARCH_COLUMNS, StudyConfig, TrainConfig, TrialParams, apply_overrides,
+                              config_json, leave_one_out, load_study_config, trial_config)
 from crackcore.data import PreparedData, prepare_data
 from crackcore.exceptions import ConfigError, StorageError, StudyError, storage_error
 from crackcore.metrics import format_accuracy, wilson_interval
@@ -58,8 +57,6 @@ from tune.trials import (best_rule, collect_trials, earlier_trials, is_setting, 
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,
                slots: int) -> Any:
-    from ray import tune
-
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, data_ref=[data_ref], train=cfg.train, backbone_ref=[backbone_ref],
                              max_epochs=cfg.max_epochs, cpus=cfg.cpus_per_trial, gpus=cfg.gpus_per_trial,
@@ -346,9 +343,6 @@ def choose(run: StudyRun, trials: pd.DataFrame, params_of: dict[str, TrialParams
         "configs_repeated": n_configs, "tie_set": ranked_repeats.loc[ranked_repeats["tied"], "trial_id"].tolist()})
 
 
-SEARCH_COLUMNS = ("lr", "freeze_depth", "augment_policy", "weight_decay", "batch_size")
-
-
 def retrain_resources(cfg: StudyConfig, tasks: int) -> tuple[int, float]:
     """(CPUs, GPUs) of each of `tasks` retrains run side by side: final_resources, split so that
     all of them fit on the biggest node at once (the pick's and the reference's train in parallel)."""
@@ -405,10 +399,8 @@ def retrain(run: StudyRun, choice: Choice, params: TrialParams) -> tuple[Any, di
     extra: dict[str, Any] = {"best_trial_id": best["trial_id"], "reference": reference}
     if ref_result:
         [ref] = ref_result
-        groups = data.samples.set_index(["source", "path"])["group"]
-        extra["lift"] = lift_by_set(result, ref, groups, seed=cfg.seed)
-        reference.update(test=set_summary(ref.test), val={"accuracy": ref.val["accuracy"], "loss": ref.val["loss"],
-                                                          "n": ref.val["n"]},
+        extra["lift"] = lift_by_set(result, ref, data.samples.set_index(["source", "path"])["group"], seed=cfg.seed)
+        reference.update(test=set_summary(ref.test), val={k: ref.val[k] for k in ("accuracy", "loss", "n")},
                          sets={name: set_summary(m) for name, m in {**ref.held_out, **ref.external}.items()},
                          seconds=ref.seconds)
         write_parquet(pd.concat([p.assign(set=name) for name, p in evaluated_sets(ref).items()], ignore_index=True),
@@ -448,9 +440,8 @@ def lift_lines(metrics: dict[str, Any], tie_set: int) -> list[str]:
         lines.append(f"the pick is the reference setting {reference['params']}: no lift to measure (retrained once)")
     elif not reference.get("retrained"):
         lines.append("reference not retrained (--no-reference): the lift over it is not measured")
-    for name, lift in (metrics.get("lift") or {}).items():
-        lines.append(lift_line(name if name != TEST_SET else "test split (in-domain)", lift))
-    return lines
+    return lines + [lift_line(name if name != TEST_SET else "test split (in-domain)", lift)
+                    for name, lift in (metrics.get("lift") or {}).items()]
 
 
 def slot_use(trials: pd.DataFrame, history: pd.DataFrame, slots: int, search_seconds: float,

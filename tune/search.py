@@ -244,10 +244,9 @@ def fail_orphaned_trials(study_dir: Path, study_name: str) -> None:
     driver that was killed before its Ray trial started. Mark it FAIL (Optuna's convention
     for abandoned trials) so the study holds no phantom work."""
     study = optuna.load_study(study_name=study_name, storage=open_journal(study_dir, writer=True))
-    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     # private: optuna 5.0.0 Study._storage and FrozenTrial._trial_id (no public way to fail a trial
     # another process asked, with a note on it)
-    for t in orphans:
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study._storage.set_trial_user_attr(t._trial_id, "orphaned", "asked by an interrupted driver; never ran")
         study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
 

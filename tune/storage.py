@@ -14,6 +14,7 @@ import pickletools
 import sys
 import threading
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ import pyarrow.fs as pafs
 from ray import tune
 
 from crackcore.config import StudyConfig
-from crackcore.exceptions import StorageError, StudyError
+from crackcore.exceptions import StorageError, StudyError, storage_error
 from crackcore.faults import kill_point
 from crackcore.outputs import write_json
 from crackcore.studyfiles import JOURNAL, STATE_HASHES, STUDY_CONFIG
@@ -158,10 +159,8 @@ class CheckpointWatch:
 
     def _sample(self) -> None:
         while True:
-            try:
+            with suppress(OSError):  # a folder Ray deleted between scandir and stat: sample again
                 self.peak = max(self.peak or 0, checkpoint_bytes(self.experiment))
-            except OSError:  # a folder Ray deleted between scandir and stat: sample again
-                pass
             if self._stop.wait(self.every):
                 return
 
@@ -297,9 +296,8 @@ def set_damaged_state_aside(experiment: str) -> str:
 def state_hashes(experiment: str, staging: str | None = None) -> dict[str, str]:
     """SHA-256 of Ray's state files: tuner.pkl from the experiment, the snapshot's files from
     Ray's staging folder (`staging`, as written, before Ray uploads them) or the experiment."""
-    hashes = {}
-    for name in _state_files(experiment) if staging is None else ["tuner.pkl"]:
-        hashes[name] = hashlib.sha256(_read(experiment, name)).hexdigest()
+    hashes = {name: hashlib.sha256(_read(experiment, name)).hexdigest()
+              for name in (_state_files(experiment) if staging is None else ["tuner.pkl"])}
     if staging is not None:
         for f in sorted(Path(staging).iterdir()):
             if f.is_file() and f.name.startswith(STATE_FILES[1:]):
@@ -317,8 +315,7 @@ def changed_state(study_dir: Path, experiment: str) -> list[str]:
         known = json.loads(recorded.read_text())["sha256"]
     except (ValueError, KeyError, TypeError):
         return [f"{STATE_HASHES} unreadable"]
-    now = state_hashes(experiment)
-    return sorted(name for name, digest in now.items() if digest not in known.get(name, []))
+    return sorted(name for name, digest in state_hashes(experiment).items() if digest not in known.get(name, []))
 
 
 class StateHashes(tune.Callback):
@@ -355,6 +352,4 @@ class StateHashes(tune.Callback):
                         "refuses state that differs (it unpickles it), unless --trust-changed-state",
                         "sha256": known}, path)
         except OSError as exc:
-            from crackcore.exceptions import storage_error
-
             raise (storage_error(exc, path=exc.filename or path) or exc) from exc

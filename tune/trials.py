@@ -116,9 +116,7 @@ def journal_wins(trials: pd.DataFrame, params_of: dict[str, TrialParams], study_
     import optuna
 
     study = optuna.load_study(study_name=cfg.name, storage=open_journal(study_dir))
-    rows = {r["trial_id"]: r for r in trials.to_dict("records")}
-    for r in rows.values():
-        r["from_journal"] = False
+    rows = {r["trial_id"]: {**r, "from_journal": False} for r in trials.to_dict("records")}
     by_params = {tuple(sorted(p.to_dict().items())): tid for tid, p in params_of.items()}
     fixed = []
     for t in study.get_trials(deepcopy=False):
@@ -148,19 +146,14 @@ def journal_wins(trials: pd.DataFrame, params_of: dict[str, TrialParams], study_
         print(f"warning: Ray's result files of {len(fixed)} trial(s) disagree with the Optuna journal (torn or empty "
               f"after a full disk, or set aside with a damaged experiment state): trials.parquet takes their status, "
               f"epochs and {cfg.metric} from the journal ({', '.join(sorted(fixed))})", file=sys.stderr, flush=True)
-    table = pd.DataFrame(list(rows.values()))
-    return table.sort_values("trial_id").reset_index(drop=True), params_of
+    return pd.DataFrame(list(rows.values())).sort_values("trial_id").reset_index(drop=True), params_of
 
 
 def max_parallel(trials: pd.DataFrame) -> int:
     """Most trials running at the same moment, from their start/end times."""
     ok = trials.dropna(subset=["start_time", "end_time"])
-    events = sorted([(t, 1) for t in ok["start_time"]] + [(t, -1) for t in ok["end_time"]], key=lambda e: (e[0], e[1]))
-    running = best = 0
-    for _, step in events:
-        running += step
-        best = max(best, running)
-    return best
+    events = sorted([(t, 1) for t in ok["start_time"]] + [(t, -1) for t in ok["end_time"]])  # ends first at a tie
+    return int(np.cumsum([step for _, step in events]).max(initial=0))
 
 
 Z95 = 1.959963984540054
@@ -204,9 +197,7 @@ def is_setting(table: pd.DataFrame, params: dict[str, Any] | None) -> pd.Series:
     if not params:
         return pd.Series(False, index=table.index)
     same = pd.Series(True, index=table.index)
-    for key, value in params.items():
-        if key not in table:
-            continue
+    for key, value in ((k, v) for k, v in params.items() if k in table):
         same &= np.isclose(table[key].astype(float), float(value), rtol=1e-9, atol=0) if key == "lr" else table[key] == value
     return same
 
@@ -332,8 +323,7 @@ def rung_fidelity(trials: pd.DataFrame, history: pd.DataFrame, rungs: list[int],
     if not len(history) or "epoch" not in history:
         return pd.DataFrame(columns=["rung", "n", "spearman"])
     h = history[history["trial_id"].isin(done)]
-    last = h.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")
-    final = last[metric]
+    final = h.sort_values("epoch").groupby("trial_id").tail(1).set_index("trial_id")[metric]
     rows = []
     for rung in rungs:
         at = h[h["epoch"] == rung].set_index("trial_id")[metric]
