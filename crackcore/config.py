@@ -433,7 +433,9 @@ class StudyConfig:
 def apply_overrides(cfg: StudyConfig, overrides: dict[str, Any]) -> StudyConfig:
     """Return a copy with {"max_epochs": 3, "train.image_size": 64, ...} applied and re-validated."""
     values = cfg.to_dict()
-    for key, value in ((k, v) for k, v in overrides.items() if v is not None):
+    for key, value in overrides.items():
+        if value is None:
+            continue
         *parents, leaf = key.split(".")
         target = values
         for part in parents:

@@ -125,8 +125,9 @@ def fig_importance(s: Study, path: Path) -> str:
     _axes(ax, "x", xlabel="importance (fANOVA share of val-accuracy variance)",
           title="Hyperparameter importance (completed trials)")
     _save(fig, path)
+    ranking = ", ".join(f"{name} {share:.2f}" for name, share in importance.items())
     return ("Longer bars: that setting explains more of the differences in validation accuracy between completed "
-            f"trials. Ranking: {', '.join(f'{name} {share:.2f}' for name, share in importance.items())}.")
+            f"trials. Ranking: {ranking}.")
 
 
 def fig_final_history(s: Study, path: Path) -> str:
@@ -295,7 +296,9 @@ def resources_table(resources: dict[str, float], nodes: int | None = None) -> pd
     (`node:<ip>`) counted as nodes rather than listed."""
     rows = [("nodes", str(nodes if nodes is not None else sum(k.startswith("node:") and "internal" not in k
                                                               for k in resources)))]
-    for key, value in sorted((k, v) for k, v in resources.items() if not k.startswith("node:")):
+    for key, value in sorted(resources.items()):
+        if key.startswith("node:"):
+            continue
         name = key.replace("_", " ")
         rows.append((f"{name} (GiB)" if "memory" in key else name,
                      f"{value / 2 ** 30:.1f}" if "memory" in key else f"{value:g}"))
@@ -308,9 +311,10 @@ def _params(params: dict[str, Any] | None) -> str:
 
 def _data_root(src: dict[str, Any]) -> str:
     root = src.get("root", "?")
+    roots = root if isinstance(root, dict) else {None: root}
     return ", ".join(f"{_text(name) + ' ' if name else ''}{_code(r)}" + (f" (the embedded real sample, {EMBEDDED_CITATION})"
                                                               if r == str(EMBEDDED_SAMPLE) else "")
-                     for name, r in (root if isinstance(root, dict) else {None: root}).items())
+                     for name, r in roots.items())
 
 
 def calibration_section(s: Study) -> list[str]:

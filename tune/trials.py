@@ -37,7 +37,7 @@ def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.Dat
             per_source = sorted(c for c in hist if c.startswith("val_acc_"))  # when val holds several sources
             timing = [c for c in ("wall_time", "checkpoint_seconds", "checkpoint_bytes") if c in hist]
             shifted = [c for c in ("val_shift_acc", "val_shift_seconds") if c in hist]  # metric = "val_shift_acc"
-            n = [c for c in ("val_n",) if c in hist]  # the choice rule's standard errors
+            n = ["val_n"] if "val_n" in hist else []  # the choice rule's standard errors
             h = hist[["epoch", "train_loss", "train_acc", "val_loss", *n, "val_acc", "current_lr", "seconds", "train_img_s",
                       *per_source, *shifted, "node_id", "timestamp", *timing]].assign(trial_id=trial_id, **params)
             history.append(h)
@@ -160,7 +160,7 @@ Z95 = 1.959963984540054
 BEST_RULE = ("highest {figure} at the last epoch among trials that ran all max_epochs; if none did, among all trials "
              "that reported and did not diverge. Trials whose {figure} is within 1.96 standard errors of the "
              "difference from the leader's (each accuracy's SE over the n val images with one image added right and "
-             "one wrong, Agresti-Caffo, so 100 %% still has a spread; unpaired, so conservative) form the tie set, which "
+             "one wrong, Agresti-Caffo, so 100 % still has a spread; unpaired, so conservative) form the tie set, which "
              "the data cannot separate; inside it the reference setting is preferred, then the one that trains fewer "
              "parameters, then the lower val log loss, then the higher {figure}, then the lower trial id")
 METRIC_WORDS = {"val_acc": "val accuracy",
@@ -172,7 +172,7 @@ def best_rule(metric: str = "val_acc") -> str:
     data can separate; a val loss ranking alone chose an over-confident lr 0.1 over the reference
     at equal val accuracy, and it scored 0.67 points (paired CI -1.10..-0.25) below the reference
     on 4,800 other patches (README, "What tuning bought")."""
-    return BEST_RULE.replace("%%", "%").format(figure=METRIC_WORDS[metric])
+    return BEST_RULE.format(figure=METRIC_WORDS[metric])
 
 
 def accuracy_se(p: pd.Series, n: pd.Series) -> pd.Series:
@@ -197,7 +197,9 @@ def is_setting(table: pd.DataFrame, params: dict[str, Any] | None) -> pd.Series:
     if not params:
         return pd.Series(False, index=table.index)
     same = pd.Series(True, index=table.index)
-    for key, value in ((k, v) for k, v in params.items() if k in table):
+    for key, value in params.items():
+        if key not in table:
+            continue
         same &= np.isclose(table[key].astype(float), float(value), rtol=1e-9, atol=0) if key == "lr" else table[key] == value
     return same
 
