@@ -24,7 +24,7 @@ LAYERS = [  # lowest first; the leaves import nothing of the project
     {"crackcore.fit", "crackcore.predict", "crackcore.bench", "crackcore.export", "crackcore.calibrate",
      "crackcore.adapt"},
     {"tune.settings", "tune.storage", "tune.search", "tune.trainable", "tune.tracking"},
-    {"tune.cluster"},
+    {"tune.cluster", "tune.trial_runs"},
     {"tune.trials", "tune.replay"},
     {"tune.run", "tune.report", "tune.curves"},
 ]

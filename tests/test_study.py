@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -185,7 +186,10 @@ def ray_cluster(worker: list[str], head_cpus: int = 1):
     ray_bin = str(Path(sys.executable).parent / "ray")
     port = _free_port()
     # a lost node is noticed after 3 missed 1 s health checks (Ray's default: 5 of 3 s, after a 10 s timeout)
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_health_check_period_ms": "1000",
+    # the cluster's own token (as `ray get-auth-token --generate` makes one): a fresh machine has no
+    # ~/.ray/auth_token, and the user's must not be touched
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32),
+           "RAY_health_check_period_ms": "1000",
            "RAY_health_check_timeout_ms": "1000", "RAY_health_check_failure_threshold": "3"}
     folders = {node: tempfile.mkdtemp(prefix=f"ray{node[0]}-", dir="/tmp") for node in ("head", "worker")}
     common = ["--object-store-memory=300000000", "--disable-usage-stats", "--node-ip-address=127.0.0.1"]
@@ -320,8 +324,8 @@ def test_a_study_killed_or_out_of_disk_at_any_point_resumes_with_the_same_comman
     stage, by SIGKILL (the driver and its Ray) or by a disk that fills up there (storage on a
     small tmpfs, as root; the filler is then deleted: room made), the study still finishes with
     complete outputs, every finished trial of the Optuna journal in trials.parquet with its
-    epochs, no trial run twice, and the journal's best trial retrained. On the way: Ray state
-    changed behind the study's back is refused, and a torn experiment state is set aside."""
+    epochs, no trial run twice, and the journal's best trial retrained. On the way a torn
+    experiment state is set aside."""
     from test_reliability import one_error_line, tmpfs
 
     root = os.geteuid() == 0  # without root no tmpfs: the disk-full stops are SIGKILLs at the same points
@@ -351,14 +355,6 @@ def test_a_study_killed_or_out_of_disk_at_any_point_resumes_with_the_same_comman
         assert (study_dir / "ray" / "tuner.pkl").exists() and not list((study_dir / "ray").glob("experiment_state-*"))
         stopped_at("result2")  # mid-search: trial 1 reported epoch 2 (its epoch 1 checkpoint is in Ray's snapshot)
         done = {t.number: dict(t.intermediate_values) for t in optuna_trials(study_dir, "soak") if t.state.is_finished()}
-
-        # Ray's state is code on --resume: state changed since the study wrote it is refused
-        searcher = max((study_dir / "ray").glob("searcher-state-*.pkl"))
-        saved = searcher.read_bytes()
-        searcher.write_bytes(saved + b"planted")
-        line = one_error_line(run_study(*args, timeout=120))
-        assert "searcher-state-" in line and "--trust-changed-state" in line, line
-        searcher.write_bytes(saved)
 
         # a torn experiment state (a snapshot cut short by the full disk): set aside, the journal goes on
         state = max((study_dir / "ray").glob("experiment_state-*.json"))  # each driver writes its own; Ray reads the newest
@@ -473,6 +469,16 @@ def test_ctrl_c_in_the_last_trials_is_an_interruption_not_the_end(crack_data: Pa
     assert [t.state for t in running] == [optuna.trial.TrialState.RUNNING] and len(running[0].intermediate_values) < 10
     trials = pd.read_parquet(study_dir / "trials.parquet")
     assert trials["status"].tolist() == ["INTERRUPTED", "INTERRUPTED"], trials
+
+    # Ray's state is code on --resume: state changed since the study wrote it is refused, before Ray starts
+    from test_reliability import one_error_line
+
+    searcher = max((study_dir / "ray").glob("searcher-state-*.pkl"))
+    saved = searcher.read_bytes()
+    searcher.write_bytes(saved + b"planted")
+    line = one_error_line(run_study(*args, "--resume", timeout=120))
+    assert "searcher-state-" in line and "--trust-changed-state" in line, line
+    searcher.write_bytes(saved)
 
     proc = run_study(*args, "--resume")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

@@ -49,7 +49,7 @@ from tune.storage import (OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckp
                           KillPoints, CheckpointWatch, StateHashes, StopOnStorageFault, SyncStudyFiles, changed_state,
                           clear_experiment, damaged_state, fetch_saved_study, has_experiment_state, ray_storage,
                           set_damaged_state_aside, study_started, sync_outputs)
-from tune.tracking import RETRAIN_EVENTS, TrialRuns, log_retrain, mark_trials, write_retrain_events
+from tune.tracking import RETRAIN_EVENTS, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
 from tune.settings import parse_flags, resolve_config, resume_conflicts
 from tune.trials import (best_rule, collect_trials, earlier_trials, is_setting, journal_wins, max_parallel, rank_repeats,
@@ -95,6 +95,13 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
         return []  # every trial is in the journal: tune.trials.journal_wins builds the table from it
     cfg = apply_overrides(cfg, {"num_samples": cfg.num_samples - finished})
     searcher = make_searcher(cfg, study_dir, start=not rebuild)
+    # StateHashes before SyncStudyFiles (which mirrors its record) and KillPoints (search-start)
+    callbacks = [DropFinishedCheckpoints(), StateHashes(study_dir, experiment, searcher), KillPoints(),
+                 StopOnStorageFault(study_dir, storage), *([SyncStudyFiles(study_dir, storage)] if "://" in storage else [])]
+    if cfg.mlflow:
+        from tune.trial_runs import TrialRuns  # it loads mlflow: only for a study that logs there
+
+        callbacks.append(TrialRuns(cfg.mlflow, cfg.name))  # restored with the rest on --resume
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(metric=cfg.metric, mode="max", search_alg=searcher,
@@ -104,13 +111,7 @@ def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, b
         run_config=tune.RunConfig(
             name=RAY_DIR, storage_path=storage,
             checkpoint_config=tune.CheckpointConfig(num_to_keep=1),  # the one a crashed trial resumes from
-            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            # StateHashes before SyncStudyFiles (which mirrors its record) and KillPoints (search-start)
-            callbacks=[DropFinishedCheckpoints(), StateHashes(study_dir, experiment, searcher), KillPoints(),
-                       StopOnStorageFault(study_dir, storage),
-                       *([SyncStudyFiles(study_dir, storage)] if "://" in storage else []),
-                       *([TrialRuns(cfg.mlflow, cfg.name)] if cfg.mlflow else [])],  # restored with the rest on --resume
-            verbose=1),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures), callbacks=callbacks, verbose=1),
     )
     return tuner.fit()
 
@@ -159,16 +160,14 @@ class StudyRun:
     retrain_run_id: str | None = None
 
 
-def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyConfig, configs: dict[bool, StudyConfig],
-               resources: dict[str, float]) -> StudyRun | None:
-    """A new study under a free name, or with --resume the saved one and its saved config.
-    `configs`: the study's config without / with GPUs, as main resolved them (none for --resume).
-    None: the study is already complete."""
-    has_gpu = resources.get("GPU", 0) > 0
-    cfg = configs.get(has_gpu) or resolve_config(a, from_file, has_gpu, flags)
-    if not has_gpu and flags.get("gpus_per_trial"):
-        print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
-              "on CPUs", file=sys.stderr)
+def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyConfig,
+               configs: dict[bool, StudyConfig]) -> StudyRun | None:
+    """A new study under a free name, or with --resume the saved one and its saved config; before
+    Ray starts, so that a study that cannot go on says so at once. `configs`: the study's config
+    without / with GPUs, as main resolved them (none for --resume); a new study gets the CPU one
+    here, and `with_profile` gives it the one the cluster's devices call for. None: the study is
+    already complete."""
+    cfg = configs.get(False) or resolve_config(a, from_file, False, flags)  # the name is the same in both
     study_dir, storage = ray_storage(cfg, a.storage_path)
     resume = a.resume is True or (a.resume == "auto" and study_started(study_dir, storage))
     if not resume and not a.name and study_started(study_dir, storage):
@@ -196,7 +195,9 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
                              "it without --no-reference, or start a new study with --study-name NEW (nothing was changed)")
         saved_cfg = apply_overrides(saved_cfg, {"reference_retrain": False})  # not begun: the user may still drop it
         write_json(saved_cfg.to_dict(), saved)
-    conflicts = resume_conflicts(a, cfg, saved_cfg, flags, from_file)
+    # Ray is not up yet: the saved study ran with one of the two profiles, whichever fits it
+    conflicts = min((resume_conflicts(a, resolve_config(a, from_file, has_gpu, flags), saved_cfg, flags, from_file)
+                     for has_gpu in (False, True)), key=len)
     if conflicts:
         raise StudyError(f"--resume continues study {cfg.name} with its saved settings, but {'; '.join(conflicts)}: "
                          "drop those flags, or start a new study with --study-name NEW")
@@ -217,6 +218,18 @@ def open_study(a: argparse.Namespace, flags: dict[str, Any], from_file: StudyCon
                   f"({', '.join(changed)})", file=sys.stderr)
     print(f"resuming study {cfg.name} with its saved configuration ({saved})")
     return StudyRun(saved_cfg, study_dir, storage, resumed=True)
+
+
+def with_profile(run: StudyRun, configs: dict[bool, StudyConfig], flags: dict[str, Any],
+                 resources: dict[str, float]) -> None:
+    """A new study's config for the cluster Ray found: with or without GPUs (a resumed study keeps
+    its saved one)."""
+    has_gpu = resources.get("GPU", 0) > 0
+    if not has_gpu and flags.get("gpus_per_trial"):
+        print(f"warning: --gpus-per-trial {flags['gpus_per_trial']:g} ignored: the cluster has no GPU, trials run "
+              "on CPUs", file=sys.stderr)
+    if not run.resumed:
+        run.cfg = apply_overrides(configs[has_gpu], {"name": run.cfg.name})  # a free name open_study found
 
 
 def narrow_for_random_init(cfg: StudyConfig, weights: WeightsInfo) -> StudyConfig:
@@ -546,10 +559,11 @@ def main(argv: list[str] | None = None) -> int:
         for path in {**train.sources(), **train.external}.values():
             if path and path != SYNTHETIC:
                 check_root(path)
-    resources = connect_ray(a.address)
-    run = open_study(a, flags, from_file, configs, resources)
+    run = open_study(a, flags, from_file, configs)
     if run is None:
         return 0
+    resources = connect_ray(a.address)
+    with_profile(run, configs, flags, resources)
     if run.cfg.mlflow:  # one experiment per study: a resumed study goes on in its own
         run.experiment_id = experiment(open_store(run.cfg.mlflow), run.cfg.name, new_study=not run.resumed)
     try:

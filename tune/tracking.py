@@ -3,14 +3,14 @@ logged by Ray Tune's own MLflow callback (on the driver: a local SQLite store wo
 cluster), and the final retrain is one more run with its test metrics and files; all under
 one experiment named after the study. Ray writes each trial's TensorBoard events under
 results/<study>/ray/; the retrain's curves go to ray/retrain/ with the same tags, so
-`tensorboard --logdir results/<study>/ray` draws them beside the trials'."""
+`tensorboard --logdir results/<study>/ray` draws them beside the trials'. The trials' callback
+is tune.trial_runs: it imports mlflow, which a study without --mlflow does not load."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from ray.air.integrations.mlflow import MLflowLoggerCallback
 
 from crackcore import tracking
 from crackcore.outputs import write_folder
@@ -24,36 +24,6 @@ RETRAIN_EVENTS = "retrain"  # the retrain's TensorBoard folder inside Ray's expe
 def epoch_metrics(result: dict[str, Any]) -> dict[str, Any]:
     """The figures of one epoch in a trial's report: train.fit's history row (and val_acc_<source>)."""
     return {k: v for k, v in result.items() if (k in HISTORY_COLUMNS or k.startswith("val_acc_")) and k != "epoch"}
-
-
-class TrialRuns(MLflowLoggerCallback):
-    """Ray's MLflowLoggerCallback, with what a study needs: metrics at step = epoch (a trial
-    resumed from a checkpoint goes on at its next epoch), one batch per report, only the
-    history's figures (not Ray's bookkeeping), and on --resume a trial's run found again by its
-    `trial_id` tag (Ray saves no callback state, so the plain callback would open a second run)."""
-
-    def __init__(self, uri: str, study: str):
-        super().__init__(tracking_uri=uri, experiment_name=study, tags={"study": study, "role": "trial"})
-
-    def log_trial_start(self, trial: Any) -> None:
-        mlf = tracking.client(self.tracking_uri)
-        if trial not in self._trial_runs:
-            found = mlf.search_runs([self.mlflow_util.experiment_id], f"tags.trial_id = '{trial.trial_id}'",
-                                    max_results=1)
-            if found:
-                self._trial_runs[trial] = found[0].info.run_id
-                mlf.update_run(found[0].info.run_id, status="RUNNING")
-            else:
-                self._trial_runs[trial] = mlf.create_run(self.mlflow_util.experiment_id, run_name=str(trial), tags={
-                    **self.tags, "trial_id": trial.trial_id, "trial_name": str(trial)}).info.run_id
-        tracking.log_batch(mlf, self._trial_runs[trial], params=tracking.flat_params(trial.config))
-
-    def log_trial_result(self, iteration: int, trial: Any, result: dict) -> None:
-        tracking.log_batch(tracking.client(self.tracking_uri), self._trial_runs[trial],
-                           tracking.numbers(epoch_metrics(result)), step=int(result.get("epoch", iteration)))
-
-    def log_trial_end(self, trial: Any, failed: bool = False) -> None:
-        tracking.end_run(self.tracking_uri, self._trial_runs[trial], "FAILED" if failed else "FINISHED")
 
 
 def mark_trials(uri: str, experiment_id: str, trials: pd.DataFrame) -> None:
