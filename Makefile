@@ -14,8 +14,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
+# the experiment file's study: 32 trials on GPUs, 16 on CPUs (experiments/study.toml, [cpu])
 study: $(STAMP)
-	$(PY) tune/run.py --num-samples 32
+	$(PY) tune/run.py
 
 # The report's browser test needs Debian's chromium: installed here when missing and we are root
 # (CI); otherwise that one test is skipped (it fails under CI=true instead).

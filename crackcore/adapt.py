@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +30,7 @@ from crackcore.hashing import sha256_file, unit_hash
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, io_workers
 from crackcore.metrics import metrics_with_intervals
 from crackcore.model import CrackResNet
-from crackcore.outputs import check_writable, save_torch, write_folder, write_json, write_parquet
+from crackcore.outputs import check_replaceable, check_writable, claim_folder, save_torch, write_folder, write_json, write_parquet
 from crackcore.sites import F1_INTERVAL, GROUP_BY, METRIC_KEYS, PATCH_MAX_SIDE, TILE, decode_all, image_size_of, site_samples
 from crackcore.devices import resolve_device
 
@@ -91,17 +90,8 @@ def load_net(meta: dict[str, Any], device: torch.device) -> CrackResNet:
 
 
 def check_out(out: Path) -> None:
-    """--out may be new, an empty folder or an earlier adaptation (replaced once the new one is
-    complete); anything else is refused before any work."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
-        return
-    try:
-        ours = out.is_dir() and json.loads((out / "adaptation.json").read_text()).get("format") == ADAPTATION_FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
-    if not ours:
-        raise ConfigError(f"--out {out} exists and was not written by crackcore.adapt (no adaptation.json of ours in "
-                          "it); pass a new folder")
+    check_replaceable(out, "adaptation.json", lambda r: isinstance(r, dict) and r.get("format") == ADAPTATION_FORMAT,
+                      "crackcore.adapt")
 
 
 def check_model(path: Path, meta: dict[str, Any], digest: str) -> None:
@@ -153,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         raise ConfigError(f"--epochs {a.epochs} must be 1 or more")
     check_out(a.out)
     check_writable(a.out.parent, f"--out {a.out}", "choose another --out")
+    with claim_folder(a.out):  # two adaptations started at once to one --out: one goes on
+        check_out(a.out)  # again: another run may have written it since
+        return run_adaptation(a, t0)
+
+
+def run_adaptation(a: argparse.Namespace, t0: float) -> int:
+    """The adaptation, with --out claimed."""
     root = a.unlabelled.expanduser().resolve()
     files = site_files(root)
     device = resolve_device(a.device)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import textwrap
 import time
@@ -31,7 +30,7 @@ from crackcore.classifier import FieldModel, TorchClassifier, load_classifier, l
 from crackcore.devices import resolve_device
 from crackcore.exceptions import ConfigError, DataError
 from crackcore.metrics import binary_metrics, metrics_with_intervals
-from crackcore.outputs import check_writable, claim_folder, folder_in_use, save_torch, write_folder, write_json, write_parquet
+from crackcore.outputs import check_replaceable, check_writable, claim_folder, save_torch, write_folder, write_json, write_parquet
 from crackcore.results import CALIBRATION_FORMAT, is_calibration
 from crackcore.sites import F1_INTERVAL, GROUP_BY, METRIC_KEYS, decode_all, site_samples
 
@@ -39,20 +38,6 @@ HEAD_LR, HEAD_BATCH = 1e-3, 8
 DRAW_RULE = ("k images drawn per class in proportion to the folder's class shares (at least 2 each), in a seeded "
              "shuffle that takes one window per photo before a second one of any photo; every window of a drawn "
              "photo (either class) is left out of the evaluation rest")
-
-
-def check_out(out: Path) -> None:
-    """--out may be new, an empty folder or an earlier calibration (replaced once the new one is
-    complete); anything else would be lost, so it is refused before any work."""
-    if not out.exists() or (out.is_dir() and not folder_in_use(out)):
-        return
-    try:
-        ours = out.is_dir() and is_calibration(json.loads((out / "calibration.json").read_text()))
-    except (OSError, ValueError):
-        ours = False
-    if not ours:
-        raise ConfigError(f"--out {out} exists and was not written by crackcore.calibrate (no calibration.json of "
-                          "ours in it); pass a new folder, e.g. results/STUDY/calibration/SITE")
 
 
 def draw(samples: pd.DataFrame, k: int, seed: int) -> pd.Series:
@@ -155,6 +140,11 @@ def build_parser() -> argparse.ArgumentParser:
                    f"from (default {GROUP_BY!r}: PHOTO__rYcX.jpg); '' = every image its own photo")
     p.add_argument("--device", default="auto")
     return p
+
+
+def check_out(out: Path) -> None:
+    check_replaceable(out, "calibration.json", is_calibration, "crackcore.calibrate",
+                      ", e.g. results/STUDY/calibration/SITE")
 
 
 def main(argv: list[str] | None = None) -> int:

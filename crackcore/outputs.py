@@ -175,6 +175,21 @@ def folder_in_use(out: Path) -> bool:
     return out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())
 
 
+def check_replaceable(out: Path, record: str, ours: Callable[[Any], bool], command: str, hint: str = "") -> None:
+    """--out of a command that replaces its folder whole: it may be new, empty (but for a claim's
+    lock file) or an earlier run of `command`, known by its `record` JSON (`ours(parsed)`);
+    anything else would be lost, so it is refused before any work."""
+    if not out.exists() or (out.is_dir() and not folder_in_use(out)):
+        return
+    try:
+        mine = out.is_dir() and ours(json.loads((out / record).read_text()))
+    except (OSError, ValueError):
+        mine = False
+    if not mine:
+        raise ConfigError(f"--out {out} exists and was not written by {command} (no {record} of ours in it); pass a "
+                          f"new folder{hint}")
+
+
 @contextmanager
 def claim_folder(out: Path, flag: str = "--out") -> Iterator[None]:
     """`out` claimed for one run, atomically: the folder is made (if new) and a lock file in it

@@ -3,6 +3,7 @@ hand-made probability set, the CLI end to end (predict, export-format and calibr
 model.pt), and each bad input."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import shutil
@@ -22,7 +23,7 @@ from crackcore.classifier import load_classifier
 from crackcore.cli import run_main
 from crackcore.images import IMAGENET_MEAN, IMAGENET_STD, CLASSES, decode_file
 from crackcore.model import CrackResNet
-from crackcore.outputs import MODEL_FORMAT
+from crackcore.outputs import MODEL_FORMAT, claim_folder
 
 SIZE = 32
 
@@ -179,6 +180,7 @@ def test_cli_writes_a_model_predict_and_calibrate_take(model: Path, site: Path, 
     ("photos", "are whole photos, not patches"),
     ("adapted_elsewhere", "already adapted to another site"),
     ("foreign_out", "was not written by crackcore.adapt"),
+    ("claimed_out", "is being written by another run"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case: str, needle: str, model: Path, site: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
@@ -204,7 +206,8 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, needle: str, model:
     elif case == "foreign_out":
         out.mkdir()
         (out / "notes.txt").write_text("keep me")
-    rc = run_main(adapt_main, ["--model", str(chosen), "--unlabelled", str(unlabelled), "--out", str(out)])
+    with claim_folder(out) if case == "claimed_out" else contextlib.nullcontext():  # another adaptation to --out
+        rc = run_main(adapt_main, ["--model", str(chosen), "--unlabelled", str(unlabelled), "--out", str(out)])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error:") and needle in err, err
     if case == "foreign_out":
