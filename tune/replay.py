@@ -98,10 +98,11 @@ class Curves:
 
 @dataclass(eq=False)
 class _Trial:
-    """What Ray's schedulers read of a trial: its id (and identity, as a dict key)."""
+    """What Ray's schedulers read of a trial: its id (and identity, as a dict key) and config."""
 
     trial_id: str
     setting: int
+    config: dict[str, Any] = field(default_factory=dict)  # the suggested point (the scheduler spares the reference)
     epoch: int = 0
     last: float = float("nan")
     done: bool = False
@@ -138,7 +139,7 @@ def replay_study(curves: Curves, cfg: StudyConfig, workers: int, folder: Path) -
             point = searcher.suggest(tid)
             if point is None:
                 return
-            trial = _Trial(tid, curves.nearest(point))
+            trial = _Trial(tid, curves.nearest(point), point)
             trials.append(trial)
             scheduler.on_trial_add(None, trial)
             heapq.heappush(events, (now + curves.seconds[trial.setting, 0], len(trials), trial))

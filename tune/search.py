@@ -36,18 +36,53 @@ from crackcore.config import StudyConfig
 from crackcore.journal import open_journal
 
 
+class _ReferenceRunsOut:
+    """A scheduler that never stops the reference setting early. The choice rule prefers the
+    reference inside the tie set of trials that ran all epochs (tune.trials); a reference stopped
+    at the first rung, where a slow starter looks weak, could never be preferred (seen with 16
+    trials: the pick then scored 0.75 points below it on 4,800 independent patches). Its result
+    still counts at the rungs it passes, as any trial's."""
+
+    def __init__(self, *args: Any, reference: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.reference = reference
+
+    def on_trial_result(self, tune_controller: Any, trial: Any, result: dict) -> str:
+        action = super().on_trial_result(tune_controller, trial, result)
+        if action != TrialScheduler.STOP or not self.is_reference(trial):
+            return action
+        # private: ray 2.60 MedianStoppingRule marks a hard-stopped trial and asserts it never reports again
+        getattr(self, "_stopped_trials", set()).discard(trial)
+        return TrialScheduler.CONTINUE
+
+    def is_reference(self, trial: Any) -> bool:
+        config = getattr(trial, "config", None) or {}
+        return bool(config) and all(
+            key not in config or (math.isclose(float(config[key]), float(value), rel_tol=1e-9) if key == "lr"
+                                  else config[key] == value) for key, value in self.reference.items())
+
+
+class ReferenceASHA(_ReferenceRunsOut, AsyncHyperBandScheduler):
+    """Ray's asynchronous successive halving / HyperBand; the reference runs out (_ReferenceRunsOut)."""
+
+
+class ReferenceMedian(_ReferenceRunsOut, MedianStoppingRule):
+    """Ray's median stopping rule; the reference runs out (_ReferenceRunsOut)."""
+
+
 def make_scheduler(cfg: StudyConfig) -> TrialScheduler:
     """Ray's scheduler for cfg.scheduler_used, judging trials by epoch (metric and mode come from the
-    TuneConfig). The median rule never pauses a trial (an infinite min_time_slice; Ray's first
-    pause comes after -inf, so any finite slice pauses once): a paused function trial would
-    restart from its last checkpoint."""
+    TuneConfig), never stopping the reference setting early. The median rule never pauses a trial
+    (an infinite min_time_slice; Ray's first pause comes after -inf, so any finite slice pauses
+    once): a paused function trial would restart from its last checkpoint."""
+    reference = cfg.reference_params().to_dict()
     if cfg.scheduler_used in ("asha", "hyperband"):
         brackets = max(1, len(asha_rungs(cfg))) if cfg.scheduler_used == "hyperband" else 1
-        return AsyncHyperBandScheduler(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
-                                       reduction_factor=cfg.reduction_factor, brackets=brackets)
+        return ReferenceASHA(time_attr="epoch", max_t=cfg.max_epochs, grace_period=cfg.grace_period,
+                             reduction_factor=cfg.reduction_factor, brackets=brackets, reference=reference)
     if cfg.scheduler_used == "median":
-        return MedianStoppingRule(time_attr="epoch", grace_period=cfg.grace_period, min_samples_required=3,
-                                  min_time_slice=math.inf, hard_stop=True)
+        return ReferenceMedian(time_attr="epoch", grace_period=cfg.grace_period, min_samples_required=3,
+                               min_time_slice=math.inf, hard_stop=True, reference=reference)
     return FIFOScheduler()
 
 
