@@ -477,7 +477,7 @@ def load_study_config(path: str | Path) -> StudyConfig:
                 raise ConfigError(f"{path}: [train] {key} is set by the study, not the file: "
                                   + ("use max_epochs / final_epochs" if key == "epochs" else
                                      "the search chooses it (bound it in [space], or give a space.start_points entry)"))
-    for profile in profiles:
+    for profile in (values[name] for name in ("cpu", "gpu") if isinstance(values.get(name), dict)):
         if "name" in profile:  # the study's folder is found before Ray says which profile applies
             raise ConfigError(f"{path}: a [cpu]/[gpu] profile sets name; set it once at the top of the file")
     cfg = _from_dict(StudyConfig, values, path.name)

@@ -225,6 +225,7 @@ def test_config_files_and_bad_values() -> None:
     ("seed = -1", "seed=-1"),
     ("repeat_top = 2\nrepeats = 1", "needs at least 2 seeds"),
     ("space = 3", "[space] must be a table"),
+    ('[gpu]\nname = "big"', "a [cpu]/[gpu] profile sets name"),  # the folder is found before the profile is known
 ])
 def test_bad_experiment_files_are_one_clear_error(toml: str, message: str, tmp_path: Path) -> None:
     path = tmp_path / "bad.toml"
