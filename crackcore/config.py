@@ -467,17 +467,17 @@ def load_study_config(path: str | Path) -> StudyConfig:
         raise ConfigError(f"{path} is not valid TOML: {exc}") from None
     values.pop("description", None)
     train, space = values.setdefault("train", {}), values.get("space", {})
+    profiles = [values[name] for name in ("cpu", "gpu") if isinstance(values.get(name), dict)]
     if isinstance(train, dict) and isinstance(space, dict):  # other types: StudyConfig says "must be a table"
         if "seed" in values and "seed" not in train:  # as --seed: one seed for the search and the training
             train["seed"] = values["seed"]
         decided = {*_from_dict(SearchSpace, space, "space").searched(), "epochs"}
-        profiles = [values[name] for name in ("cpu", "gpu") if isinstance(values.get(name), dict)]
         for key in [*train, *(k.removeprefix("train.") for profile in profiles for k in profile)]:
             if key in decided:
                 raise ConfigError(f"{path}: [train] {key} is set by the study, not the file: "
                                   + ("use max_epochs / final_epochs" if key == "epochs" else
                                      "the search chooses it (bound it in [space], or give a space.start_points entry)"))
-    for profile in (values[name] for name in ("cpu", "gpu") if isinstance(values.get(name), dict)):
+    for profile in profiles:
         if "name" in profile:  # the study's folder is found before Ray says which profile applies
             raise ConfigError(f"{path}: a [cpu]/[gpu] profile sets name; set it once at the top of the file")
     cfg = _from_dict(StudyConfig, values, path.name)

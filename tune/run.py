@@ -43,7 +43,7 @@ from crackcore.studyfiles import (BEST_CONFIG, HISTORY, LOSO, REFERENCE_PREDICTI
                                   STUDY_CONFIG, TRIALS)
 from crackcore.tracking import experiment, open_store
 from tune.cluster import connect_ray, final_resources, fit_remote, node_resources, put_data, trial_slots
-from tune.search import (checkpoint_epochs, fail_orphaned_trials, make_scheduler, make_searcher, restart_from_journal,
+from tune.search import (checkpoint_epochs, fail_orphaned_trials, is_setting, make_scheduler, make_searcher, restart_from_journal,
                          resume_search, stop_epochs)
 from tune.storage import (OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckpoints,
                           KillPoints, CheckpointWatch, StateHashes, StopOnStorageFault, SyncStudyFiles, changed_state,
@@ -52,7 +52,7 @@ from tune.storage import (OUTPUTS_DIR, RAY_DIR, RESUME_FILES, DropFinishedCheckp
 from tune.tracking import RETRAIN_EVENTS, log_retrain, mark_trials, write_retrain_events
 from tune.trainable import train_trial
 from tune.settings import parse_flags, resolve_config, resume_conflicts
-from tune.trials import (best_rule, collect_trials, earlier_trials, is_setting, journal_wins, max_parallel, rank_repeats,
+from tune.trials import (best_rule, collect_trials, earlier_trials, journal_wins, max_parallel, rank_repeats,
                          rank_trials, repeat_top, rung_fidelity)
 
 def run_search(cfg: StudyConfig, study_dir: Path, storage: str, data_ref: Any, backbone_ref: Any, resume: bool,

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, MedianStoppingRule, TrialScheduler
@@ -34,6 +35,18 @@ from ray.tune.search.optuna import OptunaSearch
 
 from crackcore.config import StudyConfig
 from crackcore.journal import open_journal
+
+
+def is_setting(table: pd.DataFrame, params: dict[str, Any] | None) -> pd.Series:
+    """Rows of `table` whose searched columns equal `params` (lr up to float rounding)."""
+    if not params:
+        return pd.Series(False, index=table.index)
+    same = pd.Series(True, index=table.index)
+    for key, value in params.items():
+        if key not in table:
+            continue
+        same &= np.isclose(table[key].astype(float), float(value), rtol=1e-9, atol=0) if key == "lr" else table[key] == value
+    return same
 
 
 class _ReferenceRunsOut:
@@ -56,10 +69,8 @@ class _ReferenceRunsOut:
         return TrialScheduler.CONTINUE
 
     def is_reference(self, trial: Any) -> bool:
-        config = getattr(trial, "config", None) or {}
-        return bool(config) and all(
-            key not in config or (math.isclose(float(config[key]), float(value), rel_tol=1e-9) if key == "lr"
-                                  else config[key] == value) for key, value in self.reference.items())
+        config = getattr(trial, "config", None)
+        return bool(config) and bool(is_setting(pd.DataFrame([config]), self.reference).iloc[0])
 
 
 class ReferenceASHA(_ReferenceRunsOut, AsyncHyperBandScheduler):

@@ -19,7 +19,7 @@ from crackcore.config import SEARCH_KEYS, StudyConfig, TrialParams, trial_config
 from crackcore.exceptions import StudyError
 from crackcore.journal import open_journal
 from tune.cluster import fit_remote
-from tune.search import RAY_TRIAL_ID
+from tune.search import RAY_TRIAL_ID, is_setting
 
 
 def collect_trials(results: Any, cfg: StudyConfig) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, TrialParams]]:
@@ -190,18 +190,6 @@ def trainable_count(freeze_depth: int) -> int:
     model = CrackResNet(int(freeze_depth))
     model.apply_freeze()
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def is_setting(table: pd.DataFrame, params: dict[str, Any] | None) -> pd.Series:
-    """Rows of `table` whose searched columns equal `params` (lr up to float rounding)."""
-    if not params:
-        return pd.Series(False, index=table.index)
-    same = pd.Series(True, index=table.index)
-    for key, value in params.items():
-        if key not in table:
-            continue
-        same &= np.isclose(table[key].astype(float), float(value), rtol=1e-9, atol=0) if key == "lr" else table[key] == value
-    return same
 
 
 def rule_figure(trials: pd.DataFrame, metric: str = "val_acc") -> pd.DataFrame:
