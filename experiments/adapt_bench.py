@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
@@ -53,18 +54,30 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return wilson_interval(k, n)
 
 
+def site_split(root: Path, samples: pd.DataFrame, size: int, k: int, seed: int) -> dict:
+    """One site's images as every column sees them: the half adapted on (its labels kept only
+    for the labelled ceiling of adapt_ceiling.py) and the scored half, less the photos of the k
+    images calibrate draws there (`rest`)."""
+    held = holdout_mask(samples["group"], seed)
+    adapt_imgs, ok = decode_all(root, samples.loc[~held, "path"], size)
+    adapt_labels = samples.loc[~held, "label"].to_numpy()[ok]
+    scored = samples[held].reset_index(drop=True)
+    imgs, ok = decode_all(root, scored["path"], size)
+    scored = scored[ok].reset_index(drop=True)
+    fit = np.asarray(draw(scored, k, seed))
+    rest = ~scored["group"].isin(scored.loc[fit, "group"]).to_numpy()
+    return {"adapt_imgs": adapt_imgs, "adapt_labels": adapt_labels, "imgs": imgs, "labels": scored["label"].to_numpy(),
+            "groups": scored["group"].to_numpy(), "fit": fit, "rest": rest}
+
+
 def bench_site(name: str, root: Path, samples: pd.DataFrame, meta: dict, variants: list[tuple[str, dict]],
                k: int, seed: int) -> dict:
     size, temperature, threshold = int(meta["image_size"]), temperature_of(meta), threshold_of(meta)
-    held = holdout_mask(samples["group"], seed)
-    adapt_imgs = decode_all(root, samples.loc[~held, "path"], size)
-    scored = samples[held].reset_index(drop=True)
-    imgs = decode_all(root, scored["path"], size)
-    labels, groups = scored["label"].to_numpy(), scored["group"].to_numpy()
-    fit = draw(scored, k, seed)
-    rest = ~scored["group"].isin(scored.loc[fit, "group"]).to_numpy()
+    sp = site_split(root, samples, size, k, seed)
+    adapt_imgs, imgs, labels, groups, fit, rest = (sp[key] for key in ("adapt_imgs", "imgs", "labels", "groups",
+                                                                        "fit", "rest"))
     print(f"{name}: adapt on {len(adapt_imgs)} unlabelled images, score {int(rest.sum())} "
-          f"({int(labels[rest].sum())} crack) of {len(scored)} held-out (k={int(fit.sum())} drawn for calibrate)",
+          f"({int(labels[rest].sum())} crack) of {len(labels)} held-out (k={int(fit.sum())} drawn for calibrate)",
           flush=True)
     out = {"n_adapt": len(adapt_imgs), "n_scored": int(rest.sum()), "columns": {}, "seconds": {}, "prior": {}}
     base = load_net(meta, torch.device("cpu"))
@@ -91,7 +104,7 @@ def bench_site(name: str, root: Path, samples: pd.DataFrame, meta: dict, variant
 
 def cost(meta: dict, split: Path, n: int, seed: int) -> dict:
     root, samples = concrete_unseen(split, n // 2, seed + 1)
-    imgs = decode_all(root, samples["path"], int(meta["image_size"]))
+    imgs, _ = decode_all(root, samples["path"], int(meta["image_size"]))
     base = load_net(meta, torch.device("cpu"))
     secs = {}
     for method in METHODS:
