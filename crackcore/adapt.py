@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 
 from crackcore.adaptation import (BN_LAYERS, BN_RULE, DEFAULT_BN_LAYERS, METHODS, SELF_EPOCHS, TENT_EPOCHS, adapt_model,
-                                  logit_crack, train_prior_of)
+                                  inverted_text, logit_crack, train_prior_of)
 from crackcore.classifier import load_torch_meta, temperature_of, threshold_of
-from crackcore.exceptions import ConfigError, DataError, ModelFileError
+from crackcore.exceptions import AdaptationError, ConfigError, DataError, ModelFileError
 from crackcore.hashing import sha256_file, unit_hash
 from crackcore.images import IMAGE_SUFFIXES, TENSOR_SUFFIX, io_workers
 from crackcore.metrics import metrics_with_intervals
@@ -186,6 +186,8 @@ def run_adaptation(a: argparse.Namespace, t0: float) -> int:
         before_z = logit_crack(net, limages)
     record = adapt_model(net, images, a.method, temperature=temperature, train_prior=train_prior_of(meta),
                          layers=a.bn_layers, mix=a.bn_mix, seed=a.seed, prior=a.prior, epochs=a.epochs)
+    if inverted := inverted_text(record):
+        raise AdaptationError(f"{inverted}; nothing written: adapt with --method bn (the default) or tent")
     site = {"folder": str(root), "n": len(images), "images_sha256": digest, "source_model": str(a.model.resolve()),
             "source_model_sha256": sha256_file(a.model), "image_size": size,
             "resize": "shorter side to image_size, centre crop (antialiased), as predict does"}

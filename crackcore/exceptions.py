@@ -31,6 +31,10 @@ class ModelFileError(CrackError):
     """A model file is missing or not one of ours, or predict's flags cannot be used."""
 
 
+class AdaptationError(CrackError):
+    """Adapting to a site made a model that must not be written (self-train turned it against its start)."""
+
+
 class StudyFilesError(CrackError):
     """A folder is not a study, or one of its files is damaged."""
 

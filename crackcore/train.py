@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from crackcore import checkpoint
-from crackcore.adaptation import adapt_model
+from crackcore.adaptation import adapt_model, inverted_text
 from crackcore.config import TrainConfig
 from crackcore.exceptions import DivergedError
 from crackcore.devices import available_cpus, resolve_device
@@ -344,6 +344,9 @@ def fit(cfg: TrainConfig, data: PreparedData, *, weights: Weights | None = None,
                     continue
                 adapted[name], adaptation[name] = adapted_evaluation(model, data, split, name, loader(split, [name]),
                                                                      cfg, channels_last=channels_last)
+            for name, record in adaptation.items():
+                if log and (inverted := inverted_text(record)):
+                    log(f"warning: {name} adapted: {inverted}; its adapted figures are not to be used (--adapt-method bn)")
             for name, split in sets.items():
                 adaptation[name]["gain"] = adaptation_gain(adapted[name], {**held_out, **external}[name], data,
                                                            data.indices(split, [name]), cfg.seed)

@@ -15,8 +15,9 @@ import pytest
 import torch
 
 from crackcore.adapt import main as adapt_main
-from crackcore.adaptation import (apply_prior_shift, bn_modules, em_prior, entropy, logit_crack, reestimate_bn,
-                                  self_train, tent)
+from crackcore import adaptation
+from crackcore.adaptation import (SELF_MIN_KEPT, apply_prior_shift, bn_modules, em_prior, entropy, logit_crack,
+                                  reestimate_bn, self_train, tent)
 from crackcore.calibrate import main as calibrate_main
 from crackcore.sites import decode_all
 from crackcore.classifier import load_classifier
@@ -124,6 +125,8 @@ def test_self_train_trains_layer4_and_fc_on_pseudo_labels(model: Path, images: t
     before = copy.deepcopy(net.state_dict())
     record = self_train(net, images, epochs=1, confidence=0.5, seed=0)
     assert record["steps"] >= 1 and record["pseudo_labelled_share"] == 1.0  # every top probability is >= 0.5
+    assert record["start_confident"] == len(images) and 0 <= record["start_labels_kept"] <= 1
+    assert record["inverted"] == (record["start_labels_kept"] < SELF_MIN_KEPT)
     after = net.state_dict()
     assert not torch.equal(after["fc.weight"], before["fc.weight"])
     assert not torch.equal(after["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
@@ -181,10 +184,15 @@ def test_cli_writes_a_model_predict_and_calibrate_take(model: Path, site: Path, 
     ("adapted_elsewhere", "already adapted to another site"),
     ("foreign_out", "was not written by crackcore.adapt"),
     ("claimed_out", "is being written by another run"),
+    ("inverted", "turned the model against its own start"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(case: str, needle: str, model: Path, site: Path, tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    unlabelled, out, chosen = site, tmp_path / "out", model
+                                                  capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    unlabelled, out, chosen, method = site, tmp_path / "out", model, []
+    if case == "inverted":  # what quay walls did to a concrete model (3-15 % kept), made certain: no share is enough
+        monkeypatch.setattr(adaptation, "SELF_MIN_KEPT", 1.01)
+        monkeypatch.setattr(adaptation, "SELF_CONFIDENCE", 0.5)
+        method = ["--method", "self-train", "--epochs", "1"]
     if case == "no_images":
         unlabelled = tmp_path / "empty"
         (unlabelled / "sub").mkdir(parents=True)
@@ -207,7 +215,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case: str, needle: str, model:
         out.mkdir()
         (out / "notes.txt").write_text("keep me")
     with claim_folder(out) if case == "claimed_out" else contextlib.nullcontext():  # another adaptation to --out
-        rc = run_main(adapt_main, ["--model", str(chosen), "--unlabelled", str(unlabelled), "--out", str(out)])
+        rc = run_main(adapt_main, ["--model", str(chosen), "--unlabelled", str(unlabelled), "--out", str(out), *method])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error:") and needle in err, err
     if case == "foreign_out":
