@@ -2,7 +2,8 @@
 the held-out half of its photos less calibrate's k photos), each column's accuracy and its gain
 over the unadapted model, paired on the same images (photo-grouped bootstrap 95 % CI):
 
-- zero-shot, and `bn` (crackcore.adaptation's default: BN statistics + the EM prior);
+- zero-shot, `bn` (crackcore.adaptation's default: BN statistics + the EM prior) and its
+  `self-train`;
 - two stronger zero-label methods that are NOT in crackcore, tried here to see whether one would
   reach the target: SHOT (Liang, Hu & Feng, ICML 2020: source-free, fc frozen, the backbone trained
   by information maximisation plus pseudo-labels from feature-space clustering) and DANN-style
@@ -206,11 +207,12 @@ def main() -> int:
         site: dict = {"n_adapt": len(sp["adapt_imgs"]), "n_scored": int(rest.sum()), "columns": {}}
         print(f"{name}: adapt on {site['n_adapt']}, score {site['n_scored']}", flush=True)
         correct0 = None
-        for col in ("zero-shot", "bn", "shot", "dann", "labels: probe", "labels: fine-tune"):
+        for col in ("zero-shot", "bn", "self-train", "shot", "dann", "labels: probe", "labels: fine-tune"):
             net, t0 = copy.deepcopy(base), time.time()
             torch.manual_seed(a.seed)
-            if col == "bn":
-                adapt_model(net, sp["adapt_imgs"], "bn", temperature=temperature, train_prior=train_prior_of(meta))
+            if col in ("bn", "self-train"):
+                adapt_model(net, sp["adapt_imgs"], col, temperature=temperature, train_prior=train_prior_of(meta),
+                            seed=a.seed)
             elif col == "shot":
                 shot(net, sp["adapt_imgs"], a.seed)
             elif col == "dann":

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from crackcore import adaptation
 from crackcore.cli import run_main
 from crackcore.config import TrainConfig
 from crackcore.data import BatchLoader, prepare_data
@@ -99,3 +100,16 @@ def test_adapt_to_a_source_not_held_out_is_one_line(sources: dict[str, str], tmp
     assert not out.exists() or not any(out.iterdir())
     with pytest.raises(ConfigError, match="adapt_method='fancy' is unknown"):
         tiny(sources, adapt_method="fancy")
+
+
+def test_a_self_train_that_turns_on_its_start_is_flagged(sources: dict[str, str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # what the FixMatch form did on quay walls (3-15 % of its confident start kept), made certain
+    monkeypatch.setattr(adaptation, "SELF_MIN_KEPT", 1.01)
+    cfg = tiny(sources, val_source="masonry", test_source="quay", adapt_to="quay", adapt_method="self-train")
+    lines: list[str] = []
+    result = fit(cfg, prepare_data(cfg), evaluate_test=True, log=lines.append)
+    record = result.adaptation["quay"]["self_train"]
+    assert record["inverted"] and 0 <= record["start_labels_kept"] <= 1
+    assert any(line.startswith("warning: quay adapted: self-train turned the model against its own start")
+               for line in lines), lines
