@@ -4,8 +4,9 @@ Adapt a trained model to a new site from the site's UNLABELLED images: re-estima
 statistics there (bn, AdaBN), or also take a few entropy-minimisation steps on the BN affine
 parameters (tent, Wang et al. ICLR 2021), or also train strong views on the confident
 pseudo-labels the bn-adapted model gives the images once (self-train, a fixed teacher); then
-estimate the site's crack prior by EM (Saerens, Latinne & Decaestecker 2002) and shift the decision for it. Writes DIR/model.pt (the
-crackcore model format: predict, export and calibrate take it as is) and DIR/adaptation.json.
+estimate the site's crack prior by EM (Saerens, Latinne & Decaestecker 2002) and shift the
+decision for it. Writes DIR/model.pt (the crackcore model format: predict, export and calibrate
+take it as is) and DIR/adaptation.json.
 `--labelled DIR` (never used to adapt) scores the model before and after with 95 % intervals.
 """
 from __future__ import annotations
