@@ -149,6 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_adaptation(a, t0)
 
 
+def prior_note(pr: dict[str, Any]) -> str:
+    if not pr["requested"]:
+        return " (not applied)"
+    if pr["ran_away"]:
+        return f" (the estimate left {pr['band'][0]}-{pr['band'][1]}: EM ran away, not applied; BN alone)"
+    return ""
+
+
 def run_adaptation(a: argparse.Namespace, t0: float) -> int:
     """The adaptation, with --out claimed."""
     root = a.unlabelled.expanduser().resolve()
@@ -217,7 +225,7 @@ def run_adaptation(a: argparse.Namespace, t0: float) -> int:
     write_folder(a.out, fill)
     pr = record["prior"]
     print(f"{a.method} in {record['seconds']:.1f} s; site crack prior {pr['site_prior']:.3f} (EM, trained under "
-          f"{pr['train_prior']:.3f}) -> crack log-odds {pr['logit_offset']:+.3f}{'' if a.prior else ' (not applied)'}")
+          f"{pr['train_prior']:.3f}) -> crack log-odds {pr['logit_offset']:+.3f}{prior_note(pr)}")
     for name, m in columns.items():
         print(f"{name:>6}: n={m['n']} accuracy {100 * m['accuracy']:.1f} % ({100 * m['accuracy_ci95'][0]:.1f}-"
               f"{100 * m['accuracy_ci95'][1]:.1f})  F1 {m['f1']:.3f} ({m['f1_ci95'][0]:.3f}-{m['f1_ci95'][1]:.3f})  "

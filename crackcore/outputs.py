@@ -59,7 +59,8 @@ def adapted_block(result: Any, name: str) -> dict[str, Any]:
     record = getattr(result, "adaptation", {}).get(name, {})
     prior = record.get("prior", {})
     return {"adapted": set_metrics(adapted[name], method=record.get("method"), adapted_on_n=record.get("n"),
-                                   prior_applied=prior.get("applied"), site_prior=prior.get("site_prior"),
+                                   prior_applied=prior.get("applied"), prior_ran_away=prior.get("ran_away"),
+                                   site_prior=prior.get("site_prior"),
                                    train_prior=prior.get("train_prior"), gain=record.get("gain"),
                                    seconds=record.get("seconds"))}
 
@@ -339,6 +340,8 @@ def write_run_outputs(out: Path, result: Any, data: Any, cfg: Any,
 
 
 def adapted_how(m: dict[str, Any]) -> str:
+    if m.get("prior_ran_away") and m.get("prior_applied") is False:
+        return f"{m.get('method')}, EM prior ran away ({m.get('site_prior', float('nan')):.3f}): not applied"
     return f"{m.get('method')}{'' if m.get('prior_applied', True) else ', no prior'}"
 
 

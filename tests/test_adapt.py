@@ -16,8 +16,8 @@ import torch
 
 from crackcore.adapt import main as adapt_main
 from crackcore import adaptation
-from crackcore.adaptation import (SELF_MIN_KEPT, apply_prior_shift, bn_modules, em_prior, entropy, logit_crack,
-                                  reestimate_bn, self_train, tent)
+from crackcore.adaptation import (SELF_MIN_KEPT, adapt_model, apply_prior_shift, bn_modules, em_prior, entropy,
+                                  logit_crack, reestimate_bn, self_train, tent)
 from crackcore.calibrate import main as calibrate_main
 from crackcore.sites import decode_all
 from crackcore.classifier import load_classifier
@@ -151,6 +151,19 @@ def test_the_prior_shift_moves_the_crack_log_odds(model: Path, images: torch.Ten
     z = logit_crack(net, images)
     apply_prior_shift(net, 0.7, temperature=1.5)
     assert np.allclose(logit_crack(net, images) / 1.5, z / 1.5 + 0.7, atol=1e-4)
+
+
+def test_an_em_prior_that_runs_away_is_not_applied(model: Path, images: torch.Tensor) -> None:
+    sane = adapt_model(_net(model), images, "bn", train_prior=0.5)["prior"]
+    assert sane["applied"] and not sane["ran_away"] and sane["logit_offset"] != 0.0
+    net = _net(model)
+    with torch.no_grad():
+        net.fc.bias[1] += 50.0  # every image a sure crack: EM's estimate runs to 1
+    bn_only = copy.deepcopy(net)
+    adapt_model(bn_only, images, "bn", prior=False)
+    prior = adapt_model(net, images, "bn", train_prior=0.5)["prior"]
+    assert prior["ran_away"] and prior["site_prior"] > 0.98 and not prior["applied"] and prior["logit_offset"] == 0.0
+    assert np.array_equal(logit_crack(net, images), logit_crack(bn_only, images))  # BN alone
 
 
 def test_cli_writes_a_model_predict_and_calibrate_take(model: Path, site: Path, tmp_path: Path,
