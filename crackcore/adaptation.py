@@ -28,8 +28,9 @@ TENT_LR, TENT_EPOCHS = 1e-3, 2
 SELF_LR, SELF_EPOCHS, SELF_CONFIDENCE, SELF_POLICY = 1e-3, 3, 0.9, "strong"
 SELF_TRAINS = "bn-affine+layer4+fc"  # what self-train updates (the rest stays as bn left it)
 # Below this share of the confident predictions it started from, self-train has turned the model
-# against its own pseudo-labels (measured on quay walls: 3-15 % kept, accuracy 66 -> 26 %; 99.7 %
-# where it worked): such a model is not written by crackcore.adapt and is flagged by fit.
+# against its own pseudo-labels (the per-batch relabelling this replaced kept 3-15 % on quay
+# walls, accuracy 66 -> 26 %; 93-99.7 % where sound): such a model is not written by
+# crackcore.adapt and is flagged by fit.
 SELF_MIN_KEPT = 0.5
 EM_MAX_ITER, EM_TOL = 200, 1e-6
 # An EM estimate outside this band is taken for EM running away on overconfident probabilities,
