@@ -205,13 +205,11 @@ def inverted_text(record: dict[str, Any]) -> str | None:
             f"the {st['start_confident']} confident predictions it trained from (under {100 * SELF_MIN_KEPT:.0f} %)")
 
 
-@torch.no_grad()
-def predictions(net: CrackResNet, images: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top probability and class of every image, in eval mode."""
-    net.eval()
-    device = next(net.parameters()).device
-    prob = torch.cat([net(model_inputs(b.to(device))).float().softmax(1).cpu() for b in images.split(batch_size)])
-    return prob.max(1)
+def predictions(net: CrackResNet, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top probability and class of every image, in eval mode (of two classes: sigmoid(|z|) and z > 0
+    for the crack log-odds z)."""
+    z = torch.from_numpy(logit_crack(net, images))
+    return torch.sigmoid(z.abs()), (z > 0).long()
 
 
 # --------------------------------------------------------------------------- the prior

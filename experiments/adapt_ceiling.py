@@ -50,10 +50,8 @@ BATCH, POLICY = 32, "flip_rotate"
 
 
 def features(net: CrackResNet, x: torch.Tensor) -> torch.Tensor:
-    """The 512-d pooled features fc reads."""
-    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-    x = net.layer4(net.layer3(net.layer2(net.layer1(x))))
-    return torch.flatten(net.avgpool(x), 1)
+    """The 512-d pooled features fc reads: torchvision's ResNet forward, every child but fc."""
+    return torch.flatten(nn.Sequential(*list(net.children())[:-1])(x), 1)
 
 
 @torch.no_grad()
